@@ -1,0 +1,74 @@
+import torch
+
+from concepts import extract_concepts
+from data import COLOURS, SHAPES, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer, image_to_tensor
+
+
+def test_tokenizer_roundtrip_padding_and_truncation():
+    tok = WordTokenizer.build(["A red circle.", "a blue star, a red star"], context_length=6)
+    assert tok.vocab[:4] == ["<pad>", "<unk>", "<start>", "<end>"]
+    assert tok.decode(tok.encode("A RED circle")) == "a red circle"
+    assert tok.encode("a purple circle")[2] == 1  # unknown word
+    batch = tok(["a red circle", "a star"])
+    assert batch.shape == (2, 5)  # padded to the longest sequence, not to the context length
+    assert batch[1].tolist()[-1] == 0 and batch[1].tolist()[3] == 3
+    long = tok.encode("a red circle a red circle a red circle")
+    assert len(long) == 6 and long[-1] == 3  # truncated, the end token kept
+    again = WordTokenizer.from_state_dict(tok.state_dict())
+    assert again.vocab == tok.vocab and again(["a red circle"]).equal(tok(["a red circle"]))
+
+
+def test_scenes_are_deterministic_and_split_apart():
+    world = ShapesWorld()
+    assert world.scene(0, "train", 5) == world.scene(0, "train", 5)
+    assert world.scene(0, "train", 5) != world.scene(0, "test", 5)
+    assert world.scene(0, "train", 5) != world.scene(1, "train", 5)
+    a, b = world.render(world.scene(0, "train", 7)), world.render(world.scene(0, "train", 7))
+    assert a.tobytes() == b.tobytes() and a.size == (64, 64)
+
+
+def test_scene_contents_match_the_caption_and_the_pixels():
+    world = ShapesWorld()
+    for i in range(50):
+        scene = world.scene(3, "train", i)
+        caption = world.caption(scene)
+        assert 2 <= len(scene.objects) <= 4
+        assert len({o.colour for o in scene.objects}) == len(scene.objects)
+        for phrase in world.phrases(scene):
+            assert phrase in caption
+        # every named colour is drawn: some pixel is close to it
+        pixels = image_to_tensor(world.render(scene)).flatten(1).T  # (H*W, 3) in [-1, 1]
+        for o in scene.objects:
+            target = torch.tensor(COLOURS[o.colour]) / 127.5 - 1
+            assert (pixels - target).abs().max(dim=1).values.min() < 0.1, (caption, o)
+
+
+def test_world_uses_its_whole_vocabulary():
+    world = ShapesWorld()
+    words = " ".join(world.caption(world.scene(0, "train", i)) for i in range(500))
+    for w in list(COLOURS) + SHAPES + ["large", "tiny"]:
+        assert w in words
+
+
+def test_collate_owner_and_phrase_ids():
+    tok = WordTokenizer.build(["a red circle and a blue star"], context_length=16)
+    samples = [
+        {"image": torch.zeros(3, 8, 8), "caption": "a red circle and a blue star", "concepts": ["a red circle", "a blue star"]},
+        {"image": torch.ones(3, 8, 8), "caption": "a zebra", "concepts": []},
+        {"image": torch.ones(3, 8, 8), "caption": "the red circle", "concepts": ["The red circle"]},
+    ]
+    batch = Collate(tok)(samples)
+    assert batch["images"].shape == (3, 3, 8, 8)
+    assert batch["owner"].tolist() == [0, 0, 1, 2]
+    assert batch["phrase_ids"].tolist() == [0, 1, 2, 0]  # "a red circle" == "The red circle"
+    assert batch["concepts"].shape == (4, 5)  # phrases padded among themselves
+    assert batch["captions"].shape[1] == 9
+
+
+def test_dataset_concepts_and_step_batches():
+    world = ShapesWorld()
+    ds = ShapesDataset(world, seed=0, split="train", length=100)
+    item = ds[3]
+    assert item["image"].shape == (3, 64, 64)
+    assert item["concepts"] == extract_concepts(item["caption"])
+    assert list(StepBatches(4, 2, 4)) == [[8, 9, 10, 11], [12, 13, 14, 15]]

@@ -1,0 +1,117 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from model import CLIP, PRESETS, Attention, CLIPConfig, TextConfig, VisionConfig
+
+SMALL = CLIPConfig(
+    vision=VisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=4),
+    text=TextConfig(vocab_size=20, context_length=12, width=32, layers=2, heads=4),
+    embed_dim=24,
+)
+
+
+def test_shapes_and_normalisation():
+    torch.manual_seed(0)
+    model = CLIP(SMALL)
+    x, u = model.encode_image(torch.randn(3, 3, 16, 16))
+    assert x.shape == (3, 24) and u.shape == (3, 16, 24)
+    y = model.encode_text(torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]]))
+    assert y.shape == (2, 24)
+    for e in (x, u, y):
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(e.shape[:-1]))
+
+
+def test_patches_share_the_class_token_head():
+    """u_ij must be ln_post + proj of the patch outputs, exactly as the class token: compare with a
+    forward pass that applies the head by hand."""
+    torch.manual_seed(0)
+    model = CLIP(SMALL).eval()
+    v = model.visual
+    images = torch.randn(2, 3, 16, 16)
+    tokens = v.patchify(images).flatten(2).transpose(1, 2)
+    tokens = torch.cat([v.class_token.expand(2, 1, -1), tokens], 1) + v.positions
+    tokens = v.ln_pre(tokens)
+    for block in v.blocks:
+        tokens = block(tokens)
+    head = F.normalize(v.ln_post(tokens) @ v.proj, dim=-1)
+    x, u = model.encode_image(images)
+    torch.testing.assert_close(x, head[:, 0])
+    torch.testing.assert_close(u, head[:, 1:])
+
+
+def test_attention_agrees_with_explicit_formula():
+    torch.manual_seed(0)
+    attn = Attention(16, 4)
+    x = torch.randn(2, 5, 16)
+    for causal in (False, True):
+        q, k, v = attn.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(2, 5, 4, 4).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(4)
+        if causal:
+            scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 16)
+        torch.testing.assert_close(attn(x, causal=causal), attn.out(y), atol=1e-5, rtol=1e-5)
+
+
+def test_text_feature_ignores_padding_and_later_tokens():
+    torch.manual_seed(0)
+    model = CLIP(SMALL).eval()
+    short = torch.tensor([[2, 5, 6, 3]])
+    padded = torch.tensor([[2, 5, 6, 3, 0, 0, 0]])
+    torch.testing.assert_close(model.encode_text(short), model.encode_text(padded))
+    # the feature is read at the end token: changing a word before it changes the feature
+    assert not torch.allclose(model.encode_text(short), model.encode_text(torch.tensor([[2, 5, 7, 3]])))
+
+
+def test_text_feature_at_end_token_not_argmax():
+    """The end token (id 3) is not the largest id here, so argmax pooling would read the wrong place."""
+    torch.manual_seed(0)
+    model = CLIP(SMALL).eval()
+    tokens = torch.tensor([[2, 19, 18, 3, 0]])
+    text = model.text
+    h = text.token_embedding(tokens) + text.positions[:5]
+    for block in text.blocks:
+        h = block(h, causal=True)
+    expect = F.normalize(text.ln_final(h)[0, 3] @ text.proj, dim=-1)
+    torch.testing.assert_close(model.encode_text(tokens)[0], expect)
+
+
+def test_logit_scale_and_bias_init_and_clamp():
+    model = CLIP(SMALL)
+    assert math.isclose(model.scale().item(), 10.0, rel_tol=1e-6) and model.bias().item() == -10.0
+    clip = CLIP(CLIPConfig(vision=SMALL.vision, text=SMALL.text, embed_dim=24, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None))
+    assert math.isclose(clip.scale().item(), 1 / 0.07, rel_tol=1e-5) and clip.bias().item() == 0.0
+    assert clip.logit_bias is None
+    with torch.no_grad():
+        clip.logit_scale.fill_(10.0)
+    assert clip.scale().item() == 100.0
+
+
+def test_presets():
+    b16 = PRESETS["B/16"]
+    assert (b16.vision.image_size, b16.vision.patch_size, b16.vision.width, b16.vision.layers, b16.vision.heads) == (224, 16, 768, 12, 12)
+    assert (b16.text.width, b16.text.layers, b16.text.heads, b16.embed_dim) == (512, 12, 8, 512)
+    assert CLIPConfig.from_dict(__import__("dataclasses").asdict(b16)) == b16
+
+
+def test_overfits_one_batch():
+    """A few dozen steps of the SigLIP loss on one batch of random images and texts drive it down."""
+    from losses import siglip_loss
+
+    torch.manual_seed(0)
+    model = CLIP(SMALL)
+    images = torch.randn(8, 3, 16, 16)
+    texts = torch.randint(4, 20, (8, 6))
+    texts[:, 0], texts[:, -1] = 2, 3
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        x, _ = model.encode_image(images)
+        loss = siglip_loss(x, model.encode_text(texts), model.scale(), model.bias())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]

@@ -1,0 +1,46 @@
+import torch
+import torch.nn.functional as F
+
+from pool import cross_modal_pool, pooling_weights
+
+
+def explicit_pool(c, u, tau):
+    """v_ik = normalise(sum_j softmax_j(u_ij . c_k / tau) u_ij), one (phrase, image) pair at a time."""
+    K, (B, N, D) = len(c), u.shape
+    out = torch.empty(K, B, D, dtype=torch.float64)
+    for k in range(K):
+        for i in range(B):
+            scores = [float(u[i, j] @ c[k]) / tau for j in range(N)]
+            m = max(scores)
+            e = [torch.tensor(s - m, dtype=torch.float64).exp() for s in scores]
+            a = [x / sum(e) for x in e]
+            v = sum(a[j] * u[i, j].double() for j in range(N))
+            out[k, i] = v / v.norm()
+    return out
+
+
+def test_pool_matches_explicit_formula():
+    torch.manual_seed(0)
+    c = F.normalize(torch.randn(5, 8), dim=-1)
+    u = F.normalize(torch.randn(3, 7, 8), dim=-1)
+    for tau in (1.0, 0.1):
+        got = cross_modal_pool(c, u, tau)
+        assert got.shape == (5, 3, 8)
+        torch.testing.assert_close(got.double(), explicit_pool(c, u, tau), atol=1e-5, rtol=1e-5)
+
+
+def test_weights_are_a_softmax_over_patches_and_sharpen_with_tau():
+    torch.manual_seed(1)
+    c = F.normalize(torch.randn(4, 16), dim=-1)
+    u = F.normalize(torch.randn(2, 9, 16), dim=-1)
+    flat, sharp = pooling_weights(c, u, 1.0), pooling_weights(c, u, 0.05)
+    torch.testing.assert_close(flat.sum(-1), torch.ones(4, 2))
+    # unit vectors at tau = 1: logits in [-1, 1], so no weight exceeds e^2 times another
+    assert (flat.max(-1).values / flat.min(-1).values).max() <= torch.e**2
+    assert sharp.max(-1).values.mean() > flat.max(-1).values.mean()
+
+
+def test_a_phrase_equal_to_one_patch_picks_it_out_at_low_tau():
+    u = torch.eye(6)[None]  # one image, six orthogonal patches
+    v = cross_modal_pool(u[0, 2:3], u, tau=0.01)  # the phrase is patch 2
+    torch.testing.assert_close(v[0, 0], u[0, 2], atol=1e-4, rtol=0)

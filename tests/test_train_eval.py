@@ -1,0 +1,72 @@
+"""train.py and eval.py end to end, a few steps on CPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as evaluate
+import train
+
+FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("method", ["c2lip", "siglip", "clip"])
+def test_train_writes_checkpoint_and_log(tmp_path, method):
+    ckpt = train.main(["--method", method, "--steps", "3", "--out", str(tmp_path), *FAST])
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 3 and state["args"]["method"] == method and state["tokenizer"]["vocab"][0] == "<pad>"
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    terms = {"c2lip": {"caption", "concept", "pooled"}, "siglip": {"caption"}, "clip": {"caption"}}[method]
+    assert terms <= set(records[-1]) and not ({"concept", "pooled"} - terms) & set(records[-1])
+    assert ("logit_bias" in state["model"]) == (method != "clip")  # CLIP's softmax form has no bias
+
+
+def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
+    common = ["--steps", "4", "--precision", "fp32", "--ckpt-every", "2", *FAST]
+    straight = torch.load(train.main([*common, "--out", str(tmp_path / "a")]), weights_only=False)
+
+    real_save = train.save_checkpoint
+
+    def crash_after_first_save(path, **state):  # the run dies right after writing step 2
+        real_save(path, **state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*common, "--out", str(tmp_path / "b")])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 2
+    resumed = torch.load(train.main([*common, "--out", str(tmp_path / "b"), "--resume"]), weights_only=False)
+    assert resumed["step"] == 4
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(v, resumed["model"][k], atol=1e-6, rtol=1e-5)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_eval_compares_checkpoints_and_writes_json(tmp_path):
+    a = train.main(["--method", "siglip", "--steps", "2", "--out", str(tmp_path / "a"), *FAST])
+    b = train.main(["--method", "c2lip", "--steps", "2", "--out", str(tmp_path / "b"), *FAST])
+    out = tmp_path / "r.json"
+    results = evaluate.main(["--ckpt", a, b, "--n", "40", "--json", str(out)])
+    saved = json.load(open(out))["results"]
+    assert set(saved) == {a, b}
+    for metric in evaluate.CATEGORIES + ["i2t-R@1", "t2i-R@5", "zeroshot-top1", "zeroshot-top5"]:
+        for ckpt in (a, b):
+            assert 0.0 <= saved[ckpt][metric]["accuracy"] <= 1.0
+    assert saved[a]["swap-att"]["count"] == 40 and saved[a]["zeroshot-top1"]["count"] == 56 * 4
+    assert 0 < saved[a]["add-att"]["count"] < 40
+    assert results[a]["i2t-R@5"]["accuracy"] >= results[a]["i2t-R@1"]["accuracy"]
+
+
+def test_cli_errors_name_the_flag(tmp_path):
+    bad = subprocess.run([sys.executable, train.__file__, "--steps", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--steps" in bad.stderr
+    bad = subprocess.run([sys.executable, train.__file__, "--method", "negclip"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--method" in bad.stderr
+    missing = subprocess.run([sys.executable, evaluate.__file__, "--ckpt", str(tmp_path / "none.pt")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "python train.py" in missing.stderr
