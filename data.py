@@ -272,3 +272,35 @@ class Collate:
             "owner": torch.tensor(owner),  # (K,)
             "phrase_ids": torch.tensor(phrase_ids),  # (K,)
         }
+
+
+def main():
+    """python data.py --out shapes.png: a contact sheet of training scenes with their captions and phrases."""
+    import argparse
+    import textwrap
+
+    from PIL import ImageFont
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--n", type=int, default=6, help="scenes to draw")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="which split to draw from")
+    p.add_argument("--out", default="shapes.png", help="output PNG")
+    args = p.parse_args()
+    world, zoom, width = ShapesWorld(), 3, 560
+    font = ImageFont.load_default()
+    sheet = Image.new("RGB", (width, args.n * (64 * zoom + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(args.n):
+        scene = world.scene(args.seed, args.split, i)
+        top = i * (64 * zoom + 8) + 4
+        sheet.paste(world.render(scene).resize((64 * zoom, 64 * zoom), Image.NEAREST), (4, top))
+        lines = textwrap.wrap(world.caption(scene), 52) + ["", "concepts:"] + [f"  {c}" for c in extract_concepts(world.caption(scene))]
+        for k, line in enumerate(lines):
+            draw.text((64 * zoom + 14, top + 4 + 14 * k), line, fill="black", font=font)
+    sheet.save(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -129,6 +129,8 @@ def main(argv=None) -> str:
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume and os.path.exists(ckpt_path) else None
+    if args.resume and resume is None:
+        print(f"--resume: no checkpoint at {ckpt_path} yet, starting from step 0")
 
     # ---- data: an endless stream of fresh scenes, batch `step` = scenes step*B ... step*B + B - 1
     cfg = PRESETS[args.model]
@@ -183,7 +185,7 @@ def main(argv=None) -> str:
     model.train()
     bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True)
     t0, step = time.time(), start
-    with open(log_path, "a") as log:
+    with open(log_path, "a" if resume else "w") as log:
         for step, batch in enumerate(loader, start=start):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
