@@ -115,3 +115,19 @@ def test_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = CLIP(SMALL)
+    images, texts = torch.randn(2, 3, 16, 16), torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.visual.grad_checkpointing = model.text.grad_checkpointing = recompute
+        x, u, y, _ = model(images, texts)
+        (x.sum() + u.square().mean() + (x * y).sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 10
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
