@@ -115,3 +115,28 @@ def test_overfits_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+def test_end_token_found_when_the_pad_id_also_occurs_inside_the_text():
+    """CLIP's BPE pads with 0, and 0 is also a real token (a "!" that did not merge: "wow!$5" gives
+    [start, wow, !, $, 5, end]). The feature must still be read at the end token, not one earlier."""
+    torch.manual_seed(0)
+    model = CLIP(SMALL).eval()
+    tokens = torch.tensor([[2, 5, 0, 7, 3, 0, 0], [2, 5, 6, 7, 3, 0, 0]])
+    text = model.text
+    h = text.token_embedding(tokens) + text.positions[:7]
+    for block in text.blocks:
+        h = block(h, causal=True)
+    expect = F.normalize(text.ln_final(h)[:, 4] @ text.proj, dim=-1)  # position 4 holds the end token
+    torch.testing.assert_close(model.encode_text(tokens), expect)
+
+
+def test_quick_gelu_option():
+    from model import QuickGELU, VisionConfig
+
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    cfg = CLIPConfig(vision=VisionConfig(**{**SMALL.vision.__dict__, "activation": "quick_gelu"}), text=SMALL.text, embed_dim=24)
+    model = CLIP(cfg)
+    assert isinstance(model.visual.blocks[0].mlp[1], QuickGELU) and isinstance(model.text.blocks[0].mlp[1], torch.nn.GELU)
+    assert set(model.state_dict()) == set(CLIP(SMALL).state_dict())  # the activation has no weights: same keys
