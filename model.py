@@ -365,7 +365,7 @@ class _WeightsUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
             return _ScriptObject
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
             return _rebuild_tensor
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
@@ -386,17 +386,28 @@ class _WeightsUnpickler(pickle.Unpickler):
 
 def is_torchscript(path: str) -> bool:
     """TorchScript archives carry their code; torch.save zips (ours, open_clip's) do not."""
-    return zipfile.is_zipfile(path) and any("code/" in n for n in zipfile.ZipFile(path).namelist())
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("code/" in n for n in archive.namelist())
 
 
 def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Every tensor attribute of the module tree in a TorchScript archive, named as state_dict() names
-    them (for OpenAI's CLIP: its parameters plus the scalars input_resolution, context_length, vocab_size)."""
+    them: parameters and buffers, plus any tensor kept as a plain attribute (a causal attn_mask; the
+    scalars input_resolution, context_length, vocab_size of OpenAI's release)."""
     with zipfile.ZipFile(path) as archive:
         root = min((n for n in archive.namelist() if n.endswith("data.pkl")), key=len)[: -len("data.pkl")]
         if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
             raise ValueError(f"{path}: big-endian archives are not supported")
-        top = _WeightsUnpickler(archive, root).load()
+        try:
+            top = _WeightsUnpickler(archive, root).load()
+        except pickle.UnpicklingError as err:
+            # An archive from a torch version that pickles something this allow-list has not met. Loading
+            # it with torch compiles its TorchScript code (run by torch's interpreter, which cannot call
+            # arbitrary Python), so it is the fallback, said out loud, not the way in.
+            print(f"note: {path}: {err}; reading it with torch.jit.load instead")
+            return torch.jit.load(path, map_location="cpu").state_dict()
 
     def walk(obj: _ScriptObject, prefix: str):
         for name, value in (obj.state if isinstance(obj.state, dict) else {}).items():
