@@ -15,8 +15,8 @@ from OpenAI's CLIP weights use CLIP's byte-level BPE tokenizer (BPETokenizer, wr
 Both have one interface, and a checkpoint records which one it was trained with (state_dict()["kind"],
 read back by tokenizer_from_state_dict), so eval.py always tokenizes as training did.
 
-Image preprocessing: the pixel normalisation a model expects is named in its config
-(VisionConfig.normalise) and looked up in NORMALISE; preprocess_image is CLIP's evaluation transform.
+Images: the pixel normalisation a model expects is named in its config (VisionConfig.normalise) and
+looked up in NORMALISE; eval_transform is CLIP's evaluation preprocessing.
 
 Departure: the paper fine-tunes SigLIP, whose tokenizer is a SentencePiece model; this codebase starts
 from OpenAI's CLIP (see model.py), so its BPE is the one implemented here.
@@ -25,6 +25,7 @@ Dimension legend: B images, C=3 channels, H=W image side, T caption tokens, K co
 batch (all images together), Tc phrase tokens (phrases are padded among themselves, never to T).
 """
 
+import functools
 import gzip
 import html
 import importlib.util
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
+import torchvision.transforms as T
 from PIL import Image, ImageDraw
 
 from concepts import extract_concepts, normalise_phrase
@@ -286,25 +287,29 @@ def tokenizer_from_state_dict(state: dict):
     raise ValueError(f"unknown tokenizer kind {state.get('kind')!r} in the checkpoint")
 
 
-# ----------------------------------------------------------------------------- image preprocessing
-# Pixel normalisations by name; a model's VisionConfig.normalise names the one its weights expect.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's, measured on its training images
+# ----------------------------------------------------------------------------- images
+
+# Pixel normalisations, defined here and nowhere else: (x / 255 - mean) / std per channel. A model's config
+# names the one its weights expect (VisionConfig.normalise), so eval.py feeds every checkpoint the pixels
+# it was trained on: "symmetric" maps [0, 255] onto [-1, 1] (models trained here, and SigLIP's constants),
+# "clip" is OpenAI's CLIP, measured on its training images.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALISE = {"symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "clip": (CLIP_MEAN, CLIP_STD)}
 
 
 def image_to_tensor(img: Image.Image, normalise: str = "symmetric") -> torch.Tensor:
-    """PIL RGB -> (C, H, W) float; "symmetric" maps [0, 255] to [-1, 1], "clip" uses CLIP's mean and std."""
+    """PIL RGB -> (C, H, W) float, normalised with the named mean and std ("symmetric": in [-1, 1])."""
     mean, std = NORMALISE[normalise]
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255  # (C, H, W) in [0, 1]
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def preprocess_image(img: Image.Image, size: int, normalise: str = "clip") -> torch.Tensor:
-    """CLIP's evaluation transform for a photo of any shape: shorter side to `size` (bicubic, antialiased),
-    centre crop to size x size, normalise. PIL -> (C, size, size)."""
-    img = TF.resize(img.convert("RGB"), size, interpolation=TF.InterpolationMode.BICUBIC)
-    return image_to_tensor(TF.center_crop(img, size), normalise)
+def eval_transform(size: int, normalise: str = "symmetric") -> T.Compose:
+    """PIL RGB -> (C, size, size): shorter side resized to size (bicubic, antialiased), then the centre
+    square, as CLIP evaluates; with normalise="clip" it is OpenAI's preprocessing exactly."""
+    resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(size), functools.partial(image_to_tensor, normalise=normalise)])
 
 
 # ----------------------------------------------------------------------------- the shapes world

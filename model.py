@@ -306,18 +306,19 @@ def convert_openai_state_dict(state: dict, activation: str = "quick_gelu", head_
             f"  missing keys ({len(missing)}): {missing}\n  keys with no place in our model ({len(unmapped)}): {unmapped}"
         )
 
+    positions = state["visual.positional_embedding"].shape[0]
+    grid = math.isqrt(positions - 1)  # 1 class token + grid x grid patches
     v_width, _, patch, _ = state["visual.conv1.weight"].shape
-    grid = math.isqrt(state["visual.positional_embedding"].shape[0] - 1)  # positions = 1 class token + grid^2
     vocab, t_width = state["token_embedding.weight"].shape
-    if grid * grid + 1 != state["visual.positional_embedding"].shape[0] or v_width % head_width or t_width % head_width:
-        raise ValueError(f"unexpected shapes: {state['visual.positional_embedding'].shape[0]} image positions, "
-                         f"widths {v_width}/{t_width} with {head_width}-wide heads")  # fmt: skip
+    if grid * grid + 1 != positions or v_width % head_width or t_width % head_width:
+        raise ValueError(f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, {head_width}-wide heads")
+    v_layers, t_layers = (layers[tower] for tower in TOWERS)
     bias = state.get("logit_bias")
     cfg = CLIPConfig(
-        vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=v_width, layers=layers["visual.transformer.resblocks"],
+        vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=v_width, layers=v_layers,
                             heads=v_width // head_width, activation=activation, normalise="clip"),
         text=TextConfig(vocab_size=vocab, context_length=state["positional_embedding"].shape[0], width=t_width,
-                        layers=layers["transformer.resblocks"], heads=t_width // head_width, pad_id=0, activation=activation),
+                        layers=t_layers, heads=t_width // head_width, pad_id=0, activation=activation),
         embed_dim=state["visual.proj"].shape[1],
         init_logit_scale=float(state["logit_scale"]),
         init_logit_bias=None if bias is None else float(bias),

@@ -6,7 +6,7 @@ from PIL import Image
 from concepts import extract_concepts
 from data import (
     CLIP_MEAN, CLIP_STD, COLOURS, SHAPES, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer,
-    image_to_tensor, preprocess_image,
+    eval_transform, image_to_tensor,
 )  # fmt: skip
 
 
@@ -93,9 +93,8 @@ def test_clip_preprocessing_matches_open_clip():
     open_clip = pytest.importorskip("open_clip")
     reference = open_clip.image_transform(224, is_train=False)  # resize 224 bicubic, centre crop, CLIP mean/std
     rng = np.random.default_rng(0)
-    for size, mode in [((300, 200), "RGB"), ((180, 260), "L"), ((224, 224), "RGB")]:
-        shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
-        img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
-        ours = preprocess_image(img, 224)
+    for width, height in [(300, 200), (180, 260), (224, 224)]:
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = eval_transform(224, "clip")(img)
         assert ours.shape == (3, 224, 224)
         torch.testing.assert_close(ours, reference(img), atol=1e-6, rtol=0)
