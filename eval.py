@@ -2,6 +2,10 @@
 
   python eval.py                                                     # evaluates runs/c2lip/ckpt.pt
   python eval.py --ckpt runs/siglip/ckpt.pt runs/c2lip/ckpt.pt --json results.json
+  python eval.py --ckpt ViT-B-16.pt runs/finetuned/ckpt.pt   # OpenAI's CLIP as released, beside a fine-tune
+
+A checkpoint is one of ours, OpenAI's CLIP release or an open_clip state dict (train.load_weights); each
+is evaluated with the tokenizer and pixel normalisation it was trained with.
 
 `--bench shapes` measures, on held-out scenes of the synthetic world (data.py):
   compositionality  SugarCrepe's categories that fit the world, scored exactly as SugarCrepe scores
@@ -38,22 +42,27 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from data import COLOURS, GRID, SHAPES, SIZES, Obj, Scene, ShapesWorld, WordTokenizer, image_to_tensor
+from data import COLOURS, GRID, SHAPES, SIZES, Obj, Scene, ShapesWorld, image_to_tensor, tokenizer_from_state_dict
 from model import CLIP, CLIPConfig
-from train import pick_device
+from train import load_weights, pick_device
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
 CATEGORIES = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att"]
 TEMPLATES = ["a photo of {}.", "{}.", "there is {}.", "an image showing {}."]
 
 
-def load_checkpoint(path: str, device: torch.device) -> tuple[CLIP, WordTokenizer, dict]:
+def load_checkpoint(path: str, device: torch.device, bpe: str | None = None, activation: str = "quick_gelu") -> tuple[CLIP, object, dict]:
+    """(model in eval mode, its tokenizer, the checkpoint in our format; CLIP weights are converted)."""
     if not os.path.exists(path):
-        sys.exit(f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        sys.exit(f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
+                 " (or pass CLIP weights, e.g. OpenAI's ViT-B-16.pt)")
+    try:
+        ckpt = load_weights(path, bpe, activation)
+    except (FileNotFoundError, ValueError) as err:  # no BPE vocabulary; weights of another architecture
+        sys.exit(f"error: {path}: {err}")
     model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), WordTokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
+    return model.to(device).eval(), tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt
 
 
 # ----------------------------------------------------------------------------- the shapes benchmark
@@ -94,10 +103,11 @@ def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
 class ShapesBenchmark:
     """Everything the shapes benchmark scores, generated once from (world, n, seed)."""
 
-    def __init__(self, world: ShapesWorld, n: int = 1000, seed: int = BENCH_SEED, per_class: int = 4):
+    def __init__(self, world: ShapesWorld, n: int = 1000, seed: int = BENCH_SEED, per_class: int = 4, normalise: str = "symmetric"):
         rng = random.Random(seed)
+        self.normalise = normalise  # the pixel normalisation of the models this benchmark can score
         self.scenes = [world.scene(seed, "test", i) for i in range(n)]
-        self.images = torch.stack([image_to_tensor(world.render(s)) for s in self.scenes])  # (B, C, H, W)
+        self.images = torch.stack([image_to_tensor(world.render(s), normalise) for s in self.scenes])  # (B, C, H, W)
         self.captions = [world.caption(s) for s in self.scenes]
         self.pairs = {c: [] for c in CATEGORIES}  # category -> [(scene index, true text, negative text)]
         for idx, scene in enumerate(self.scenes):
@@ -112,7 +122,7 @@ class ShapesBenchmark:
                 obj = Obj(colour, shape, rng.choice(list(SIZES)), rng.randrange(GRID * GRID), True)
                 singles.append(Scene((obj,), 0, rng.randint(0, 40), ((rng.uniform(-1, 1), rng.uniform(-1, 1)),)))
                 self.labels.append(label)
-        self.single_images = torch.stack([image_to_tensor(world.render(s)) for s in singles])
+        self.single_images = torch.stack([image_to_tensor(world.render(s), normalise) for s in singles])
         self.labels = torch.tensor(self.labels)
 
 
@@ -180,6 +190,11 @@ def main(argv=None) -> dict:
     p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the benchmark")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device string")
     p.add_argument("--json", default=None, help="also write the results, with counts, to this JSON file")
+    p.add_argument("--bpe", default=None, metavar="PATH",
+                   help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for a --ckpt of CLIP weights "
+                        "(default: the copy inside an installed open_clip_torch; our checkpoints carry their tokenizer)")
+    p.add_argument("--clip-act", default="quick_gelu", choices=["quick_gelu", "gelu"],
+                   help="activation of a --ckpt of CLIP weights: quick_gelu for OpenAI's, gelu for open_clip's own ViT-B-16")
     args = p.parse_args(argv)
     if args.n < 5:
         p.error("--n must be at least 5 (R@5 needs five captions)")
@@ -187,9 +202,10 @@ def main(argv=None) -> dict:
 
     results, bench = {}, None
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
-        model, tokenizer, ckpt = load_checkpoint(path, device)
-        if bench is None or bench.images.shape[-1] != model.cfg.vision.image_size:
-            bench = ShapesBenchmark(ShapesWorld(image_size=model.cfg.vision.image_size), args.n, args.bench_seed)
+        model, tokenizer, ckpt = load_checkpoint(path, device, args.bpe, args.clip_act)
+        size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
+        if bench is None or bench.images.shape[-1] != size or bench.normalise != normalise:
+            bench = ShapesBenchmark(ShapesWorld(image_size=size), args.n, args.bench_seed, normalise=normalise)
         results[path] = evaluate_shapes(model, tokenizer, bench, device)
     print(markdown_table(results))
     if args.json:

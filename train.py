@@ -3,6 +3,7 @@
   python train.py                                  # C2LIP on the shapes world, CPU-sized, writes runs/c2lip
   python train.py --method siglip                  # the baseline: the same run without the concept losses
   python train.py --steps 20 --batch-size 16 --out /tmp/run   # a smoke test in seconds
+  python train.py --init ViT-B-16.pt --lr 1e-5 --batch-size 96  # fine-tune OpenAI's CLIP ViT-B/16 (GPU)
 
 Paper map (Section 3 and "Training setup" in ../shared/docs/paper.md):
   --method c2lip   L = L_sig + 1.0 * L_npc + 0.01 * L_xac   (--concept-weight, --pool-weight, --tau)
@@ -12,8 +13,12 @@ AdamW with betas (0.9, 0.98), eps 1e-6, no weight decay on biases, norms, or the
 linear warm-up then cosine decay; bf16 autocast where it is faster.
 
 Departures: the paper fine-tunes pretrained SigLIP on CC3M for 5 epochs at lr 1e-5; the defaults here
-train a tiny model from scratch on the shapes world (lr 5e-4). `--logit-lr` gives the logit scale and
-bias their own learning rate (the paper uses one); `--concept-labels phrase` is off by default.
+train a tiny model from scratch on the shapes world (lr 5e-4). `--init` starts from pretrained weights
+instead: OpenAI's CLIP release, an open_clip state dict of the same architecture, or a checkpoint of ours
+(the model, its tokenizer and its pixel normalisation come from the file; --model is then unused).
+OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
+`--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
+`--concept-labels phrase` is off by default.
 """
 
 import argparse
@@ -28,9 +33,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer
+from data import BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer, tokenizer_from_state_dict
 from losses import clip_loss, concept_loss, gather, gather_owner, pooled_concept_loss, siglip_loss
-from model import CLIP, PRESETS, CLIPConfig
+from model import CLIP, PRESETS, CLIPConfig, convert_openai_state_dict, is_torchscript, read_torchscript_state_dict
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -43,7 +48,19 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concept-labels", default="owner", choices=["owner", "phrase"],
                    help="owner: a phrase is positive only for its own image (authors); "
                         "phrase: for every image with the same normalised phrase")  # fmt: skip
-    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="model size preset (model.py)")
+    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="model size preset (model.py), when training from scratch")
+    p.add_argument("--init", default=None, metavar="PATH",
+                   help="start from these weights: OpenAI's CLIP release (ViT-B-16.pt), an open_clip state dict, "
+                        "or a checkpoint of ours; the model shape, tokenizer and normalisation come from the file")
+    p.add_argument("--bpe", default=None, metavar="PATH",
+                   help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for --init with CLIP weights "
+                        "(default: the copy inside an installed open_clip_torch)")
+    p.add_argument("--clip-act", default="quick_gelu", choices=["quick_gelu", "gelu"],
+                   help="activation of --init CLIP weights, which their shapes cannot tell: quick_gelu for OpenAI's "
+                        "(and open_clip's *-quickgelu) models, gelu for open_clip's own ViT-B-16 trainings")
+    p.add_argument("--init-bias", default="auto",
+                   help="logit bias for --init weights that have none (OpenAI's CLIP) under a sigmoid loss: auto "
+                        "(midway between matched and unmatched logits of the first batch) or a number")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps in total (a resumed run continues to this)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
@@ -71,6 +88,15 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error("--tau must be positive")
     if args.method == "clip" and args.concept_labels == "phrase":
         p.error("--concept-labels only applies to --method c2lip")
+    if args.init_bias != "auto":
+        try:
+            float(args.init_bias)
+        except ValueError:
+            p.error(f"--init-bias must be 'auto' or a number, not {args.init_bias!r}")
+    if args.bpe and not args.init:
+        p.error("--bpe only applies with --init (training from scratch uses the word tokenizer)")
+    if args.init and not os.path.exists(args.init):
+        p.error(f"--init {args.init}: no such file. OpenAI's ViT-B/16 release is ViT-B-16.pt (see the README)")
     args.out = args.out or os.path.join("runs", args.method)
     return args
 
@@ -128,6 +154,43 @@ def lr_factor(step: int, args) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
 
+def load_weights(path: str, bpe: str | None = None, activation: str = "quick_gelu") -> dict:
+    """A checkpoint in our format ({"config", "model", "tokenizer", ...}) from any of:
+      - a checkpoint of ours, returned as it is;
+      - OpenAI's CLIP release, a TorchScript archive, read without running its code (model.py);
+      - an open_clip state dict of the same architecture (torch.save; under "state_dict" in open_clip's
+        training checkpoints). CLIP weights get CLIP's BPE tokenizer, read from `bpe`.
+    torch.load runs with weights_only=True: a downloaded file may hold tensors and plain data, not code."""
+    if is_torchscript(path):
+        state = read_torchscript_state_dict(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "model" in state and "config" in state:
+            return state
+        state = state.get("state_dict", state)
+    cfg, state = convert_openai_state_dict(state, activation)
+    tokenizer = BPETokenizer.from_file(bpe, cfg.text.context_length)
+    return {"config": asdict(cfg), "model": state, "tokenizer": tokenizer.state_dict(), "converted_from": path}
+
+
+@torch.no_grad()
+def balanced_bias(model: CLIP, batch: dict) -> float:
+    """A logit bias b for weights trained without one, from one batch: midway between the mean logit
+    t * cos of the matching image-caption pairs and the mean logit of all other pairs.
+
+    Why not SigLIP's b = -10: it is made for t = 10 and embeddings that start unrelated (cos ~ 0), where
+    every pair starts at a logit of -10, "almost surely not a match", the right prior when 1 pair in B
+    matches. A pretrained CLIP has t = 100 and cosines in a narrow band well above 0 (the modality gap),
+    matched pairs only a little above the rest; with b = -10 every pair would start far above 0, "surely
+    a match", and the first steps would spend the pretrained features pushing all pairs apart. Midway,
+    matched pairs start above 0 and the others below: the sigmoid loss starts from CLIP's own ranking,
+    and b is learned from there."""
+    image_emb, _ = model.encode_image(batch["images"])  # (B, D)
+    cos = image_emb @ model.encode_text(batch["captions"]).T  # (B, B)
+    match = torch.eye(len(cos), dtype=torch.bool, device=cos.device)
+    return -(model.scale() * (cos[match].mean() + cos[~match].mean()) / 2).item()
+
+
 def save_checkpoint(path: str, **state) -> None:
     """Write to a temporary file, then rename: an interrupted save never leaves a broken ckpt.pt."""
     tmp = path + ".tmp"
@@ -162,30 +225,53 @@ def main(argv=None) -> str:
     if args.resume and resume is None:
         log0(f"--resume: no checkpoint at {ckpt_path} yet, starting from step 0")
 
-    # ---- data: an endless stream of fresh scenes; --batch-size is per rank, each rank takes its own slice
-    cfg = PRESETS[args.model]
-    world = ShapesWorld(image_size=cfg.vision.image_size)
+    # ---- the model's shape and tokenizer: from the run being resumed, from --init, or a preset
+    init = None
     if resume:
-        tokenizer = WordTokenizer.from_state_dict(resume["tokenizer"])
+        cfg, tokenizer = CLIPConfig.from_dict(resume["config"]), tokenizer_from_state_dict(resume["tokenizer"])
+        if args.init:
+            log0(f"resuming {ckpt_path}: --init {args.init} is not read again")
+    elif args.init:
+        ckpt = load_weights(args.init, args.bpe, args.clip_act)
+        cfg, init, tokenizer = CLIPConfig.from_dict(ckpt["config"]), ckpt["model"], tokenizer_from_state_dict(ckpt["tokenizer"])
     else:  # a few thousand captions hold every word of this small world
+        cfg = PRESETS[args.model]
+        world = ShapesWorld(image_size=cfg.vision.image_size)
         captions = [world.caption(world.scene(args.seed, "train", i)) for i in range(2000)]
         tokenizer = WordTokenizer.build(captions, context_length=cfg.text.context_length)
+        cfg = replace(cfg, text=replace(cfg.text, vocab_size=len(tokenizer)))
+        if args.method == "clip":  # CLIP's softmax form: t = 1/0.07 and no bias
+            cfg = replace(cfg, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None)
+
+    # ---- data: an endless stream of fresh scenes; --batch-size is per rank, each rank takes its own slice
+    world = ShapesWorld(image_size=cfg.vision.image_size)
     start = resume["step"] if resume else 0
-    dataset = ShapesDataset(world, args.seed, "train", length=args.steps * args.batch_size * world_size)
+    dataset = ShapesDataset(world, args.seed, "train", length=args.steps * args.batch_size * world_size, normalise=cfg.vision.normalise)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size), collate_fn=Collate(tokenizer),
         num_workers=args.workers, persistent_workers=False,
     )  # fmt: skip
 
     # ---- model
-    cfg = replace(cfg, text=replace(cfg.text, vocab_size=len(tokenizer)))
-    if args.method == "clip":  # CLIP's softmax form: t = 1/0.07 and no bias
-        cfg = replace(cfg, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None)
-    if resume:
-        cfg = CLIPConfig.from_dict(resume["config"])
+    if init is not None:  # the loss decides whether there is a bias: CLIP's softmax form has none
+        has_bias = "logit_bias" in init
+        if args.method == "clip":
+            init.pop("logit_bias", None)
+        elif not has_bias:
+            init["logit_bias"] = torch.tensor(-10.0 if args.init_bias == "auto" else float(args.init_bias))
+        cfg = replace(cfg, init_logit_bias=init["logit_bias"].item() if "logit_bias" in init else None)
     model = CLIP(cfg).to(device)
     model.visual.grad_checkpointing = model.text.grad_checkpointing = args.grad_checkpointing
-    log0(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}, autocast {dtype}")
+    if init is not None:
+        model.load_state_dict(init)
+        if args.method != "clip" and not has_bias and args.init_bias == "auto":
+            with torch.no_grad():  # every rank computes it; DistributedDataParallel then keeps rank 0's
+                model.logit_bias.fill_(balanced_bias(model, {k: v.to(device) for k, v in next(iter(loader)).items()}))
+            cfg = replace(cfg, init_logit_bias=model.logit_bias.item())
+        bias = "no bias" if model.logit_bias is None else f"b = {model.logit_bias.item():.2f}"
+        log0(f"initialised from {args.init}: t = {model.scale().item():.1f}, {bias}")
+    name = args.init or args.model
+    log0(f"model {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}, autocast {dtype}")
     log0("config:", json.dumps({"model": asdict(cfg), "args": vars(args)}))
 
     # ---- optimizer: no weight decay on biases, norms (1-d tensors) or the logit scale and bias

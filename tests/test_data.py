@@ -1,7 +1,13 @@
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 from concepts import extract_concepts
-from data import COLOURS, SHAPES, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer, image_to_tensor
+from data import (
+    CLIP_MEAN, CLIP_STD, COLOURS, SHAPES, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer,
+    eval_transform, image_to_tensor,
+)  # fmt: skip
 
 
 def test_tokenizer_roundtrip_padding_and_truncation():
@@ -76,3 +82,23 @@ def test_dataset_concepts_and_step_batches():
     # two ranks split the global batch of 2 x 2 scenes; together they see what one process of batch 4 sees
     assert list(StepBatches(2, 2, 4, rank=0, world_size=2)) == [[8, 9], [12, 13]]
     assert list(StepBatches(2, 2, 4, rank=1, world_size=2)) == [[10, 11], [14, 15]]
+
+
+def test_normalisations():
+    img = ShapesWorld().render(ShapesWorld().scene(0, "train", 1))
+    x = image_to_tensor(img)  # the default: what every model trained here expects
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
+    torch.testing.assert_close(x, pixels / 127.5 - 1)
+    clip = image_to_tensor(img, "clip")
+    torch.testing.assert_close(clip * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None], pixels / 255)
+
+
+def test_clip_preprocessing_matches_open_clip():
+    open_clip = pytest.importorskip("open_clip")
+    reference = open_clip.image_transform(224, is_train=False)  # resize 224 bicubic, centre crop, CLIP mean/std
+    rng = np.random.default_rng(0)
+    for width, height in [(300, 200), (180, 260), (224, 224)]:
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = eval_transform(224, "clip")(img)
+        assert ours.shape == (3, 224, 224)
+        torch.testing.assert_close(ours, reference(img), atol=1e-6, rtol=0)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -131,3 +132,60 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 10
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_end_token_found_when_the_pad_id_also_occurs_inside_the_text():
+    """CLIP's BPE pads with 0, and 0 is also a real token (a "!" that did not merge: "wow!$5" gives
+    [start, wow, !, $, 5, end]). The feature must still be read at the end token, not one earlier."""
+    torch.manual_seed(0)
+    model = CLIP(SMALL).eval()
+    tokens = torch.tensor([[2, 5, 0, 7, 3, 0, 0], [2, 5, 6, 7, 3, 0, 0]])
+    text = model.text
+    h = text.token_embedding(tokens) + text.positions[:7]
+    for block in text.blocks:
+        h = block(h, causal=True)
+    expect = F.normalize(text.ln_final(h)[:, 4] @ text.proj, dim=-1)  # position 4 holds the end token
+    torch.testing.assert_close(model.encode_text(tokens), expect)
+
+
+def test_quick_gelu_option():
+    from model import QuickGELU, VisionConfig
+
+    x = torch.linspace(-4, 4, 101)
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    cfg = CLIPConfig(vision=VisionConfig(**{**SMALL.vision.__dict__, "activation": "quick_gelu"}), text=SMALL.text, embed_dim=24)
+    model = CLIP(cfg)
+    assert isinstance(model.visual.blocks[0].mlp[1], QuickGELU) and isinstance(model.text.blocks[0].mlp[1], torch.nn.GELU)
+    assert set(model.state_dict()) == set(CLIP(SMALL).state_dict())  # the activation has no weights: same keys
+
+
+class Scripted(torch.nn.Module):
+    """Scripting (unlike tracing) keeps typed lists and ints, which TorchScript pickles through helpers."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = [1, 2]
+        self.scale = 3
+        self.conv = torch.nn.Conv2d(3, 4, 2, bias=False)
+        self.register_buffer("mask", torch.ones(2, 2).triu(1))
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+def test_torchscript_reader_runs_no_code_and_falls_back_out_loud(tmp_path, monkeypatch, capsys):
+    import model
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "scripted.pt")
+    torch.jit.script(Scripted()).save(path)
+    expect = torch.jit.load(path).state_dict()
+    assert model.is_torchscript(path) and not model.is_torchscript(__file__)
+    with monkeypatch.context() as m:
+        m.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load must not be needed"))
+        got = model.read_torchscript_state_dict(path)
+    assert set(got) == set(expect) == {"conv.weight", "mask"} and all(torch.equal(got[k], expect[k]) for k in got)
+    # something off the allow-list: torch.jit.load reads it instead, and says so
+    monkeypatch.setattr(model, "TYPED_CONTAINERS", set())
+    got = model.read_torchscript_state_dict(path)
+    assert "torch.jit.load" in capsys.readouterr().out and all(torch.equal(got[k], expect[k]) for k in expect)
