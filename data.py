@@ -27,6 +27,7 @@ batch (all images together), Tc phrase tokens (phrases are padded among themselv
 
 import functools
 import gzip
+import hashlib
 import html
 import importlib.util
 import math
@@ -462,21 +463,30 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batch `step` holds indices step*B ... step*B + B - 1: fresh scenes every step, and resuming at
-    step s replays exactly the batches an uninterrupted run would have seen."""
+    """Batch `step` of rank r holds scenes G*step + B*r ... G*step + B*r + B - 1, with G = B * world_size
+    the global batch: fresh scenes every step, disjoint across ranks, and resuming at step s replays
+    exactly the batches an uninterrupted run would have seen."""
 
-    def __init__(self, batch_size: int, start_step: int, steps: int):
-        self.batch_size, self.start_step, self.steps = batch_size, start_step, steps
+    def __init__(self, batch_size: int, start_step: int, steps: int, rank: int = 0, world_size: int = 1):
+        self.batch_size, self.start_step, self.steps, self.rank, self.world_size = batch_size, start_step, steps, rank, world_size
 
     def __len__(self) -> int:
         return self.steps - self.start_step
 
     def __iter__(self):
+        B = self.batch_size
         for step in range(self.start_step, self.steps):
-            yield list(range(step * self.batch_size, (step + 1) * self.batch_size))
+            first = step * B * self.world_size + self.rank * B
+            yield list(range(first, first + B))
 
 
 # ----------------------------------------------------------------------------- collate
+
+
+def phrase_id(phrase: str) -> int:
+    """A stable signed 64-bit id of the normalised phrase."""
+    digest = hashlib.blake2b(normalise_phrase(phrase).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 class Collate:
@@ -491,9 +501,9 @@ class Collate:
             concepts = s["concepts"] or [s["caption"]]  # a caption with no phrase is its own phrase
             phrases += concepts
             owner += [i] * len(concepts)
-        # phrase_ids: equal ids for equal normalised phrases, for the `--concept-labels phrase` rule
-        ids: dict[str, int] = {}
-        phrase_ids = [ids.setdefault(normalise_phrase(p), len(ids)) for p in phrases]
+        # phrase_ids, for the `--concept-labels phrase` rule: equal ids for equal normalised phrases, in
+        # every process (a 64-bit digest, not Python's per-process hash()), so ranks can compare them
+        phrase_ids = [phrase_id(p) for p in phrases]
         return {
             "images": torch.stack([s["image"] for s in samples]),  # (B, C, H, W)
             "captions": self.tokenizer([s["caption"] for s in samples]),  # (B, T)

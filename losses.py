@@ -16,14 +16,20 @@ the authors' code, so an identical phrase owned by another image is a negative. 
 with the same id: in a small world "a large red circle" appears in several images of one batch, and
 the owner rule turns those into false negatives. This is a departure, off by default.
 
+Multi-GPU: the paper's losses see the global batch (768 images on 8 GPUs): every phrase meets every
+image. `gather` concatenates each rank's embeddings before the loss functions run, so the functions
+above stay single-device code (see `gather` for why it must carry gradients).
+
 Dimension legend: B images (= captions), K concept phrases, N patches, D joint embedding width.
 Inputs are L2-normalised embeddings; `scale` and `bias` are scalar tensors (t and b, not logit_scale).
 """
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-from pool import cross_modal_pool
+from pool import pooled_similarity
 
 
 def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
@@ -51,9 +57,10 @@ def concept_labels(owner: torch.Tensor, num_images: int, phrase_ids: torch.Tenso
     if phrase_ids is None:
         positive = owner[None, :] == torch.arange(num_images, device=owner.device)[:, None]  # (B, K)
     else:
-        has = torch.zeros(num_images, int(phrase_ids.max()) + 1, dtype=torch.bool, device=owner.device)  # (B, P)
-        has[owner, phrase_ids] = True  # image o(k) has phrase id(k)
-        positive = has[:, phrase_ids]  # (B, K)
+        _, ids = phrase_ids.unique(return_inverse=True)  # (K,) ids in 0 .. P-1, whatever their range
+        has = torch.zeros(num_images, int(ids.max()) + 1, dtype=torch.bool, device=owner.device)  # (B, P)
+        has[owner, ids] = True  # image o(k) has phrase id(k)
+        positive = has[:, ids]  # (B, K)
     return positive.float() * 2 - 1
 
 
@@ -65,8 +72,40 @@ def concept_loss(image_emb, concept_emb, owner, scale, bias, phrase_ids=None) ->
 
 def pooled_concept_loss(patch_emb, concept_emb, owner, scale, bias, tau=1.0, phrase_ids=None) -> torch.Tensor:
     """L_xac. patch_emb u (B, N, D), concept_emb c (K, D), owner (K,): sigmoid loss on t * v_ik.c_k + b,
-    where v_ik is image i pooled by phrase k (pool.py)."""
-    pooled = cross_modal_pool(concept_emb, patch_emb, tau)  # (K, B, D)
-    cos = (pooled * concept_emb[:, None, :]).sum(-1).T  # (B, K): v_ik . c_k
-    logits = scale * cos + bias
+    where v_ik is image i pooled by phrase k (pool.py; computed without materialising v)."""
+    logits = scale * pooled_similarity(concept_emb, patch_emb, tau).T + bias  # (B, K)
     return sigmoid_loss(logits, concept_labels(owner, len(patch_emb), phrase_ids), len(concept_emb))
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x (n_r, ...) from every rank along dim 0 -> (sum_r n_r, ...); ranks may hold different n_r.
+
+    Why the gather must carry gradients: rank r's images are the negatives of every other rank's texts
+    and phrases. A plain all_gather returns constants, so the gradient of those terms would never reach
+    the encoder that produced them and each rank would learn only from its own slice of the batch.
+    torch.distributed.nn's all_gather is differentiable: its backward sends each rank the gradients
+    that every rank computed for its rows, summed. Every rank computes the same global loss L, so rank r
+    receives W * dL/dx_r; DistributedDataParallel then averages parameter gradients over the W ranks,
+    which leaves exactly dL/dtheta, the gradient of one process holding the whole batch (tested).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])  # all_gather needs equal shapes
+    if x.is_floating_point():
+        parts = dist_fn.all_gather(padded)
+    else:  # integer labels carry no gradient
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def gather_owner(owner: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Owners (K_r,) index this rank's images; in the gathered batch they are offset by the images of
+    the ranks before it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return owner
+    counts = gather(torch.tensor([num_images], device=owner.device))  # (W,)
+    return gather(owner + counts[: dist.get_rank()].sum())

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -149,6 +150,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, causal: bool, recompute: bool) -> torch.Tensor:
+    """Apply the blocks in turn. With recompute (--grad-checkpointing), each block's activations are
+    dropped after the forward pass and recomputed in the backward pass: memory for compute."""
+    for block in blocks:
+        x = checkpoint(block, x, causal, use_reentrant=False) if recompute else block(x, causal)
+    return x
+
+
 class VisionTransformer(nn.Module):
     """ViT: patchify, prepend a class token, add learned positions, transform, project every token."""
 
@@ -163,6 +172,7 @@ class VisionTransformer(nn.Module):
         self.positions = nn.Parameter(scale * torch.randn(n_patches + 1, cfg.width))
         self.ln_pre = nn.LayerNorm(cfg.width)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.activation) for _ in range(cfg.layers))
+        self.grad_checkpointing = False
         self.ln_post = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
 
@@ -173,8 +183,7 @@ class VisionTransformer(nn.Module):
         cls = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, W)
         x = torch.cat([cls, x], dim=1) + self.positions  # (B, 1 + N, W)
         x = self.ln_pre(x)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, causal=False, recompute=self.grad_checkpointing and self.training)
         # The same LayerNorm and projection for the class token and for every patch token: this is
         # what puts the patches u_ij in the joint space where they can be compared with a phrase c_k.
         x = self.ln_post(x) @ self.proj  # (B, 1 + N, D)
@@ -191,6 +200,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positions = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.activation) for _ in range(cfg.layers))
+        self.grad_checkpointing = False
         self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, embed_dim))
 
@@ -200,8 +210,7 @@ class TextTransformer(nn.Module):
         if T > self.context_length:
             raise ValueError(f"{T} tokens exceed the model's context length {self.context_length}")
         x = self.token_embedding(tokens) + self.positions[:T]  # (B, T, W)
-        for block in self.blocks:
-            x = block(x, causal=True)
+        x = run_blocks(self.blocks, x, causal=True, recompute=self.grad_checkpointing and self.training)
         x = self.ln_final(x)
         # Why the end-of-text token carries the text: under the causal mask it is the first position
         # that has seen every word. Padding only ever follows it, so the causal mask also keeps the
@@ -235,6 +244,14 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, D), L2-normalised."""
         return F.normalize(self.text(tokens), dim=-1)
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, concepts: torch.Tensor | None = None):
+        """Every embedding the losses need, in one call (DistributedDataParallel syncs gradients only
+        through forward): x (B, D), u (B, N, D), y (B, D), and c (K, D) or None without phrases."""
+        image_emb, patch_emb = self.encode_image(images)
+        # Phrases run through the text encoder as their own short sequences, never inside the caption.
+        concept_emb = self.encode_text(concepts) if concepts is not None else None
+        return image_emb, patch_emb, self.encode_text(texts), concept_emb
 
     def scale(self) -> torch.Tensor:
         """t = exp(logit_scale), clamped at 100 as in CLIP."""

@@ -29,10 +29,12 @@ import time
 from dataclasses import asdict, replace
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer, tokenizer_from_state_dict
-from losses import clip_loss, concept_loss, pooled_concept_loss, siglip_loss
+from losses import clip_loss, concept_loss, gather, gather_owner, pooled_concept_loss, siglip_loss
 from model import CLIP, PRESETS, CLIPConfig, convert_openai_state_dict, is_torchscript, read_torchscript_state_dict
 
 
@@ -73,6 +75,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (render + NLTK chunking)")
     p.add_argument("--out", default=None, help="output folder for ckpt.pt and log.jsonl (default: runs/<method>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on GPU)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward pass: less memory, ~30%% more compute")  # fmt: skip
     p.add_argument("--ckpt-every", type=int, default=100, help="write the checkpoint every this many steps")
     p.add_argument("--log-every", type=int, default=10, help="append to log.jsonl every this many steps")
     args = p.parse_args(argv)
@@ -96,6 +101,12 @@ def get_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def log0(*text) -> None:
+    """Print on rank 0 only (every rank runs this file under torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(*text, flush=True)
+
+
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
@@ -112,21 +123,25 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
-def loss_terms(model: CLIP, batch: dict, args) -> dict[str, torch.Tensor]:
-    """The unweighted loss terms of one batch: {'caption': L_sig, 'concept': L_npc, 'pooled': L_xac}."""
-    image_emb, patch_emb = model.encode_image(batch["images"])  # (B, D), (B, N, D)
-    text_emb = model.encode_text(batch["captions"])  # (B, D)
-    t, b = model.scale(), model.bias()
+def loss_terms(model, batch: dict, args) -> dict[str, torch.Tensor]:
+    """The unweighted loss terms of one batch: {'caption': L_sig, 'concept': L_npc, 'pooled': L_xac}.
+    Under torchrun the embeddings of every rank are gathered first, so each loss sees the global batch."""
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    concepts = batch["concepts"] if args.method == "c2lip" else None
+    image_emb, patch_emb, text_emb, concept_emb = model(batch["images"], batch["captions"], concepts)
+    image_emb, text_emb = gather(image_emb), gather(text_emb)  # (B, D) each, B over all ranks
+    t, b = raw.scale(), raw.bias()
     if args.method == "clip":
         return {"caption": clip_loss(image_emb, text_emb, t)}
     terms = {"caption": siglip_loss(image_emb, text_emb, t, b)}
     if args.method == "c2lip":
-        concept_emb = model.encode_text(batch["concepts"])  # (K, D): phrases run as their own short sequences
-        owner = batch["owner"]
-        ids = batch["phrase_ids"] if args.concept_labels == "phrase" else None
+        concept_emb = gather(concept_emb)  # (K, D), K over all ranks
+        owner = gather_owner(batch["owner"], len(batch["images"]))  # (K,) indices into the global batch
+        ids = gather(batch["phrase_ids"]) if args.concept_labels == "phrase" else None
         if args.concept_weight:
             terms["concept"] = concept_loss(image_emb, concept_emb, owner, t, b, ids)
         if args.pool_weight:
+            patch_emb = gather(patch_emb)  # (B, N, D)
             terms["pooled"] = pooled_concept_loss(patch_emb, concept_emb, owner, t, b, args.tau, ids)
     return terms
 
@@ -183,24 +198,39 @@ def save_checkpoint(path: str, **state) -> None:
     os.replace(tmp, path)
 
 
+def setup_distributed(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; `python train.py` is rank 0 of 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, pick_device(args.device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if pick_device(args.device).type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:  # CPU processes talk over gloo: slow, but it runs the same code path anywhere
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def main(argv=None) -> str:
     # ---- setup
     args = get_args(argv)
-    device = pick_device(args.device)
+    rank, world_size, device = setup_distributed(args)
     dtype = autocast_dtype(args.precision, device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume and os.path.exists(ckpt_path) else None
     if args.resume and resume is None:
-        print(f"--resume: no checkpoint at {ckpt_path} yet, starting from step 0")
+        log0(f"--resume: no checkpoint at {ckpt_path} yet, starting from step 0")
 
     # ---- the model's shape and tokenizer: from the run being resumed, from --init, or a preset
     init = None
     if resume:
         cfg, tokenizer = CLIPConfig.from_dict(resume["config"]), tokenizer_from_state_dict(resume["tokenizer"])
         if args.init:
-            print(f"resuming {ckpt_path}: --init {args.init} is not read again")
+            log0(f"resuming {ckpt_path}: --init {args.init} is not read again")
     elif args.init:
         ckpt = load_weights(args.init, args.bpe, args.clip_act)
         cfg, init, tokenizer = CLIPConfig.from_dict(ckpt["config"]), ckpt["model"], tokenizer_from_state_dict(ckpt["tokenizer"])
@@ -213,12 +243,12 @@ def main(argv=None) -> str:
         if args.method == "clip":  # CLIP's softmax form: t = 1/0.07 and no bias
             cfg = replace(cfg, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None)
 
-    # ---- data: an endless stream of fresh scenes, batch `step` = scenes step*B ... step*B + B - 1
+    # ---- data: an endless stream of fresh scenes; --batch-size is per rank, each rank takes its own slice
     world = ShapesWorld(image_size=cfg.vision.image_size)
     start = resume["step"] if resume else 0
-    dataset = ShapesDataset(world, args.seed, "train", length=args.steps * args.batch_size, normalise=cfg.vision.normalise)
+    dataset = ShapesDataset(world, args.seed, "train", length=args.steps * args.batch_size * world_size, normalise=cfg.vision.normalise)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps), collate_fn=Collate(tokenizer),
+        dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size), collate_fn=Collate(tokenizer),
         num_workers=args.workers, persistent_workers=False,
     )  # fmt: skip
 
@@ -231,17 +261,18 @@ def main(argv=None) -> str:
             init["logit_bias"] = torch.tensor(-10.0 if args.init_bias == "auto" else float(args.init_bias))
         cfg = replace(cfg, init_logit_bias=init["logit_bias"].item() if "logit_bias" in init else None)
     model = CLIP(cfg).to(device)
+    model.visual.grad_checkpointing = model.text.grad_checkpointing = args.grad_checkpointing
     if init is not None:
         model.load_state_dict(init)
         if args.method != "clip" and not has_bias and args.init_bias == "auto":
-            with torch.no_grad():
+            with torch.no_grad():  # every rank computes it; DistributedDataParallel then keeps rank 0's
                 model.logit_bias.fill_(balanced_bias(model, {k: v.to(device) for k, v in next(iter(loader)).items()}))
             cfg = replace(cfg, init_logit_bias=model.logit_bias.item())
         bias = "no bias" if model.logit_bias is None else f"b = {model.logit_bias.item():.2f}"
-        print(f"initialised from {args.init}: t = {model.scale().item():.1f}, {bias}")
+        log0(f"initialised from {args.init}: t = {model.scale().item():.1f}, {bias}")
     name = args.init or args.model
-    print(f"model {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, autocast {dtype}")
-    print("config:", json.dumps({"model": asdict(cfg), "args": vars(args)}))
+    log0(f"model {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world_size} x {device}, autocast {dtype}")
+    log0("config:", json.dumps({"model": asdict(cfg), "args": vars(args)}))
 
     # ---- optimizer: no weight decay on biases, norms (1-d tensors) or the logit scale and bias
     logit = [p for n, p in model.named_parameters() if n.startswith("logit_")]
@@ -258,9 +289,16 @@ def main(argv=None) -> str:
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        print(f"resumed from {ckpt_path} at step {start}")
+        log0(f"resumed from {ckpt_path} at step {start}")
+    # `model` stays the plain module (checkpoints hold its state_dict: no "module." or "_orig_mod."
+    # prefixes); `net` is what the loop calls: compiled and/or wrapped for gradient averaging.
+    net = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(step: int) -> None:
+        if rank != 0:  # one writer; every rank holds the same weights
+            return
         save_checkpoint(
             ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
             config=asdict(cfg), args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed,
@@ -269,15 +307,15 @@ def main(argv=None) -> str:
     # ---- loop
     weights = {"caption": 1.0, "concept": args.concept_weight, "pooled": args.pool_weight}
     model.train()
-    bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
     t0, step = time.time(), start
-    with open(log_path, "a" if resume else "w") as log:
+    with open(log_path if rank == 0 else os.devnull, "a" if resume else "w") as log:
         for step, batch in enumerate(loader, start=start):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, args)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                terms = loss_terms(model, batch, args)
+                terms = loss_terms(net, batch, args)
             loss = sum(weights[name] * value for name, value in terms.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -299,7 +337,9 @@ def main(argv=None) -> str:
 
     # ---- checkpoint
     checkpoint(args.steps)
-    print(f"wrote {ckpt_path} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {ckpt_path}")
+    log0(f"wrote {ckpt_path} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {ckpt_path}")
+    if world_size > 1:
+        dist.destroy_process_group()
     return ckpt_path
 
 

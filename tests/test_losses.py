@@ -79,6 +79,13 @@ def test_concept_loss_matches_loop_phrase_labels():
     assert math.isclose(concept_loss(x, c, owner, T, BIAS, ids).item(), expect, rel_tol=1e-5)
 
 
+def test_phrase_ids_may_be_any_integers():
+    """Ids are compared, not used as indices: 64-bit hashes (as the distributed collate makes) work."""
+    owner = torch.tensor([0, 1, 1, 2])
+    small, hashed = torch.tensor([0, 1, 0, 2]), torch.tensor([-(2**62), 7 * 10**17, -(2**62), 5])
+    assert concept_labels(owner, 3, hashed).equal(concept_labels(owner, 3, small))
+
+
 def test_labels_owner_vs_phrase():
     owner, ids = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 0, 2])
     assert concept_labels(owner, 3).tolist() == [[1, -1, -1, -1], [-1, 1, 1, -1], [-1, -1, -1, 1]]

@@ -118,6 +118,22 @@ def test_overfits_one_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = CLIP(SMALL)
+    images, texts = torch.randn(2, 3, 16, 16), torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.visual.grad_checkpointing = model.text.grad_checkpointing = recompute
+        x, u, y, _ = model(images, texts)
+        (x.sum() + u.square().mean() + (x * y).sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 10
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_end_token_found_when_the_pad_id_also_occurs_inside_the_text():
     """CLIP's BPE pads with 0, and 0 is also a real token (a "!" that did not merge: "wow!$5" gives
     [start, wow, !, $, 5, end]). The feature must still be read at the end token, not one earlier."""

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from pool import cross_modal_pool, pooling_weights
+from pool import cross_modal_pool, pooled_similarity, pooling_weights
 
 
 def explicit_pool(c, u, tau):
@@ -44,3 +44,23 @@ def test_a_phrase_equal_to_one_patch_picks_it_out_at_low_tau():
     u = torch.eye(6)[None]  # one image, six orthogonal patches
     v = cross_modal_pool(u[0, 2:3], u, tau=0.01)  # the phrase is patch 2
     torch.testing.assert_close(v[0, 0], u[0, 2], atol=1e-4, rtol=0)
+
+
+def test_pooled_similarity_equals_the_materialised_form_in_value_and_gradient():
+    """The Gram-matrix algebra, chunked and checkpointed, gives v_ik . c_k and its gradients to 1e-6."""
+    torch.manual_seed(2)
+    c0 = F.normalize(torch.randn(37, 32), dim=-1)
+    u0 = F.normalize(torch.randn(5, 12, 32), dim=-1)
+    for tau in (1.0, 0.1):
+        c, u = c0.clone().requires_grad_(), u0.clone().requires_grad_()
+        ref = (cross_modal_pool(c, u, tau) * c[:, None, :]).sum(-1)  # (K, B)
+        w = torch.randn_like(ref)
+        (ref * w).sum().backward()
+        ref_grads = c.grad.clone(), u.grad.clone()
+        for max_elements in (10**9, 5 * 12 * 4):  # one chunk; ten chunks of 4 phrases, recomputed in backward
+            c, u = c0.clone().requires_grad_(), u0.clone().requires_grad_()
+            got = pooled_similarity(c, u, tau, max_elements=max_elements)
+            torch.testing.assert_close(got, ref.detach(), atol=1e-6, rtol=0)
+            (got * w).sum().backward()
+            torch.testing.assert_close(c.grad, ref_grads[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(u.grad, ref_grads[1], atol=1e-5, rtol=1e-5)
