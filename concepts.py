@@ -34,6 +34,8 @@ import json
 import multiprocessing
 import os
 import re
+import signal
+import sys
 import time
 
 import nltk
@@ -167,7 +169,8 @@ def precompute(shards: list[str], out: str, workers: int, caption_key: str | Non
         os.truncate(out, max((o + n for o, n in done.values()), default=0))
     todo = [(s, caption_key) for s in shards if os.path.basename(s) not in done]
     print(f"{out}: {len(shards) - len(todo)} of {len(shards)} shards already done, {len(todo)} to do, {workers} processes")
-    pool = multiprocessing.Pool(workers) if workers > 0 and todo else None
+    # Ctrl-C reaches every process of the group: the pool ignores it, this process stops the pool.
+    pool = multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
     captions, t0 = 0, time.time()
     try:
         with open(out, "a") as f, tqdm(total=len(todo), desc="concepts", unit="shard") as bar:
@@ -181,7 +184,8 @@ def precompute(shards: list[str], out: str, workers: int, caption_key: str | Non
         if pool:
             pool.terminate()
     rate = captions / max(time.time() - t0, 1e-9)
-    print(f"{captions} captions in {time.time() - t0:.1f}s: {rate:.0f} captions/s")
+    if todo:
+        print(f"{captions} captions in {time.time() - t0:.1f}s: {rate:.0f} captions/s")
     return rate
 
 
@@ -204,7 +208,10 @@ def main(argv=None):
             shards = expand_shards(args.data_dir)
         except FileNotFoundError as err:
             parser.error(f"--data-dir: {err}")
-        return precompute(shards, args.out, args.workers, args.caption_key)
+        try:
+            return precompute(shards, args.out, args.workers, args.caption_key)
+        except KeyboardInterrupt:
+            sys.exit(f"interrupted: the shards finished so far are in {args.out}; run the same command to resume")
     if not args.captions:
         parser.error("give captions to print, or --data-dir DIR --out FILE to precompute a shard set")
     for caption, phrases in zip(args.captions, extract_concepts_batch(args.captions)):
