@@ -331,7 +331,10 @@ def load_sugarcrepe(data_dir: str, images: str, bench: str = "sugarcrepe") -> di
     """SugarCrepe's files -> {file: [(image path, caption, negative)]}; SugarCrepe++'s (bench='sugarcrepe++')
     -> {file: [(image path, caption, caption2, negative)]}. SugarCrepe: a JSON object keyed by a string index
     (keys need not be contiguous); SugarCrepe++: a JSON list of records."""
-    groups, fields = (SUGARCREPE, ["caption", "negative_caption"]) if bench == "sugarcrepe" else (SUGARCREPE_PP, ["caption", "caption2", "negative_caption"])
+    if bench == "sugarcrepe":
+        groups, fields = SUGARCREPE, ["caption", "negative_caption"]
+    else:
+        groups, fields = SUGARCREPE_PP, ["caption", "caption2", "negative_caption"]
     files = {}
     for name in [n for names in groups.values() for n in names]:
         path = os.path.join(data_dir, name + ".json")
@@ -363,8 +366,9 @@ def load_zeroshot(data_dir: str, args) -> tuple[torch.utils.data.Dataset, list[s
         try:
             dataset = cifar(data_dir, train=False, download=False)  # the test split; never downloads here
         except RuntimeError:
+            fetch = f"torchvision.datasets.{cifar.__name__}('{data_dir}', train=False, download=True)"
             fail(f"--bench zeroshot: torchvision's {cifar.__name__} files are not in {data_dir}. Fetch them once with\n"
-                 f"  python -c \"import torchvision; torchvision.datasets.{cifar.__name__}('{data_dir}', train=False, download=True)\"")  # fmt: skip
+                 f"  python -c \"import torchvision; {fetch}\"")  # fmt: skip
         names = [c.replace("_", " ") for c in dataset.classes]  # built into the dataset's files: 'maple_tree' -> 'maple tree'
     if args.classnames:
         with open(args.classnames) as f:

@@ -140,7 +140,8 @@ def write_karpathy(root: str) -> str:
 
 
 # every word of the benchmark fixtures, so that an untrained model's scores are not ties of <unk>s
-BENCH_WORDS = "a red blue dog next to car 0 1 2 3 4 5 6 man holding green pink umbrella is held by photo of cat thing another view picture the"
+BENCH_WORDS = ("a red blue dog next to car 0 1 2 3 4 5 6 man holding green pink umbrella is held by photo of cat thing "
+               "another view picture the")
 
 
 def write_checkpoint(path: str, image_size: int = 16, seed: int = 0) -> str:

@@ -78,9 +78,11 @@ def encode(model, tokenizer, image_path=None, text=None):
 
 
 def test_scores_match_a_naive_loop(bench):
-    results = evaluate.main(["--ckpt", bench["b"], "--bench", "sugarcrepe", "sugarcrepe++", "zeroshot", "--data-dir",
-                             f"sugarcrepe={bench['sc']}", f"sugarcrepe++={bench['scpp']}", f"zeroshot={bench['zs']}",
-                             "--images", os.path.join(bench["sc"], "val2017"), "--classnames", bench["classnames"], *FAST])[bench["b"]]  # fmt: skip
+    results = evaluate.main([
+        "--ckpt", bench["b"], "--bench", "sugarcrepe", "sugarcrepe++", "zeroshot", "--data-dir", f"sugarcrepe={bench['sc']}",
+        f"sugarcrepe++={bench['scpp']}", f"zeroshot={bench['zs']}", "--images", os.path.join(bench["sc"], "val2017"),
+        "--classnames", bench["classnames"], *FAST,
+    ])[bench["b"]]  # fmt: skip
     model, tok, _ = evaluate.load_checkpoint(bench["b"], torch.device("cpu"))
     images = os.path.join(bench["sc"], "val2017")
     for name in SUGARCREPE_FILES:
