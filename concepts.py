@@ -18,15 +18,29 @@ uses the paper's "standard NLP software" route, which needs no model and runs in
 A known limit of any POS grammar: a participle between two nouns ("people walking dogs") starts a new
 phrase ("walking dogs").
 
-Usage: python concepts.py "a small red circle left of a blue star"
+Usage:
+  python concepts.py "a small red circle left of a blue star"          # print the phrases of captions
+  python concepts.py --data-dir DIR --out concepts.jsonl               # precompute them for tar shards
+
+The precompute writes one JSON line per shard, {"shard": "00000.tar", "caption_key": null, "count": n,
+"concepts": {"<sample key>": ["a dog", ...], ...}}, in a process pool; an interrupted run resumes where it
+stopped (shards already in the file are skipped). `train.py --concepts FILE` reads it (data.WebDataset).
+Shards are identified by file name, so one file serves one shard set.
 """
 
 import argparse
 import functools
+import json
+import multiprocessing
+import os
 import re
+import signal
+import sys
+import time
 
 import nltk
 from nltk.tokenize import TreebankWordTokenizer
+from tqdm import tqdm
 
 # Determiners/numbers, modifiers, then nouns; optionally a possessive ("a cat's face"). A modifier is
 # an adjective, a participle, or a noun followed by an adjective: the tagger sometimes reads an
@@ -116,10 +130,90 @@ def extract_concepts_batch(captions: list[str]) -> list[list[str]]:
     return [extract_concepts(c) for c in captions]
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Print the concept phrases of captions, one caption per line.")
-    parser.add_argument("captions", nargs="+", help="captions to cut into concept phrases")
-    args = parser.parse_args()
+# ----------------------------------------------------------------------------- precomputed concepts of tar shards
+
+
+def concepts_index(path: str) -> dict[str, tuple[int, int]]:
+    """{shard name: (byte offset, byte length) of its line} in a concepts file. A line torn by an
+    interrupted run (no final newline) is left out; only the shard name of each line is parsed."""
+    index, offset = {}, 0
+    with open(path, "rb") as f:
+        for line in f:
+            m = re.match(rb'\{"shard": ("(?:[^"\\]|\\.)*")', line)
+            if m and line.endswith(b"\n"):
+                index[json.loads(m.group(1))] = (offset, len(line))
+            offset += len(line)
+    return index
+
+
+def shard_concepts(path: str, offset: int) -> dict[str, list[str]]:
+    """{sample key: phrases} of the shard whose line starts at `offset` (see concepts_index)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return json.loads(f.readline())["concepts"]
+
+
+def _shard_job(job: tuple[str, str | None]) -> tuple[str, dict[str, list[str]]]:
+    """One shard's {key: phrases}; runs in a pool process. data.py is imported here, not at the top of this
+    file, because data.py imports this one."""
+    from data import shard_captions
+
+    shard, caption_key = job
+    return os.path.basename(shard), {key: extract_concepts(c) for key, c in shard_captions(shard, caption_key)}
+
+
+def precompute(shards: list[str], out: str, workers: int, caption_key: str | None = None) -> float:
+    """Append the concepts of every shard not yet in `out`; returns captions per second."""
+    done = concepts_index(out) if os.path.exists(out) else {}
+    if os.path.exists(out):  # cut a line torn by an interruption, so that appending starts clean
+        os.truncate(out, max((o + n for o, n in done.values()), default=0))
+    todo = [(s, caption_key) for s in shards if os.path.basename(s) not in done]
+    print(f"{out}: {len(shards) - len(todo)} of {len(shards)} shards already done, {len(todo)} to do, {workers} processes")
+    # Ctrl-C reaches every process of the group: the pool ignores it, this process stops the pool.
+    pool = multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
+    captions, t0 = 0, time.time()
+    try:
+        with open(out, "a") as f, tqdm(total=len(todo), desc="concepts", unit="shard") as bar:
+            for name, table in pool.imap_unordered(_shard_job, todo) if pool else map(_shard_job, todo):
+                f.write(json.dumps({"shard": name, "caption_key": caption_key, "count": len(table), "concepts": table}) + "\n")
+                f.flush()  # a finished shard survives an interruption
+                captions += len(table)
+                bar.update()
+                bar.set_postfix(captions_per_s=f"{captions / (time.time() - t0):.0f}")
+    finally:
+        if pool:
+            pool.terminate()
+    rate = captions / max(time.time() - t0, 1e-9)
+    if todo:
+        print(f"{captions} captions in {time.time() - t0:.1f}s: {rate:.0f} captions/s")
+    return rate
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("captions", nargs="*", help="captions to cut into concept phrases, printed one per line")
+    parser.add_argument("--data-dir", help="precompute for these tar shards: a folder, a glob or a brace range")
+    parser.add_argument("--out", help="the JSON-lines file to write; shards already in it are skipped (resume)")
+    parser.add_argument("--caption-key", default=None, help="read captions from this <key>.json field, as train.py does")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (0: all in this process)")
+    args = parser.parse_args(argv)
+    if args.data_dir or args.out:
+        if not (args.data_dir and args.out) or args.captions:
+            parser.error("--data-dir and --out go together, without positional captions")
+        if args.workers < 0:
+            parser.error("--workers must be 0 or more")
+        from data import expand_shards  # here: data.py imports this file
+
+        try:
+            shards = expand_shards(args.data_dir)
+        except FileNotFoundError as err:
+            parser.error(f"--data-dir: {err}")
+        try:
+            return precompute(shards, args.out, args.workers, args.caption_key)
+        except KeyboardInterrupt:
+            sys.exit(f"interrupted: the shards finished so far are in {args.out}; run the same command to resume")
+    if not args.captions:
+        parser.error("give captions to print, or --data-dir DIR --out FILE to precompute a shard set")
     for caption, phrases in zip(args.captions, extract_concepts_batch(args.captions)):
         print(f"{caption}\n  -> " + " | ".join(phrases))
 

@@ -1,9 +1,13 @@
-"""Text tokenizer, the embedded synthetic world "shapes", and the batch collate.
+"""Text tokenizer, image preprocessing, the embedded synthetic world "shapes", image-text tar shards
+(CC3M), and the batch collate.
 
 Paper map: the paper trains on CC3M with short LLM captions and cuts each caption into concept phrases
-(Section 3.1, concepts.py). This file provides what a laptop can train on instead: a procedurally
-rendered world whose captions are long enough to be matched as a bag of words (every object is named
-with its colour, and usually its size, in varied wording), plus the batch layout every loss reads:
+(Section 3.1, concepts.py). This file reads both kinds of training data:
+  - a procedurally rendered world a laptop can train on, whose captions are long enough to be matched as
+    a bag of words (every object is named with its colour, and usually its size, in varied wording);
+  - CC3M, or any image-text set in webdataset tar shards, streamed with the standard library's tarfile
+    (WebDataset), with the caption and concept fields of the authors' re-captioned shards;
+and defines the batch layout every loss reads:
 
   images (B, C, H, W), captions (B, T), concepts (K, Tc), owner (K,), phrase_ids (K,)
 
@@ -18,22 +22,32 @@ read back by tokenizer_from_state_dict), so eval.py always tokenizes as training
 Images: the pixel normalisation a model expects is named in its config (VisionConfig.normalise) and
 looked up in NORMALISE; eval_transform is CLIP's evaluation preprocessing.
 
-Departure: the paper fine-tunes SigLIP, whose tokenizer is a SentencePiece model; this codebase starts
-from OpenAI's CLIP (see model.py), so its BPE is the one implemented here.
+Real data: image-text tar shards (CC3M and any webdataset) are streamed by WebDataset, written with the
+standard library's tarfile (no `webdataset` package): about a hundred lines.
+
+Departures: the paper fine-tunes SigLIP, whose tokenizer is a SentencePiece model; this codebase starts
+from OpenAI's CLIP (see model.py), so its BPE is the one implemented here. From scratch, a word-level
+vocabulary (a few dozen words for the shapes world, the most frequent words for CC3M) keeps models small.
 
 Dimension legend: B images, C=3 channels, H=W image side, T caption tokens, K concept phrases in the
 batch (all images together), Tc phrase tokens (phrases are padded among themselves, never to T).
 """
 
 import functools
+import glob
 import gzip
 import hashlib
 import html
 import importlib.util
+import io
+import json
 import math
+import multiprocessing
 import os
+import posixpath
 import random
 import re
+import tarfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -42,8 +56,9 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-from concepts import extract_concepts, normalise_phrase
+from concepts import concepts_index, extract_concepts, normalise_phrase, shard_concepts
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -71,10 +86,16 @@ class WordTokenizer:
         return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
     @classmethod
-    def build(cls, texts, context_length: int, min_freq: int = 1) -> "WordTokenizer":
+    def build(cls, texts, context_length: int, min_freq: int = 1, max_size: int | None = None) -> "WordTokenizer":
         """A vocabulary of every word seen at least min_freq times, most frequent first."""
-        counts = Counter(w for text in texts for w in cls.split(text))
-        return cls([w for w, n in counts.most_common() if n >= min_freq], context_length)
+        return cls.from_counts(Counter(w for text in texts for w in cls.split(text)), context_length, min_freq, max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, context_length: int, min_freq: int = 1, max_size: int | None = None) -> "WordTokenizer":
+        """The same from word counts (streamed captions, see caption_word_counts). max_size counts the four
+        special tokens; rarer words read as <unk>, which keeps the embedding table of a web-scale vocabulary small."""
+        words = [w for w, n in counts.most_common() if n >= min_freq and not w.startswith("<")]
+        return cls(words if max_size is None else words[: max(0, max_size - 4)], context_length)
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -313,6 +334,32 @@ def eval_transform(size: int, normalise: str = "symmetric") -> T.Compose:
     return T.Compose([resize, T.CenterCrop(size), functools.partial(image_to_tensor, normalise=normalise)])
 
 
+def train_transform(size: int, normalise: str = "symmetric") -> T.Compose:
+    """PIL -> (C, size, size): CLIP-style augmentation, a random crop of 90-100% of the area (aspect 3:4 to
+    4:3) resized to size x size. CLIP trains with little augmentation: the captions are the supervision."""
+    crop = T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([crop, functools.partial(image_to_tensor, normalise=normalise)])
+
+
+def load_image(source: str | bytes) -> Image.Image:
+    """A path or an encoded image's bytes -> PIL RGB, decoded now: a truncated file raises OSError here."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        return img.convert("RGB")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item i: transform(image file i), for the DataLoaders of the benchmarks in eval.py."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[index]))
+
+
 # ----------------------------------------------------------------------------- the shapes world
 
 COLOURS = {
@@ -511,6 +558,272 @@ class Collate:
             "owner": torch.tensor(owner),  # (K,)
             "phrase_ids": torch.tensor(phrase_ids),  # (K,)
         }
+
+
+# ----------------------------------------------------------------------------- image-text shards (CC3M and co.)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the first one present is the sample's image
+SKIP_REASONS = ("missing_image", "empty_caption", "corrupt_image", "corrupt_shard")
+SHARD_LAYOUT = """Expected webdataset tar shards: a folder of *.tar files, a glob ('DIR/*.tar') or a brace range
+('DIR/{00000..00331}.tar'). Each shard holds samples as members named <key>.<ext>: <key>.jpg (or .jpeg, .png,
+.webp) with <key>.txt (the caption) and optionally <key>.json (metadata, or the caption and concept fields that
+--caption-key / --concept-key name); img2dataset also writes <shard>_stats.json beside each shard.
+CC3M: download it with img2dataset (github.com/rom1504/img2dataset, its cc3m example, --output_format webdataset)
+from Google's Conceptual Captions TSV (ai.google.com/research/ConceptualCaptions/download), or fetch a re-hosted
+copy packed as cc3m-train-0000.tar ... cc3m-train-0575.tar (for example pixparse/cc3m-wds on the Hugging Face hub)."""
+
+
+def expand_braces(spec: str) -> list[str]:
+    """'a{00..02}b{x,y}' -> ['a00bx', 'a00by', 'a01bx', ...]: shell-style brace ranges (zero-padded like the
+    first bound) and lists, as webdataset shard specs use them."""
+    m = re.search(r"\{([^{}]*)\}", spec)
+    if not m:
+        return [spec]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r else m.group(1).split(",")
+    return [out for item in items for out in expand_braces(spec[: m.start()] + item + spec[m.end() :])]
+
+
+def expand_shards(spec: str) -> list[str]:
+    """A folder, a glob or a brace range -> the existing shard paths, sorted (a brace range may have gaps:
+    img2dataset leaves out shards whose downloads all failed). FileNotFoundError naming the layout if none."""
+    if os.path.isdir(spec):
+        paths = glob.glob(os.path.join(spec, "*.tar"))
+    else:
+        paths = [p for s in expand_braces(spec) for p in (glob.glob(s) if glob.has_magic(s) else [s]) if os.path.isfile(p)]
+    if not paths:
+        raise FileNotFoundError(f"no tar shards at {spec!r}.\n{SHARD_LAYOUT}")
+    return sorted(set(paths))
+
+
+def shard_groups(path: str, read=None):
+    """Yield (key, {extension: bytes}) for each sample of a tar shard, in order. Members sharing a key (the
+    member's path up to the first dot of its file name) are consecutive in a webdataset shard. Extensions
+    outside `read` (None: all) appear with the value None: present but not read, so that passes over the
+    captions only seek past the images."""
+    with tarfile.open(path) as tar:
+        key, group = None, {}
+        for member in tar:
+            folder, name = posixpath.split(member.name)
+            stem, dot, ext = name.partition(".")
+            if not member.isfile() or not dot:
+                continue
+            if posixpath.join(folder, stem) != key:
+                if key is not None:
+                    yield key, group
+                key, group = posixpath.join(folder, stem), {}
+            ext = ext.lower()
+            group[ext] = tar.extractfile(member).read() if read is None or ext in read else None
+        if key is not None:
+            yield key, group
+
+
+def sample_meta(group: dict) -> dict:
+    """The sample's <key>.json as a dict ({} if absent or unreadable)."""
+    try:
+        meta = json.loads(group["json"]) if group.get("json") else {}
+    except ValueError:  # also UnicodeDecodeError
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def sample_caption(group: dict, meta: dict, caption_key: str | None) -> str:
+    """The named JSON field if caption_key is given, else <key>.txt (else the JSON's 'caption'); '' if none."""
+    if caption_key:
+        text = meta.get(caption_key)
+    elif group.get("txt") is not None:
+        text = group["txt"].decode("utf-8", errors="replace")
+    else:
+        text = meta.get("caption")
+    return text.strip() if isinstance(text, str) else ""
+
+
+def shard_captions(path: str, caption_key: str | None = None):
+    """Yield (key, caption) of the samples of a shard that have an image and a caption; images are not read."""
+    for key, group in shard_groups(path, read={"txt", "json"}):
+        caption = sample_caption(group, sample_meta(group), caption_key)
+        if caption and any(e in group for e in IMAGE_EXTS):
+            yield key, caption
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str, obj) -> None:
+    """Atomically (temp file + rename), so that readers never see half a cache."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def cache_dir(shards: list[str], fallback: str) -> str:
+    """Where counts and vocabularies are cached: beside the shards if that folder is writable (every run on
+    the data reuses them), else `fallback` (the run's output folder)."""
+    folder = os.path.dirname(os.path.abspath(shards[0]))
+    if os.access(folder, os.W_OK):
+        return folder
+    os.makedirs(fallback, exist_ok=True)
+    return fallback
+
+
+def shard_sizes(shards: list[str], cache: str) -> list[int]:
+    """Samples per shard, for the progress bar and the schedule: img2dataset's <shard>_stats.json
+    ('successes'), else a sizes.json beside the shards ({"00000.tar": n, ...}), else counted once from the
+    tar headers and cached in cache/c2lip-sizes.json. Counts include samples that will later be skipped."""
+    cache_path = os.path.join(cache, "c2lip-sizes.json")
+    cached, sizes_json, sizes, todo = read_json(cache_path) or {}, {}, {}, []
+    for shard in shards:
+        stats = read_json(os.path.splitext(shard)[0] + "_stats.json") or {}
+        folder = os.path.dirname(shard)
+        if folder not in sizes_json:
+            sizes_json[folder] = read_json(os.path.join(folder, "sizes.json")) or {}
+        entry = cached.get(os.path.abspath(shard))  # [file bytes, samples]: a rewritten shard is recounted
+        if isinstance(stats.get("successes"), int):
+            sizes[shard] = stats["successes"]
+        elif os.path.basename(shard) in sizes_json[folder]:
+            sizes[shard] = int(sizes_json[folder][os.path.basename(shard)])
+        elif entry and entry[0] == os.path.getsize(shard):
+            sizes[shard] = entry[1]
+        else:
+            todo.append(shard)
+    for shard in tqdm(todo, desc="counting samples", unit="shard", disable=not todo):
+        try:
+            sizes[shard] = sum(any(e in g for e in IMAGE_EXTS) for _, g in shard_groups(shard, read=()))
+        except (tarfile.TarError, OSError):
+            sizes[shard] = 0  # unreadable: the reader will skip it and count it
+        cached[os.path.abspath(shard)] = [os.path.getsize(shard), sizes[shard]]
+    if todo:
+        write_json(cache_path, cached)
+    return [sizes[s] for s in shards]
+
+
+def caption_word_counts(shards: list[str], caption_key: str | None, cache: str) -> Counter:
+    """Word counts of every training caption (WordTokenizer.split), streamed over the shards once and cached
+    in cache/c2lip-words-<hash of the shard list and caption key>.json."""
+    digest = hashlib.sha1(json.dumps([sorted(map(os.path.abspath, shards)), caption_key]).encode()).hexdigest()[:12]
+    path = os.path.join(cache, f"c2lip-words-{digest}.json")
+    cached = read_json(path)
+    if cached:
+        return Counter(cached["counts"])
+    counts = Counter()
+    for shard in tqdm(shards, desc="vocabulary", unit="shard"):
+        try:
+            for _, caption in shard_captions(shard, caption_key):
+                counts.update(WordTokenizer.split(caption))
+        except (tarfile.TarError, OSError):
+            pass  # the reader skips and counts unreadable shards
+    write_json(path, {"caption_key": caption_key, "shards": len(shards), "counts": counts})
+    return counts
+
+
+def reader_index() -> tuple[int, int]:
+    """(this reader, number of readers): every DataLoader worker of every distributed rank is a reader."""
+    rank, ranks = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, ranks = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = torch.utils.data.get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank * workers + worker, ranks * workers
+
+
+def shuffled(items, size: int, rng: random.Random):
+    """A shuffle buffer: hold `size` items and emit a random one each time a new one arrives, then the rest.
+    Streaming data cannot be permuted as a whole; shards are shuffled too, so samples mix across shards."""
+    buffer = []
+    for item in items:
+        if len(buffer) < max(size, 1):
+            buffer.append(item)
+            continue
+        i = rng.randrange(len(buffer))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class WebDataset(torch.utils.data.IterableDataset):
+    """One pass over tar shards = one epoch of samples {'image': (C, H, W), 'caption', 'concepts'}, the dicts
+    Collate reads.
+
+    Readers (DataLoader workers x distributed ranks) take every n-th shard of a per-epoch shuffle of the
+    shards, or, when there are fewer shards than readers, every n-th sample. Samples pass a shuffle buffer
+    of raw bytes (decoding after the buffer keeps it small), then are decoded: caption from <key>.txt or
+    the JSON field caption_key; concept phrases from the JSON field concept_key when the sample has it, else
+    from a file written by `python concepts.py --data-dir ... --out FILE`, else extracted here (concepts.py).
+
+    A missing image, an empty caption, a corrupt image or an unreadable shard is skipped and counted, never
+    fatal. The counts live in shared memory that DataLoader workers inherit, so .skipped, read in the main
+    process, holds every reader's counts (since this object was made: each pass counts its bad samples
+    again). Set .epoch before each pass: it seeds the shuffles.
+    """
+
+    def __init__(self, shards: list[str], transform, caption_key: str | None = None, concept_key: str | None = None,
+                 concepts_file: str | None = None, shuffle_buffer: int = 1000, seed: int = 0):  # fmt: skip
+        self.shards, self.transform, self.caption_key, self.concept_key = shards, transform, caption_key, concept_key
+        self.concepts_file, self.shuffle_buffer, self.seed, self.epoch = concepts_file, shuffle_buffer, seed, 0
+        self.concepts_index = concepts_index(concepts_file) if concepts_file else {}
+        self._skips = multiprocessing.Array("q", len(SKIP_REASONS))  # shared with the DataLoader workers
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """{reason: samples skipped so far} over all readers of this process's DataLoaders."""
+        return {reason: n for reason, n in zip(SKIP_REASONS, self._skips[:]) if n}
+
+    def _skip(self, reason: str) -> None:
+        with self._skips.get_lock():
+            self._skips[SKIP_REASONS.index(reason)] += 1
+
+    def _groups(self, shards: list[str], stride: int, offset: int):
+        """(key, raw group, precomputed phrases or None) of every stride-th sample of the shards."""
+        index = 0
+        for shard in shards:
+            name = os.path.basename(shard)
+            table = shard_concepts(self.concepts_file, self.concepts_index[name][0]) if name in self.concepts_index else {}
+            try:
+                for key, group in shard_groups(shard):
+                    index += 1
+                    if (index - 1) % stride == offset:
+                        yield key, group, table.get(key)
+            except (tarfile.TarError, OSError):  # a truncated or unreadable shard: keep what was read of it
+                self._skip("corrupt_shard")
+
+    def _sample(self, key: str, group: dict, phrases: list[str] | None) -> dict | None:
+        image_ext = next((e for e in IMAGE_EXTS if e in group), None)
+        if image_ext is None:
+            return self._skip("missing_image")
+        meta = sample_meta(group)
+        caption = sample_caption(group, meta, self.caption_key)
+        if not caption:
+            return self._skip("empty_caption")
+        try:
+            image = self.transform(load_image(group[image_ext]))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's ways of saying "corrupt"
+            return self._skip("corrupt_image")
+        named = meta.get(self.concept_key) if self.concept_key else None
+        if isinstance(named, list) and all(isinstance(p, str) for p in named):
+            concepts = named  # the authors' shards: 'nounphrases' (an empty list: Collate uses the caption)
+        else:
+            concepts = phrases if phrases is not None else extract_concepts(caption)
+        return {"image": image, "caption": caption, "concepts": list(concepts)}
+
+    def __iter__(self):
+        reader, readers = reader_index()
+        order = list(self.shards)
+        random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(order)  # the same permutation in every reader
+        if len(order) >= readers:
+            groups = self._groups(order[reader::readers], 1, 0)
+        else:
+            groups = self._groups(order, readers, reader)
+        rng = random.Random(f"samples:{self.seed}:{self.epoch}:{reader}")
+        for key, group, phrases in shuffled(groups, self.shuffle_buffer, rng):
+            sample = self._sample(key, group, phrases)
+            if sample is not None:
+                yield sample
 
 
 def main():

@@ -27,28 +27,81 @@ is evaluated with the tokenizer and pixel normalisation it was trained with.
   zero-shot         single-object images classified among every colour-shape pair from prompts such as
                     "a photo of a red circle.", averaged over templates (CLIP's prompt ensemble)
 
+The paper's real benchmarks, on the official files (formats in ../shared/docs/formats.md):
+  python eval.py --ckpt A.pt B.pt --bench sugarcrepe --data-dir sugar-crepe/data --images coco/val2017
+  python eval.py --bench sugarcrepe++ --data-dir scpp/data --images coco/val2017
+  python eval.py --bench zeroshot --data-dir imagenet/val --classnames imagenet_classes.txt
+  python eval.py --bench zeroshot --zeroshot-set cifar10 --data-dir ~/data/cifar   # torchvision's files
+  python eval.py --bench retrieval --data-dir coco --ann coco/coco_karpathy_test.json
+  python eval.py --bench sugarcrepe zeroshot --data-dir sugarcrepe=sc/data zeroshot=imagenet/val ...
+  sugarcrepe    7 files; correct iff cos(image, caption) > cos(image, negative) (a tie is wrong); accuracy
+                per file, the add / replace / swap averages and the mean (unweighted over files)
+  sugarcrepe++  5 files; ITT: both positives beat the negative on the image; TOT: the positives are
+                closer to each other than either is to the negative (text encoder only)
+  zeroshot      ImageFolder (or CIFAR-10/100), prompt-template ensemble, top-1 and top-5
+  retrieval     Karpathy test split, image->text (a hit if any of the image's captions is in the top K)
+                and text->image R@1, R@5, R@10
+Every rank counts the wrong candidates that score at least as high as the right one: ties count against
+the model, in every metric. Each metric function below is a pure function of scores, tested by hand.
+
 Departure: the paper reports SugarCrepe, SugarCrepe++, ImageNet and COCO/Flickr retrieval on real
-data; this is the same protocol on a world where each category is generated exactly, with counts.
-Dimension legend: B images, T text tokens, D joint embedding width, C classes.
+data; `--bench shapes` is the same protocol on a world where each category is generated exactly, with counts.
+Dimension legend: B images, T text tokens, D joint embedding width, C classes, P prompt templates,
+M benchmark examples, X texts.
 """
 
 import argparse
 import json
 import os
 import random
+import re
 import sys
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
+import torchvision
 from tqdm import tqdm
 
-from data import COLOURS, GRID, SHAPES, SIZES, Obj, Scene, ShapesWorld, image_to_tensor, tokenizer_from_state_dict
+from data import (COLOURS, GRID, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform, image_to_tensor,
+                  load_image, tokenizer_from_state_dict)  # fmt: skip
 from model import CLIP, CLIPConfig
 from train import load_weights, pick_device
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
 CATEGORIES = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att"]
 TEMPLATES = ["a photo of {}.", "{}.", "there is {}.", "an image showing {}."]
+BENCHES = ["shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
+SUGARCREPE = {"add": ["add_att", "add_obj"], "replace": ["replace_att", "replace_obj", "replace_rel"], "swap": ["swap_att", "swap_obj"]}
+SUGARCREPE_PP = {"replace": ["replace_att", "replace_obj", "replace_rel"], "swap": ["swap_att", "swap_obj"]}
+# Zero-shot prompts when --templates is not given (a short ensemble in the spirit of CLIP's; CLIP used 18
+# templates for CIFAR and 80 for ImageNet: pass those with --templates to compare with published numbers).
+ZEROSHOT_TEMPLATES = [
+    "a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a good photo of a {}.",
+    "a bad photo of a {}.", "a close-up photo of a {}.", "a photo of a small {}.", "a photo of a large {}.",
+    "a low resolution photo of a {}.", "a cropped photo of a {}.",
+]  # fmt: skip
+
+COCO_VAL2017 = "the COCO val2017 images (images.cocodataset.org/zips/val2017.zip) in IMAGES, default DIR/val2017"
+LAYOUT = {
+    "sugarcrepe": "Expected DIR/{add_att,add_obj,replace_att,replace_obj,replace_rel,swap_att,swap_obj}.json, the data/ "
+                  f"folder of github.com/RAIVNLab/sugar-crepe, and {COCO_VAL2017}.",
+    "sugarcrepe++": "Expected DIR/{replace_att,replace_obj,replace_rel,swap_att,swap_obj}.json, the data/ folder of "
+                    f"github.com/Sri-Harsha/scpp (also huggingface.co/datasets/Aman-J/SugarCrepe_pp), and {COCO_VAL2017}.",
+    "zeroshot": "Expected an ImageFolder, DIR/<class folder>/<images>, classes in sorted folder order, e.g. ImageNet's "
+                "validation set (image-net.org) sorted into its 1,000 WordNet-id folders (the usual valprep.sh), with "
+                "--classnames FILE giving one class name per line in that order; or --zeroshot-set cifar10 / cifar100 "
+                "with torchvision's CIFAR files in DIR.",
+    "retrieval": 'Expected --ann FILE, a JSON list of {"image": "<path under DIR>", "caption": ["...", ...]}: the '
+                 "Karpathy test split as released with BLIP (github.com/salesforce/BLIP: coco_karpathy_test.json, "
+                 "flickr30k_test.json), and the images under DIR: COCO's val2014/ (images.cocodataset.org/zips/"
+                 "val2014.zip) or Flickr30k's flickr30k-images/ (request form at shannon.cs.illinois.edu/DenotationGraph).",
+}  # fmt: skip
+
+
+def fail(message: str):
+    """Stop with a message the user can act on (no traceback)."""
+    sys.exit(f"error: {message}")
 
 
 def load_checkpoint(path: str, device: torch.device, bpe: str | None = None, activation: str = "quick_gelu") -> tuple[CLIP, object, dict]:
@@ -126,6 +179,75 @@ class ShapesBenchmark:
         self.labels = torch.tensor(self.labels)
 
 
+# ----------------------------------------------------------------------------- metrics: pure functions of scores
+
+
+def pairwise_correct(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """SugarCrepe's rule. pos, neg (M,): cos(image, caption) and cos(image, negative) -> (M,) bool, correct iff
+    pos > neg: a tie is wrong (a model that ignores the text must not score 50% or 100%)."""
+    return pos > neg
+
+
+def itt_correct(i_p1: torch.Tensor, i_p2: torch.Tensor, i_n: torch.Tensor) -> torch.Tensor:
+    """SugarCrepe++ image-to-text. cos(I, P1), cos(I, P2), cos(I, N), each (M,) -> (M,) bool: both
+    positive captions score above the negative one."""
+    return (i_p1 > i_n) & (i_p2 > i_n)
+
+
+def tot_correct(p1_p2: torch.Tensor, p1_n: torch.Tensor, p2_n: torch.Tensor) -> torch.Tensor:
+    """SugarCrepe++ text-only. cos(P1, P2), cos(P1, N), cos(P2, N), each (M,) -> (M,) bool: the two
+    positives (same meaning, different words) are closer to each other than either is to the negative."""
+    return (p1_p2 > p1_n) & (p1_p2 > p2_n)
+
+
+def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """sim (B, X): image i against text j; text_image (X,): the image each text describes (several texts
+    may share one). -> {'i2t-R@k': ..., 't2i-R@k': ...}. Image->text: a hit if the image's best caption
+    ranks in the top k among all X texts; text->image: a hit if its image ranks in the top k among the B.
+    The rank is the number of wrong candidates scoring at least as high, so ties count against the model."""
+    own = text_image[None, :] == torch.arange(len(sim), device=sim.device)[:, None]  # (B, X)
+    best = sim.masked_fill(~own, float("-inf")).max(dim=1).values  # (B,): each image's best caption
+    i2t_rank = ((sim >= best[:, None]) & ~own).sum(dim=1)  # (B,)
+    true = sim[text_image, torch.arange(sim.shape[1], device=sim.device)]  # (X,)
+    t2i_rank = ((sim >= true[None, :]) & ~own).sum(dim=0)  # (X,)
+    out = {f"i2t-R@{k}": (i2t_rank < k).float().mean().item() for k in ks}
+    return out | {f"t2i-R@{k}": (t2i_rank < k).float().mean().item() for k in ks}
+
+
+def recall_at_k(sim: torch.Tensor, k: int) -> float:
+    """sim (B, B) with the match of row i in column i: the fraction of rows whose match ranks in the top k."""
+    return retrieval_recall(sim, torch.arange(sim.shape[1]), (k,))[f"i2t-R@{k}"]
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """logits (B, C), labels (B,) -> {k: fraction of images whose class ranks in the top k} (ties against)."""
+    rank = (logits >= logits.gather(1, labels[:, None])).sum(dim=1) - 1  # (B,): classes scoring at least as high
+    return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def zeroshot_classifier(prompt_emb: torch.Tensor) -> torch.Tensor:
+    """prompt_emb (C, P, D): every template filled with every class name -> (C, D) class embeddings: each
+    prompt embedding normalised, averaged over the templates, re-normalised (CLIP's prompt ensemble)."""
+    return F.normalize(F.normalize(prompt_emb, dim=-1).mean(dim=1), dim=-1)
+
+
+def group_means(per_file: dict[str, dict], groups: dict[str, list[str]]) -> dict[str, dict]:
+    """{file: {'accuracy', 'count'}} -> each group's unweighted mean over its files, and 'mean' over all
+    files, with the summed counts (SugarCrepe's add / replace / swap averages)."""
+    out = {}
+    for group, names in [*groups.items(), ("mean", [n for names in groups.values() for n in names])]:
+        out[group] = {"accuracy": sum(per_file[n]["accuracy"] for n in names) / len(names),
+                      "count": sum(per_file[n]["count"] for n in names)}  # fmt: skip
+    return out
+
+
+def fraction(correct: torch.Tensor) -> dict:
+    return {"accuracy": correct.float().mean().item(), "count": len(correct)}
+
+
+# ----------------------------------------------------------------------------- embedding in batches
+
+
 @torch.no_grad()
 def embed_images(model: CLIP, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     out = [model.encode_image(images[i : i + batch_size].to(device))[0].float().cpu() for i in range(0, len(images), batch_size)]
@@ -133,17 +255,47 @@ def embed_images(model: CLIP, images: torch.Tensor, batch_size: int, device) -> 
 
 
 @torch.no_grad()
-def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int, device) -> torch.Tensor:
-    out = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu() for i in range(0, len(texts), batch_size)]
+def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int, device, desc: str | None = None) -> torch.Tensor:
+    starts = tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None)
+    out = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu() for i in starts]
     return torch.cat(out)  # (len(texts), D)
 
 
-def recall_at_k(sim: torch.Tensor, k: int) -> float:
-    """sim (B, B) with the match of row i in column i: the fraction of rows whose match ranks in the top k.
-    Ties count against the match (rank = number of other columns scoring at least as high)."""
-    true = sim.diagonal()[:, None]  # (B, 1)
-    rank = (sim >= true).sum(dim=1) - 1  # (B,)
-    return (rank < k).float().mean().item()
+@torch.no_grad()
+def embed_image_dataset(model: CLIP, dataset, args, device, desc: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Items image (C, H, W) or (image, label), decoded in DataLoader workers -> (B, D) embeddings, labels or None."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    embs, labels = [], []
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        if isinstance(batch, (list, tuple)):
+            batch, label = batch
+            labels.append(label)
+        embs.append(model.encode_image(batch.to(device))[0].float().cpu())
+    return torch.cat(embs), (torch.cat(labels) if labels else None)  # (B, D), (B,)
+
+
+def embed_examples(model: CLIP, tokenizer, files: dict[str, list[tuple]], args, device, name: str) -> dict:
+    """files {file: [(image path, text, text, ...)]} -> {file: (images (M, D), [texts (M, D), ...])}, in the
+    order of the tuples; every distinct image and text is embedded once (SugarCrepe's 7,511 examples
+    share 1,560 images)."""
+    paths = list(dict.fromkeys(ex[0] for exs in files.values() for ex in exs))
+    texts = list(dict.fromkeys(t for exs in files.values() for ex in exs for t in ex[1:]))
+    images = ImageFiles(paths, eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise))  # the model's own image size
+    image_emb = embed_image_dataset(model, images, args, device, f"{name} images")[0]  # (images, D)
+    text_emb = embed_texts(model, tokenizer, texts, args.batch_size, device, f"{name} texts")  # (texts, D)
+    row, col = {p: i for i, p in enumerate(paths)}, {t: i for i, t in enumerate(texts)}
+    return {
+        f: (image_emb[[row[ex[0]] for ex in exs]], [text_emb[[col[ex[k]] for ex in exs]] for k in range(1, len(exs[0]))])
+        for f, exs in files.items()
+    }  # fmt: skip
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of L2-normalised (M, D) embeddings -> (M,)."""
+    return (a * b).sum(dim=-1)
+
+
+# ----------------------------------------------------------------------------- the shapes benchmark, scored
 
 
 def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batch_size: int = 256) -> dict:
@@ -154,22 +306,151 @@ def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batc
         idx = torch.tensor([p[0] for p in pairs])
         pos = embed_texts(model, tokenizer, [p[1] for p in pairs], batch_size, device)
         neg = embed_texts(model, tokenizer, [p[2] for p in pairs], batch_size, device)
-        correct = (image_emb[idx] * pos).sum(-1) > (image_emb[idx] * neg).sum(-1)  # a tie is wrong
-        results[cat] = {"accuracy": correct.float().mean().item(), "count": len(pairs)}
+        results[cat] = fraction(pairwise_correct(cos(image_emb[idx], pos), cos(image_emb[idx], neg)))
     sim = image_emb @ caption_emb.T  # (B, B): image i, caption j
-    for k in (1, 5):
-        results[f"i2t-R@{k}"] = {"accuracy": recall_at_k(sim, k), "count": len(sim)}
-        results[f"t2i-R@{k}"] = {"accuracy": recall_at_k(sim.T, k), "count": len(sim)}
-    # zero-shot: a class embedding is the normalised mean of its normalised prompt embeddings
+    for metric, value in retrieval_recall(sim, torch.arange(len(sim)), ks=(1, 5)).items():
+        results[metric] = {"accuracy": value, "count": len(sim)}
+    # zero-shot: single-object images, classes = every colour-shape pair, prompts averaged over TEMPLATES
     articled = [("an " if n[0] in "aeiou" else "a ") + n for n in bench.classes]
     prompts = embed_texts(model, tokenizer, [t.format(a) for a in articled for t in TEMPLATES], batch_size, device)
-    classifier = torch.nn.functional.normalize(prompts.view(len(articled), len(TEMPLATES), -1).mean(1), dim=-1)  # (C, D)
+    classifier = zeroshot_classifier(prompts.view(len(articled), len(TEMPLATES), -1))  # (C, D)
     logits = embed_images(model, bench.single_images, batch_size, device) @ classifier.T  # (B, C)
-    top5 = logits.topk(5, dim=1).indices  # (B, 5)
-    for k in (1, 5):
-        hit = (top5[:, :k] == bench.labels[:, None]).any(dim=1)
-        results[f"zeroshot-top{k}"] = {"accuracy": hit.float().mean().item(), "count": len(hit)}
+    for k, value in topk_accuracy(logits, bench.labels, (1, 5)).items():
+        results[f"zeroshot-top{k}"] = {"accuracy": value, "count": len(logits)}
     return results
+
+
+# ----------------------------------------------------------------------------- the real benchmarks: files
+
+
+def read_json_file(path: str, bench: str):
+    if not os.path.isfile(path):
+        fail(f"--bench {bench}: no file {path}.\n{LAYOUT[bench]}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_images(paths: list[str], bench: str) -> None:
+    """Every image a benchmark names must exist: a score on part of a benchmark is not its score."""
+    missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
+    if missing:
+        fail(f"--bench {bench}: {len(missing)} of {len(set(paths))} images are missing, e.g. {missing[0]}.\n{LAYOUT[bench]}")
+
+
+def load_sugarcrepe(data_dir: str, images: str, bench: str = "sugarcrepe") -> dict[str, list[tuple]]:
+    """SugarCrepe's files -> {file: [(image path, caption, negative)]}; SugarCrepe++'s (bench='sugarcrepe++')
+    -> {file: [(image path, caption, caption2, negative)]}. SugarCrepe: a JSON object keyed by a string index
+    (keys need not be contiguous); SugarCrepe++: a JSON list of records."""
+    if bench == "sugarcrepe":
+        groups, fields = SUGARCREPE, ["caption", "negative_caption"]
+    else:
+        groups, fields = SUGARCREPE_PP, ["caption", "caption2", "negative_caption"]
+    files = {}
+    for name in [n for names in groups.values() for n in names]:
+        path = os.path.join(data_dir, name + ".json")
+        data = read_json_file(path, bench)
+        records = list(data.values()) if bench == "sugarcrepe" and isinstance(data, dict) else data
+        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+            fail(f"--bench {bench}: {path} is not in the official format.\n{LAYOUT[bench]}")
+        try:
+            files[name] = [(os.path.join(images, r["filename"]), *(r[k] for k in fields)) for r in records]
+        except KeyError as err:
+            fail(f"--bench {bench}: a record of {path} has no field {err}; expected filename, {', '.join(fields)}")
+    check_images([ex[0] for exs in files.values() for ex in exs], bench)
+    return files
+
+
+def load_zeroshot(data_dir: str, args) -> tuple[torch.utils.data.Dataset, list[str], list[str]]:
+    """-> (dataset of (PIL image, label), class names, templates)."""
+    if args.zeroshot_set == "imagefolder":
+        try:
+            dataset = torchvision.datasets.ImageFolder(data_dir, loader=load_image)
+        except (FileNotFoundError, RuntimeError) as err:
+            fail(f"--bench zeroshot: {err}\n{LAYOUT['zeroshot']}")
+        names = [c.replace("_", " ") for c in dataset.classes]
+        if not args.classnames and all(re.fullmatch(r"n\d{8}", c) for c in dataset.classes):
+            fail(f"--bench zeroshot: the class folders of {data_dir} are WordNet ids (ImageNet): pass --classnames FILE, "
+                 "one name per line in sorted folder order (see the README).")  # fmt: skip
+    else:
+        cifar = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[args.zeroshot_set]
+        try:
+            dataset = cifar(data_dir, train=False, download=False)  # the test split; never downloads here
+        except RuntimeError:
+            fetch = f"torchvision.datasets.{cifar.__name__}('{data_dir}', train=False, download=True)"
+            fail(f"--bench zeroshot: torchvision's {cifar.__name__} files are not in {data_dir}. Fetch them once with\n"
+                 f"  python -c \"import torchvision; {fetch}\"")  # fmt: skip
+        names = [c.replace("_", " ") for c in dataset.classes]  # built into the dataset's files: 'maple_tree' -> 'maple tree'
+    if args.classnames:
+        with open(args.classnames) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) != len(dataset.classes):
+            fail(f"--classnames: {len(names)} names in {args.classnames} for {len(dataset.classes)} classes in {data_dir}")
+    templates = ZEROSHOT_TEMPLATES
+    if args.templates:
+        with open(args.templates) as f:
+            templates = [line.strip() for line in f if line.strip()]
+        if not templates or not all("{}" in t for t in templates):
+            fail(f"--templates: {args.templates} must hold templates, one per line, each with {{}} for the class name")
+    return dataset, names, templates
+
+
+def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch.Tensor]:
+    """Karpathy-split JSON -> (image paths (B), captions (X), text_image (X,): the image of each caption)."""
+    ann = ann if os.path.isfile(ann) else os.path.join(data_dir, ann)
+    records = read_json_file(ann, "retrieval")
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) and "image" in r and "caption" in r for r in records):
+        fail(f"--bench retrieval: {ann} is not in the expected format.\n{LAYOUT['retrieval']}")
+    paths, texts, text_image = [], [], []
+    for i, r in enumerate(records):
+        captions = [r["caption"]] if isinstance(r["caption"], str) else r["caption"]
+        paths.append(os.path.join(data_dir, r["image"]))
+        texts += captions
+        text_image += [i] * len(captions)
+    check_images(paths, "retrieval")
+    return paths, texts, torch.tensor(text_image)
+
+
+# ----------------------------------------------------------------------------- the real benchmarks: scores
+
+
+def evaluate_sugarcrepe(model: CLIP, tokenizer, files: dict, args, device) -> dict:
+    per_file = {}
+    for name, (image, (pos, neg)) in embed_examples(model, tokenizer, files, args, device, "sugarcrepe").items():
+        per_file[name] = fraction(pairwise_correct(cos(image, pos), cos(image, neg)))
+    return {f"sugarcrepe/{k}": v for k, v in (per_file | group_means(per_file, SUGARCREPE)).items()}
+
+
+def evaluate_sugarcrepe_pp(model: CLIP, tokenizer, files: dict, args, device) -> dict:
+    itt, tot = {}, {}
+    for name, (image, (p1, p2, neg)) in embed_examples(model, tokenizer, files, args, device, "sugarcrepe++").items():
+        itt[name] = fraction(itt_correct(cos(image, p1), cos(image, p2), cos(image, neg)))
+        tot[name] = fraction(tot_correct(cos(p1, p2), cos(p1, neg), cos(p2, neg)))
+    results = {}
+    for task, per_file in (("ITT", itt), ("TOT", tot)):
+        results |= {f"sugarcrepe++/{task}/{k}": v for k, v in (per_file | group_means(per_file, SUGARCREPE_PP)).items()}
+    return results
+
+
+def evaluate_zeroshot(model: CLIP, tokenizer, data: tuple, args, device) -> dict:
+    dataset, names, templates = data
+    dataset.transform = eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise)
+    image_emb, labels = embed_image_dataset(model, dataset, args, device, "zeroshot images")  # (B, D), (B,)
+    prompts = embed_texts(model, tokenizer, [t.format(n) for n in names for t in templates], args.batch_size, device, "zeroshot prompts")
+    classifier = zeroshot_classifier(prompts.view(len(names), len(templates), -1))  # (C, D)
+    accuracy = topk_accuracy(image_emb @ classifier.T, labels, (1, 5))  # logits (B, C)
+    return {f"zeroshot/top{k}": {"accuracy": v, "count": len(labels)} for k, v in accuracy.items()}
+
+
+def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dict:
+    paths, texts, text_image = data
+    images = ImageFiles(paths, eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise))
+    image_emb = embed_image_dataset(model, images, args, device, "retrieval images")[0]  # (B, D)
+    text_emb = embed_texts(model, tokenizer, texts, args.batch_size, device, "retrieval texts")  # (X, D)
+    recall = retrieval_recall(image_emb @ text_emb.T, text_image)  # sim (B, X)
+    return {f"retrieval/{k}": {"accuracy": v, "count": len(paths) if k.startswith("i2t") else len(texts)} for k, v in recall.items()}
+
+
+# ----------------------------------------------------------------------------- report
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -182,12 +463,36 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def bench_dirs(values: list[str], benches: list[str], parser) -> dict[str, str]:
+    """--data-dir values, 'DIR' (every benchmark) or 'BENCH=DIR' -> {bench: DIR} for the real benchmarks asked for."""
+    named = dict(v.split("=", 1) for v in values if v.split("=", 1)[0] in BENCHES)
+    plain = [v for v in values if v.split("=", 1)[0] not in BENCHES]
+    if len(plain) > 1:
+        parser.error("--data-dir takes one plain DIR; name the others BENCH=DIR")
+    dirs = {b: named.get(b, plain[0] if plain else None) for b in benches if b != "shapes"}
+    for bench, folder in dirs.items():
+        if folder is None:
+            parser.error(f"--bench {bench} needs --data-dir DIR (or {bench}=DIR).\n{LAYOUT[bench]}")
+    return dirs
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=["runs/c2lip/ckpt.pt"], help="checkpoints to compare, a column each")
-    p.add_argument("--bench", nargs="+", default=["shapes"], choices=["shapes"], help="benchmarks to run")
+    p.add_argument("--bench", nargs="+", default=["shapes"], choices=BENCHES, help="benchmarks to run, in one table")
     p.add_argument("--n", type=int, default=1000, help="held-out scenes in the shapes benchmark")
-    p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the benchmark")
+    p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the shapes benchmark")
+    p.add_argument("--data-dir", nargs="+", default=[], metavar="[BENCH=]DIR",
+                   help="the real benchmarks' data: one DIR for all, or BENCH=DIR each; sugarcrepe(++): the JSON "
+                        "files, zeroshot: the ImageFolder (or CIFAR) root, retrieval: the images' root")  # fmt: skip
+    p.add_argument("--images", default=None, help="sugarcrepe, sugarcrepe++: the COCO val2017 folder (default DIR/val2017)")
+    p.add_argument("--zeroshot-set", default="imagefolder", choices=["imagefolder", "cifar10", "cifar100"],
+                   help="zeroshot: an ImageFolder (ImageNet val ...), or torchvision's CIFAR-10/100 test files in DIR")  # fmt: skip
+    p.add_argument("--classnames", default=None, help="zeroshot: class names, one per line, in sorted class-folder order")
+    p.add_argument("--templates", default=None, help="zeroshot: prompt templates, one per line, {} for the class name")
+    p.add_argument("--ann", default=None, help="retrieval: Karpathy-split JSON list of {image, caption: [...]}")
+    p.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader processes that decode benchmark images")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device string")
     p.add_argument("--json", default=None, help="also write the results, with counts, to this JSON file")
     p.add_argument("--bpe", default=None, metavar="PATH",
@@ -198,19 +503,45 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.n < 5:
         p.error("--n must be at least 5 (R@5 needs five captions)")
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be at least 1 and --workers at least 0")
+    if "retrieval" in args.bench and not args.ann:
+        p.error(f"--bench retrieval needs --ann FILE.\n{LAYOUT['retrieval']}")
+    args.bench = list(dict.fromkeys(args.bench))
+    dirs = bench_dirs(args.data_dir, args.bench, p)
     device = pick_device(args.device)
 
-    results, bench = {}, None
+    data = {}  # every benchmark's files are read and checked before any model runs
+    for bench, folder in dirs.items():
+        if bench in ("sugarcrepe", "sugarcrepe++"):
+            data[bench] = load_sugarcrepe(folder, args.images or os.path.join(folder, "val2017"), bench)
+        elif bench == "zeroshot":
+            data[bench] = load_zeroshot(folder, args)
+        elif bench == "retrieval":
+            data[bench] = load_retrieval(folder, args.ann)
+
+    results, shapes = {}, None
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
         model, tokenizer, ckpt = load_checkpoint(path, device, args.bpe, args.clip_act)
         size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
-        if bench is None or bench.images.shape[-1] != size or bench.normalise != normalise:
-            bench = ShapesBenchmark(ShapesWorld(image_size=size), args.n, args.bench_seed, normalise=normalise)
-        results[path] = evaluate_shapes(model, tokenizer, bench, device)
+        results[path] = {}
+        for bench in args.bench:
+            if bench == "shapes":
+                if shapes is None or shapes.images.shape[-1] != size or shapes.normalise != normalise:
+                    shapes = ShapesBenchmark(ShapesWorld(image_size=size), args.n, args.bench_seed, normalise=normalise)
+                results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size)
+            elif bench == "sugarcrepe":
+                results[path] |= evaluate_sugarcrepe(model, tokenizer, data[bench], args, device)
+            elif bench == "sugarcrepe++":
+                results[path] |= evaluate_sugarcrepe_pp(model, tokenizer, data[bench], args, device)
+            elif bench == "zeroshot":
+                results[path] |= evaluate_zeroshot(model, tokenizer, data[bench], args, device)
+            elif bench == "retrieval":
+                results[path] |= evaluate_retrieval(model, tokenizer, data[bench], args, device)
     print(markdown_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bench": "shapes", "n": args.n, "bench_seed": args.bench_seed, "results": results}, f, indent=1)
+            json.dump({"bench": args.bench, "data": dirs, "n": args.n, "bench_seed": args.bench_seed, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
     return results
 

@@ -4,6 +4,8 @@
   python train.py --method siglip                  # the baseline: the same run without the concept losses
   python train.py --steps 20 --batch-size 16 --out /tmp/run   # a smoke test in seconds
   python train.py --init ViT-B-16.pt --lr 1e-5 --batch-size 96  # fine-tune OpenAI's CLIP ViT-B/16 (GPU)
+  python train.py --data cc3m --data-dir /data/cc3m --caption-key shortLLA_captions --concept-key nounphrases \
+      --model B/16 --epochs 5 --workers 8             # the paper's data and captions (from scratch: see below)
 
 Paper map (Section 3 and "Training setup" in ../shared/docs/paper.md):
   --method c2lip   L = L_sig + 1.0 * L_npc + 0.01 * L_xac   (--concept-weight, --pool-weight, --tau)
@@ -19,6 +21,8 @@ instead: OpenAI's CLIP release, an open_clip state dict of the same architecture
 OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` is off by default.
+Real data (`--data cc3m` or `wds`) streams tar shards (data.WebDataset), split across DataLoader workers
+and, under torchrun, across ranks.
 """
 
 import argparse
@@ -33,14 +37,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer, tokenizer_from_state_dict
+from data import (SHARD_LAYOUT, BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WebDataset, WordTokenizer, cache_dir,
+                  caption_word_counts, expand_shards, shard_sizes, tokenizer_from_state_dict, train_transform)  # fmt: skip
 from losses import clip_loss, concept_loss, gather, gather_owner, pooled_concept_loss, siglip_loss
 from model import CLIP, PRESETS, CLIPConfig, convert_openai_state_dict, is_torchscript, read_torchscript_state_dict
 
 
 def get_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="shapes", choices=["shapes"], help="training data: the embedded synthetic world")
+    p.add_argument("--data", default="shapes", choices=["shapes", "cc3m", "wds"],
+                   help="shapes: the embedded synthetic world; cc3m or wds: image-text tar shards in --data-dir")  # fmt: skip
+    p.add_argument("--data-dir", default=None, help="cc3m/wds: a folder of .tar shards, a glob, or DIR/{00000..00331}.tar")
+    p.add_argument("--caption-key", default=None, help="cc3m/wds: caption from this <key>.json field (default: <key>.txt)")
+    p.add_argument("--concept-key", default=None, help="cc3m/wds: concept phrases from this <key>.json field when present")
+    p.add_argument("--concepts", default=None, help="cc3m/wds: phrases precomputed by `python concepts.py --data-dir ... --out FILE`")
+    p.add_argument("--epochs", type=float, default=None, help="cc3m/wds: train this many passes over the shards (sets --steps)")
+    p.add_argument("--shuffle-buffer", type=int, default=1000, help="cc3m/wds: samples held in the shuffle buffer of each reader")
+    p.add_argument("--vocab-size", type=int, default=32000, help="cc3m/wds: most frequent caption words kept (rest: <unk>)")
     p.add_argument("--method", default="c2lip", choices=["c2lip", "siglip", "clip"], help="loss: C2LIP or a baseline")
     p.add_argument("--concept-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
     p.add_argument("--pool-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
@@ -61,7 +74,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-bias", default="auto",
                    help="logit bias for --init weights that have none (OpenAI's CLIP) under a sigmoid loss: auto "
                         "(midway between matched and unmatched logits of the first batch) or a number")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps in total (a resumed run continues to this)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps in total, default 600 (a resumed run continues to this)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--logit-lr", type=float, default=None, help="learning rate of logit scale and bias (default: --lr)")
@@ -72,7 +85,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device string")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU and MPS")  # fmt: skip
-    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (render + NLTK chunking)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (render or decode + NLTK chunking)")
     p.add_argument("--out", default=None, help="output folder for ckpt.pt and log.jsonl (default: runs/<method>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on GPU)")
@@ -81,9 +94,24 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=100, help="write the checkpoint every this many steps")
     p.add_argument("--log-every", type=int, default=10, help="append to log.jsonl every this many steps")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "ckpt_every", "log_every"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "ckpt_every", "log_every", "vocab_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.data == "shapes":
+        if args.epochs is not None:
+            p.error("--epochs needs --data cc3m or wds: the shapes world is an endless stream (use --steps)")
+    else:
+        if args.data_dir is None:
+            p.error(f"--data {args.data} needs --data-dir.\n{SHARD_LAYOUT}")
+        try:
+            expand_shards(args.data_dir)
+        except FileNotFoundError as err:
+            p.error(f"--data-dir: {err}")
+        if args.concepts and not os.path.isfile(args.concepts):
+            p.error(f"--concepts: no file {args.concepts}; write it with: python concepts.py --data-dir {args.data_dir} --out {args.concepts}")
+    if args.epochs is not None and (args.epochs <= 0 or args.steps is not None):
+        p.error("--epochs must be positive, and goes without --steps")
+    args.steps = args.steps or 600  # with --epochs, main() sets it from the number of samples
     if args.tau <= 0:
         p.error("--tau must be positive")
     if args.method == "clip" and args.concept_labels == "phrase":
@@ -213,6 +241,22 @@ def setup_distributed(args) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def endless(loader, dataset: WebDataset, first_epoch: int):
+    """Batches of epoch first_epoch, then of the next epochs, without end. A resumed run restarts the stream
+    at the start of the epoch it stopped in, so it sees that epoch's first samples again: a tar stream has
+    no cheap way to seek to a sample, and part of one epoch seen twice does little harm."""
+    epoch = first_epoch
+    while True:
+        dataset.epoch, empty = epoch, True  # seeds this pass's shard and sample shuffles
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(f"a pass over {len(dataset.shards)} shards gave no usable sample (skipped: "
+                               f"{dataset.skipped}); check the shards and --caption-key")  # fmt: skip
+        epoch += 1
+
+
 def main(argv=None) -> str:
     # ---- setup
     args = get_args(argv)
@@ -225,6 +269,17 @@ def main(argv=None) -> str:
     if args.resume and resume is None:
         log0(f"--resume: no checkpoint at {ckpt_path} yet, starting from step 0")
 
+    # ---- data: the shapes world, or tar shards (one pass over them is an epoch; counts and words cached)
+    start = resume["step"] if resume else 0
+    if args.data != "shapes":
+        shards = expand_shards(args.data_dir)
+        cache = cache_dir(shards, args.out)
+        samples = sum(shard_sizes(shards, cache))
+        steps_per_epoch = max(1, math.ceil(samples / (args.batch_size * world_size)))
+        if args.epochs is not None:
+            args.steps = max(1, round(args.epochs * steps_per_epoch))
+        log0(f"{len(shards)} shards, {samples} samples: {steps_per_epoch} steps per epoch, {args.steps / steps_per_epoch:.2f} epochs")
+
     # ---- the model's shape and tokenizer: from the run being resumed, from --init, or a preset
     init = None
     if resume:
@@ -234,23 +289,33 @@ def main(argv=None) -> str:
     elif args.init:
         ckpt = load_weights(args.init, args.bpe, args.clip_act)
         cfg, init, tokenizer = CLIPConfig.from_dict(ckpt["config"]), ckpt["model"], tokenizer_from_state_dict(ckpt["tokenizer"])
-    else:  # a few thousand captions hold every word of this small world
+    else:
         cfg = PRESETS[args.model]
-        world = ShapesWorld(image_size=cfg.vision.image_size)
-        captions = [world.caption(world.scene(args.seed, "train", i)) for i in range(2000)]
-        tokenizer = WordTokenizer.build(captions, context_length=cfg.text.context_length)
+        if args.data == "shapes":  # a few thousand captions hold every word of this small world
+            world = ShapesWorld(image_size=cfg.vision.image_size)
+            captions = [world.caption(world.scene(args.seed, "train", i)) for i in range(2000)]
+            tokenizer = WordTokenizer.build(captions, context_length=cfg.text.context_length)
+        else:  # the most frequent words of every training caption, counted once
+            counts = caption_word_counts(shards, args.caption_key, cache)
+            tokenizer = WordTokenizer.from_counts(counts, cfg.text.context_length, max_size=args.vocab_size)
         cfg = replace(cfg, text=replace(cfg.text, vocab_size=len(tokenizer)))
         if args.method == "clip":  # CLIP's softmax form: t = 1/0.07 and no bias
             cfg = replace(cfg, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None)
 
-    # ---- data: an endless stream of fresh scenes; --batch-size is per rank, each rank takes its own slice
-    world = ShapesWorld(image_size=cfg.vision.image_size)
-    start = resume["step"] if resume else 0
-    dataset = ShapesDataset(world, args.seed, "train", length=args.steps * args.batch_size * world_size, normalise=cfg.vision.normalise)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size), collate_fn=Collate(tokenizer),
-        num_workers=args.workers, persistent_workers=False,
-    )  # fmt: skip
+    # --batch-size is per rank; each rank reads its own scenes or shards
+    size, normalise = cfg.vision.image_size, cfg.vision.normalise
+    if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (data.StepBatches)
+        dataset = ShapesDataset(ShapesWorld(image_size=size), args.seed, "train", args.steps * args.batch_size * world_size, normalise)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size),
+            collate_fn=Collate(tokenizer), num_workers=args.workers,
+        )  # fmt: skip
+        batches = loader
+    else:
+        dataset = WebDataset(shards, train_transform(size, normalise), args.caption_key, args.concept_key,
+                             args.concepts, args.shuffle_buffer, args.seed)  # fmt: skip
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collate(tokenizer), num_workers=args.workers)
+        batches = endless(loader, dataset, first_epoch=start // steps_per_epoch)
 
     # ---- model
     if init is not None:  # the loss decides whether there is a bias: CLIP's softmax form has none
@@ -308,9 +373,9 @@ def main(argv=None) -> str:
     weights = {"caption": 1.0, "concept": args.concept_weight, "pooled": args.pool_weight}
     model.train()
     bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
-    t0, step = time.time(), start
+    t0 = time.time()
     with open(log_path if rank == 0 else os.devnull, "a" if resume else "w") as log:
-        for step, batch in enumerate(loader, start=start):
+        for step, batch in zip(range(start, args.steps), batches):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, args)
@@ -324,16 +389,22 @@ def main(argv=None) -> str:
             optimizer.step()
 
             bar.update()
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()} | {"t": f"{model.scale().item():.1f}"})
+            postfix = {k: f"{v.item():.3f}" for k, v in terms.items()} | {"t": f"{model.scale().item():.1f}"}
+            skipped = getattr(dataset, "skipped", {})  # samples the stream dropped so far, by reason (data.py)
+            bar.set_postfix(postfix | ({"skipped": sum(skipped.values())} if skipped else {}))
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                           "scale": model.scale().item(), "bias": model.bias().item(),
                           "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}  # fmt: skip
+                if args.data != "shapes":
+                    record |= {"epoch": dataset.epoch, "skipped": skipped}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if (step + 1) % args.ckpt_every == 0:
                 checkpoint(step + 1)
     bar.close()
+    if getattr(dataset, "skipped", None):
+        log0(f"skipped samples (corrupt or incomplete, each pass counts them again): {dataset.skipped}")
 
     # ---- checkpoint
     checkpoint(args.steps)
