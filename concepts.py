@@ -11,7 +11,8 @@ Pipeline (the paper's "standard NLP software"):
   3. chunk noun phrases with a RegexpParser grammar: determiners and numbers, then adjectives and
      participles, then one or more nouns (noun modifiers and the head);
   4. strip generic or spatial head nouns ("a circle left (of)" -> "a circle"; "the left side",
-     "a stock photo", "the background" -> nothing), drop one-character items, de-duplicate, and fall back to the whole caption when nothing is left.
+     "a stock photo", "the background" -> nothing), drop one-character items, de-duplicate, and fall
+     back to the whole caption when nothing is left.
 
 Departure: the authors' released code asks an LLM for the noun phrases of the main subjects; this file
 uses the paper's "standard NLP software" route, which needs no model and runs in DataLoader workers.

@@ -3,16 +3,18 @@
   python train.py                                  # C2LIP on the shapes world, CPU-sized, writes runs/c2lip
   python train.py --method siglip                  # the baseline: the same run without the concept losses
   python train.py --steps 20 --batch-size 16 --out /tmp/run   # a smoke test in seconds
-  python train.py --init ViT-B-16.pt --lr 1e-5 --batch-size 96  # fine-tune OpenAI's CLIP ViT-B/16 (GPU)
   python train.py --data cc3m --data-dir /data/cc3m --caption-key shortLLA_captions --concept-key nounphrases \
-      --model B/16 --epochs 5 --workers 8             # the paper's data and captions (from scratch: see below)
+      --model B/16 --epochs 5 --workers 8             # the paper's data and captions, from scratch
+  torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init ViT-B-16.pt \
+      --method c2lip --lr 1e-5 --batch-size 96 --epochs 5   # the paper's recipe: fine-tune CLIP on 8 GPUs
 
 Paper map (Section 3 and "Training setup" in ../shared/docs/paper.md):
   --method c2lip   L = L_sig + 1.0 * L_npc + 0.01 * L_xac   (--concept-weight, --pool-weight, --tau)
   --method siglip  L = L_sig                                 (the fine-tuned SigLIP baseline)
   --method clip    CLIP's softmax loss, t = 1/0.07 and no bias
 AdamW with betas (0.9, 0.98), eps 1e-6, no weight decay on biases, norms, or the logit scale and bias;
-linear warm-up then cosine decay; bf16 autocast where it is faster.
+linear warm-up then cosine decay; bf16 autocast on CUDA. Under torchrun, --batch-size is per GPU and
+the losses see the global batch (losses.gather).
 
 Departures: the paper fine-tunes pretrained SigLIP on CC3M for 5 epochs at lr 1e-5; the defaults here
 train a tiny model from scratch on the shapes world (lr 5e-4). `--init` starts from pretrained weights
