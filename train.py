@@ -11,6 +11,8 @@ Paper map (Section 3 and "Training setup" in ../shared/docs/paper.md):
   --method c2lip   L = L_sig + 1.0 * L_npc + 0.01 * L_xac   (--concept-weight, --pool-weight, --tau)
   --method siglip  L = L_sig                                 (the fine-tuned SigLIP baseline)
   --method clip    CLIP's softmax loss, t = 1/0.07 and no bias
+  --method negclip L_sig with one rule-made hard negative per caption as extra texts that every image must
+                   score below (concepts.hard_negative; the NegCLIP-style baseline, in SigLIP's form)
 AdamW with betas (0.9, 0.98), eps 1e-6, no weight decay on biases, norms, or the logit scale and bias;
 linear warm-up then cosine decay; bf16 autocast where it is faster.
 
@@ -54,7 +56,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=None, help="cc3m/wds: train this many passes over the shards (sets --steps)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="cc3m/wds: samples held in the shuffle buffer of each reader")
     p.add_argument("--vocab-size", type=int, default=32000, help="cc3m/wds: most frequent caption words kept (rest: <unk>)")
-    p.add_argument("--method", default="c2lip", choices=["c2lip", "siglip", "clip"], help="loss: C2LIP or a baseline")
+    p.add_argument("--method", default="c2lip", choices=["c2lip", "siglip", "clip", "negclip"],
+                   help="loss: C2LIP or a baseline (negclip: siglip plus a rule-made hard negative per caption)")
     p.add_argument("--concept-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
     p.add_argument("--pool-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of the cross-modal pooling (paper: 1)")
@@ -155,15 +158,18 @@ def loss_terms(model, batch: dict, args) -> dict[str, torch.Tensor]:
     """The unweighted loss terms of one batch: {'caption': L_sig, 'concept': L_npc, 'pooled': L_xac}.
     Under torchrun the embeddings of every rank are gathered first, so each loss sees the global batch."""
     raw = model.module if isinstance(model, DistributedDataParallel) else model
-    concepts = batch["concepts"] if args.method == "c2lip" else None
-    image_emb, patch_emb, text_emb, concept_emb = model(batch["images"], batch["captions"], concepts)
+    # The phrases (c2lip) or the hard negatives (negclip) go through forward as its third text input:
+    # DistributedDataParallel only prepares gradient syncing for what forward computes.
+    extra = {"c2lip": "concepts", "negclip": "negatives"}.get(args.method)
+    image_emb, patch_emb, text_emb, extra_emb = model(batch["images"], batch["captions"], batch[extra] if extra else None)
     image_emb, text_emb = gather(image_emb), gather(text_emb)  # (B, D) each, B over all ranks
     t, b = raw.scale(), raw.bias()
     if args.method == "clip":
         return {"caption": clip_loss(image_emb, text_emb, t)}
-    terms = {"caption": siglip_loss(image_emb, text_emb, t, b)}
+    negatives = gather(extra_emb[batch["has_negative"]]) if args.method == "negclip" else None  # (M, D), M over all ranks
+    terms = {"caption": siglip_loss(image_emb, text_emb, t, b, negatives)}
     if args.method == "c2lip":
-        concept_emb = gather(concept_emb)  # (K, D), K over all ranks
+        concept_emb = gather(extra_emb)  # (K, D), K over all ranks
         owner = gather_owner(batch["owner"], len(batch["images"]))  # (K,) indices into the global batch
         ids = gather(batch["phrase_ids"]) if args.concept_labels == "phrase" else None
         if args.concept_weight:
@@ -304,17 +310,18 @@ def main(argv=None) -> str:
 
     # --batch-size is per rank; each rank reads its own scenes or shards
     size, normalise = cfg.vision.image_size, cfg.vision.normalise
+    collate = Collate(tokenizer, negatives=args.method == "negclip")  # hard negatives are made in the workers
     if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (data.StepBatches)
         dataset = ShapesDataset(ShapesWorld(image_size=size), args.seed, "train", args.steps * args.batch_size * world_size, normalise)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size),
-            collate_fn=Collate(tokenizer), num_workers=args.workers,
+            collate_fn=collate, num_workers=args.workers,
         )  # fmt: skip
         batches = loader
     else:
         dataset = WebDataset(shards, train_transform(size, normalise), args.caption_key, args.concept_key,
                              args.concepts, args.shuffle_buffer, args.seed)  # fmt: skip
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collate(tokenizer), num_workers=args.workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers)
         batches = endless(loader, dataset, first_epoch=start // steps_per_epoch)
 
     # ---- model
