@@ -375,6 +375,12 @@ SIZES = {"large": 0.42, "tiny": 0.22}  # radius as a fraction of a grid cell's s
 
 GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so they never overlap
 
+# Colour-shape pairs that ShapesWorld(holdout=HOLDOUT_COMBOS) (train.py --holdout-combos) keeps out of every
+# training scene: one per colour, no shape more than twice, so each colour and each shape is still seen in
+# training, only never together. eval.py scores binding on test scenes holding one (the generalisation split).
+HOLDOUT_COMBOS = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "star"),
+                  ("purple", "diamond"), ("orange", "hexagon"), ("white", "pentagon"), ("pink", "circle"))  # fmt: skip
+
 # Wordings of a whole scene. {objects} is the list "A, B and C"; {n} the number of objects in words.
 TEMPLATES = [
     "{objects}",
@@ -418,16 +424,22 @@ def list_phrases(phrases: list[str]) -> str:
 
 class ShapesWorld:
     """Scenes of 2-4 objects with distinct colours and shapes; every scene is a pure function of
-    (seed, split, index), so datasets need no storage and a run can resume at any step."""
+    (seed, split, index), so datasets need no storage and a run can resume at any step. `holdout`:
+    (colour, shape) pairs that no scene of the "train" split contains (e.g. HOLDOUT_COMBOS)."""
 
-    def __init__(self, image_size: int = 64, min_objects: int = 2, max_objects: int = 4, p_size: float = 0.8):
+    def __init__(self, image_size: int = 64, min_objects: int = 2, max_objects: int = 4, p_size: float = 0.8, holdout=()):
         assert max_objects <= min(len(COLOURS), len(SHAPES), GRID * GRID)
         self.image_size, self.min_objects, self.max_objects, self.p_size = image_size, min_objects, max_objects, p_size
+        self.holdout = frozenset(map(tuple, holdout))
 
     def scene(self, seed: int, split: str, index: int) -> Scene:
         rng = random.Random(f"shapes:{seed}:{split}:{index}")  # string seeds are hashed stably
         n = rng.randint(self.min_objects, self.max_objects)
         colours, shapes, cells = rng.sample(list(COLOURS), n), rng.sample(SHAPES, n), rng.sample(range(GRID * GRID), n)
+        # Redraw until no held-out pair is left; without a holdout nothing is redrawn, so every scene of
+        # an existing seed stays exactly what it was.
+        while split == "train" and self.holdout & set(zip(colours, shapes)):
+            colours, shapes = rng.sample(list(COLOURS), n), rng.sample(SHAPES, n)
         objects = tuple(
             Obj(c, s, rng.choice(list(SIZES)), cell, rng.random() < self.p_size)
             for c, s, cell in zip(colours, shapes, cells)

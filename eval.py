@@ -23,6 +23,11 @@ is evaluated with the tokenizer and pixel normalisation it was trained with.
                                    colour ("a red circle" vs "a blue circle" when both colours are in the
                                    image): binding at the level of a concept phrase, where the paper's
                                    mechanism acts first
+                      heldout-swap-att, heldout-replace-att
+                                   swap-att and replace-att edited at an object whose colour-shape pair
+                                   is in data.HOLDOUT_COMBOS, on the scenes that hold one (36% of them):
+                                   the compositional-generalisation split for runs trained with
+                                   `train.py --holdout-combos`, which never saw those pairs together
   retrieval         image->text and text->image R@1 and R@5 over the held-out scenes (one caption each)
   zero-shot         single-object images classified among every colour-shape pair from prompts such as
                     "a photo of a red circle.", averaged over templates (CLIP's prompt ensemble)
@@ -63,13 +68,14 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from data import (COLOURS, GRID, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform, image_to_tensor,
-                  load_image, tokenizer_from_state_dict)  # fmt: skip
+from data import (COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform,
+                  image_to_tensor, load_image, tokenizer_from_state_dict)  # fmt: skip
 from model import CLIP, CLIPConfig
 from train import load_weights, pick_device
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
-CATEGORIES = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att"]
+CATEGORIES = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att",
+              "heldout-swap-att", "heldout-replace-att"]  # fmt: skip
 TEMPLATES = ["a photo of {}.", "{}.", "there is {}.", "an image showing {}."]
 BENCHES = ["shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
 SUGARCREPE = {"add": ["add_att", "add_obj"], "replace": ["replace_att", "replace_obj", "replace_rel"], "swap": ["swap_att", "swap_obj"]}
@@ -121,23 +127,24 @@ def load_checkpoint(path: str, device: torch.device, bpe: str | None = None, act
 # ----------------------------------------------------------------------------- the shapes benchmark
 
 
+def edited(objs: list[Obj], changes: dict[int, dict]) -> list[Obj]:
+    """The objects with some fields changed: {object index: {field: new value}}."""
+    return [replace(o, **changes.get(k, {})) for k, o in enumerate(objs)]
+
+
 def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
     """(true text, negative text) of each category that this scene admits, in the scene's own wording."""
     caption = ShapesWorld.caption
     objs = list(scene.objects)
     out = {}
-
-    def edited(changes: dict[int, dict]) -> list[Obj]:
-        return [replace(o, **changes.get(k, {})) for k, o in enumerate(objs)]
-
     i, j = rng.sample(range(len(objs)), 2)  # every scene has at least two objects
-    out["swap-att"] = (caption(scene), caption(scene, edited({i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})))
-    out["swap-obj"] = (caption(scene), caption(scene, edited({i: {"shape": objs[j].shape}, j: {"shape": objs[i].shape}})))
+    out["swap-att"] = (caption(scene), caption(scene, edited(objs, {i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})))
+    out["swap-obj"] = (caption(scene), caption(scene, edited(objs, {i: {"shape": objs[j].shape}, j: {"shape": objs[i].shape}})))
 
     free_colours = [c for c in COLOURS if c not in {o.colour for o in objs}]
     free_shapes = [s for s in SHAPES if s not in {o.shape for o in objs}]
-    out["replace-att"] = (caption(scene), caption(scene, edited({i: {"colour": rng.choice(free_colours)}})))
-    out["replace-obj"] = (caption(scene), caption(scene, edited({i: {"shape": rng.choice(free_shapes)}})))
+    out["replace-att"] = (caption(scene), caption(scene, edited(objs, {i: {"colour": rng.choice(free_colours)}})))
+    out["replace-obj"] = (caption(scene), caption(scene, edited(objs, {i: {"shape": rng.choice(free_shapes)}})))
     extra = Obj(rng.choice(free_colours), rng.choice(free_shapes), rng.choice(list(SIZES)), -1, True)
     added = objs[:]
     added.insert(rng.randrange(len(objs) + 1), extra)
@@ -147,24 +154,42 @@ def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
     if unsaid:
         k = rng.choice(unsaid)
         wrong = next(s for s in SIZES if s != objs[k].size)
-        out["add-att"] = (caption(scene), caption(scene, edited({k: {"size": wrong, "said_size": True}})))
+        out["add-att"] = (caption(scene), caption(scene, edited(objs, {k: {"size": wrong, "said_size": True}})))
 
     out["phrase-att"] = (objs[i].phrase(), replace(objs[i], colour=objs[j].colour).phrase())
     return out
 
 
+def heldout_negatives(scene: Scene, holdout, rng: random.Random) -> dict[str, tuple[str, str]]:
+    """swap-att and replace-att edited at an object whose (colour, shape) is in `holdout`, a pair that a run
+    trained with --holdout-combos never saw together; {} if the scene has no such object."""
+    caption, objs = ShapesWorld.caption, list(scene.objects)
+    held = [k for k, o in enumerate(objs) if (o.colour, o.shape) in holdout]
+    if not held:
+        return {}
+    i = rng.choice(held)
+    j = rng.choice([k for k in range(len(objs)) if k != i])
+    free_colours = [c for c in COLOURS if c not in {o.colour for o in objs}]
+    swapped = edited(objs, {i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})
+    replaced = edited(objs, {i: {"colour": rng.choice(free_colours)}})
+    return {"heldout-swap-att": (caption(scene), caption(scene, swapped)),
+            "heldout-replace-att": (caption(scene), caption(scene, replaced))}
+
+
 class ShapesBenchmark:
     """Everything the shapes benchmark scores, generated once from (world, n, seed)."""
 
-    def __init__(self, world: ShapesWorld, n: int = 1000, seed: int = BENCH_SEED, per_class: int = 4, normalise: str = "symmetric"):
-        rng = random.Random(seed)
+    def __init__(self, world: ShapesWorld, n: int = 1000, seed: int = BENCH_SEED, per_class: int = 4, normalise: str = "symmetric",
+                 holdout=HOLDOUT_COMBOS):  # fmt: skip
+        rng, held_rng, holdout = random.Random(seed), random.Random(f"heldout:{seed}"), set(map(tuple, holdout))
         self.normalise = normalise  # the pixel normalisation of the models this benchmark can score
         self.scenes = [world.scene(seed, "test", i) for i in range(n)]
         self.images = torch.stack([image_to_tensor(world.render(s), normalise) for s in self.scenes])  # (B, C, H, W)
         self.captions = [world.caption(s) for s in self.scenes]
         self.pairs = {c: [] for c in CATEGORIES}  # category -> [(scene index, true text, negative text)]
         for idx, scene in enumerate(self.scenes):
-            for cat, (pos, neg) in negatives(scene, rng).items():
+            # the held-out pairs draw from their own generator: the other categories stay as they were
+            for cat, (pos, neg) in (negatives(scene, rng) | heldout_negatives(scene, holdout, held_rng)).items():
                 self.pairs[cat].append((idx, pos, neg))
         # zero-shot: one object per image, classes = every (colour, shape) pair
         self.classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -303,6 +328,9 @@ def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batc
     caption_emb = embed_texts(model, tokenizer, bench.captions, batch_size, device)  # (B, D)
     results = {}
     for cat, pairs in bench.pairs.items():
+        if not pairs:  # a category no scene admits (e.g. held-out pairs in a tiny benchmark)
+            results[cat] = {"accuracy": float("nan"), "count": 0}
+            continue
         idx = torch.tensor([p[0] for p in pairs])
         pos = embed_texts(model, tokenizer, [p[1] for p in pairs], batch_size, device)
         neg = embed_texts(model, tokenizer, [p[2] for p in pairs], batch_size, device)

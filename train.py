@@ -23,6 +23,7 @@ instead: OpenAI's CLIP release, an open_clip state dict of the same architecture
 OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` is off by default.
+`--holdout-combos` keeps data.HOLDOUT_COMBOS out of every training scene (eval.py's generalisation split).
 Real data (`--data cc3m` or `wds`) streams tar shards (data.WebDataset), split across DataLoader workers
 and, under torchrun, across ranks.
 """
@@ -39,8 +40,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import (SHARD_LAYOUT, BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WebDataset, WordTokenizer, cache_dir,
-                  caption_word_counts, expand_shards, shard_sizes, tokenizer_from_state_dict, train_transform)  # fmt: skip
+from data import (HOLDOUT_COMBOS, SHARD_LAYOUT, BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WebDataset,
+                  WordTokenizer, cache_dir, caption_word_counts, expand_shards, shard_sizes, tokenizer_from_state_dict,
+                  train_transform)  # fmt: skip
 from losses import clip_loss, concept_loss, gather, gather_owner, pooled_concept_loss, siglip_loss
 from model import CLIP, PRESETS, CLIPConfig, convert_openai_state_dict, is_torchscript, read_torchscript_state_dict
 
@@ -54,6 +56,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concept-key", default=None, help="cc3m/wds: concept phrases from this <key>.json field when present")
     p.add_argument("--concepts", default=None, help="cc3m/wds: phrases precomputed by `python concepts.py --data-dir ... --out FILE`")
     p.add_argument("--epochs", type=float, default=None, help="cc3m/wds: train this many passes over the shards (sets --steps)")
+    p.add_argument("--holdout-combos", action="store_true",
+                   help="shapes: no training scene holds a colour-shape pair of data.HOLDOUT_COMBOS (eval.py's held-out columns)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="cc3m/wds: samples held in the shuffle buffer of each reader")
     p.add_argument("--vocab-size", type=int, default=32000, help="cc3m/wds: most frequent caption words kept (rest: <unk>)")
     p.add_argument("--method", default="c2lip", choices=["c2lip", "siglip", "clip", "negclip"],
@@ -104,6 +108,8 @@ def get_args(argv=None) -> argparse.Namespace:
         if args.epochs is not None:
             p.error("--epochs needs --data cc3m or wds: the shapes world is an endless stream (use --steps)")
     else:
+        if args.holdout_combos:
+            p.error("--holdout-combos only applies to --data shapes")
         if args.data_dir is None:
             p.error(f"--data {args.data} needs --data-dir.\n{SHARD_LAYOUT}")
         try:
@@ -298,7 +304,7 @@ def main(argv=None) -> str:
     else:
         cfg = PRESETS[args.model]
         if args.data == "shapes":  # a few thousand captions hold every word of this small world
-            world = ShapesWorld(image_size=cfg.vision.image_size)
+            world = ShapesWorld(image_size=cfg.vision.image_size, holdout=HOLDOUT_COMBOS if args.holdout_combos else ())
             captions = [world.caption(world.scene(args.seed, "train", i)) for i in range(2000)]
             tokenizer = WordTokenizer.build(captions, context_length=cfg.text.context_length)
         else:  # the most frequent words of every training caption, counted once
@@ -312,7 +318,8 @@ def main(argv=None) -> str:
     size, normalise = cfg.vision.image_size, cfg.vision.normalise
     collate = Collate(tokenizer, negatives=args.method == "negclip")  # hard negatives are made in the workers
     if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (data.StepBatches)
-        dataset = ShapesDataset(ShapesWorld(image_size=size), args.seed, "train", args.steps * args.batch_size * world_size, normalise)
+        world = ShapesWorld(image_size=size, holdout=HOLDOUT_COMBOS if args.holdout_combos else ())
+        dataset = ShapesDataset(world, args.seed, "train", args.steps * args.batch_size * world_size, normalise)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size),
             collate_fn=collate, num_workers=args.workers,

@@ -25,6 +25,11 @@ def test_train_writes_checkpoint_and_log(tmp_path, method):
     assert ("logit_bias" in state["model"]) == (method != "clip")  # CLIP's softmax form has no bias
 
 
+def test_train_with_heldout_pairs(tmp_path):
+    state = torch.load(train.main(["--holdout-combos", "--steps", "1", "--out", str(tmp_path), *FAST]), weights_only=False)
+    assert state["args"]["holdout_combos"] is True
+
+
 def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     common = ["--steps", "4", "--precision", "fp32", "--ckpt-every", "2", *FAST]
     straight = torch.load(train.main([*common, "--out", str(tmp_path / "a")]), weights_only=False)
@@ -68,5 +73,8 @@ def test_cli_errors_name_the_flag(tmp_path):
     assert bad.returncode == 2 and "--steps" in bad.stderr
     bad = subprocess.run([sys.executable, train.__file__, "--method", "negclap"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--method" in bad.stderr
+    bad = subprocess.run([sys.executable, train.__file__, "--holdout-combos", "--data", "wds", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--holdout-combos" in bad.stderr
     missing = subprocess.run([sys.executable, evaluate.__file__, "--ckpt", str(tmp_path / "none.pt")], capture_output=True, text=True)
     assert missing.returncode != 0 and "python train.py" in missing.stderr
