@@ -31,6 +31,10 @@ is evaluated with the tokenizer and pixel normalisation it was trained with.
   retrieval         image->text and text->image R@1 and R@5 over the held-out scenes (one caption each)
   zero-shot         single-object images classified among every colour-shape pair from prompts such as
                     "a photo of a red circle.", averaged over templates (CLIP's prompt ensemble)
+  --score pooled    the same metrics again (named pooled/...), each image-text score replaced by the
+                    text-conditioned one of the authors' optional evaluation wrapper: the image's patches
+                    pooled by the text (pool.py, at --tau), against the text. A diagnostic; the paper's
+                    plain scoring stays the default, and C2LIP's claim is about it (inference unchanged).
 
 The paper's real benchmarks, on the official files (formats in ../shared/docs/formats.md):
   python eval.py --ckpt A.pt B.pt --bench sugarcrepe --data-dir sugar-crepe/data --images coco/val2017
@@ -71,6 +75,7 @@ from tqdm import tqdm
 from data import (COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform,
                   image_to_tensor, load_image, tokenizer_from_state_dict)  # fmt: skip
 from model import CLIP, CLIPConfig
+from pool import pooled_similarity
 from train import load_weights, pick_device
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
@@ -280,6 +285,13 @@ def embed_images(model: CLIP, images: torch.Tensor, batch_size: int, device) -> 
 
 
 @torch.no_grad()
+def embed_image_tokens(model: CLIP, images: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (B, C, H, W) -> (x (B, D), u (B, N, D)): global and patch embeddings, for text-conditioned scores."""
+    out = [model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+    return torch.cat([x.float().cpu() for x, _ in out]), torch.cat([u.float().cpu() for _, u in out])
+
+
+@torch.no_grad()
 def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int, device, desc: str | None = None) -> torch.Tensor:
     starts = tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None)
     out = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu() for i in starts]
@@ -323,9 +335,30 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the shapes benchmark, scored
 
 
-def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batch_size: int = 256) -> dict:
-    image_emb = embed_images(model, bench.images, batch_size, device)  # (B, D)
-    caption_emb = embed_texts(model, tokenizer, bench.captions, batch_size, device)  # (B, D)
+def paired_pooled_cos(text_emb: torch.Tensor, patch_emb: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """text_emb (M, D), patch_emb (M, N, D) -> (M,): text m against image m pooled by text m, i.e. the
+    diagonal of pool.pooled_similarity, computed pair by pair (vmap) instead of for all M x M pairs."""
+    return torch.vmap(lambda c, u: pooled_similarity(c[None], u[None], tau)[0, 0])(text_emb, patch_emb)
+
+
+def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batch_size: int = 256,
+                    score: str = "plain", tau: float = 1.0) -> dict:  # fmt: skip
+    """Every category, retrieval and zero-shot on the shapes benchmark. score="plain" (the paper's, the
+    default): cos(x_i, y) of the global image embedding, inference unchanged. score="pooled" (a diagnostic,
+    as in the authors' optional evaluation wrapper): every image-text score, in every metric, becomes
+    v . y with v the image's patches pooled by that text (pool.py at `tau`); metrics are named pooled/..."""
+    pooled = score == "pooled"
+    if pooled:
+        image_emb, patch_emb = embed_image_tokens(model, bench.images, batch_size, device)  # (B, D), (B, N, D)
+    else:
+        image_emb, patch_emb = embed_images(model, bench.images, batch_size, device), None  # (B, D)
+
+    def paired(idx: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:  # image idx[m] vs text m -> (M,)
+        return paired_pooled_cos(text_emb, patch_emb[idx], tau) if pooled else cos(image_emb[idx], text_emb)
+
+    def table(x: torch.Tensor, u: torch.Tensor | None, text_emb: torch.Tensor) -> torch.Tensor:  # -> (B, X)
+        return pooled_similarity(text_emb, u, tau).T if pooled else x @ text_emb.T
+
     results = {}
     for cat, pairs in bench.pairs.items():
         if not pairs:  # a category no scene admits (e.g. held-out pairs in a tiny benchmark)
@@ -334,18 +367,22 @@ def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batc
         idx = torch.tensor([p[0] for p in pairs])
         pos = embed_texts(model, tokenizer, [p[1] for p in pairs], batch_size, device)
         neg = embed_texts(model, tokenizer, [p[2] for p in pairs], batch_size, device)
-        results[cat] = fraction(pairwise_correct(cos(image_emb[idx], pos), cos(image_emb[idx], neg)))
-    sim = image_emb @ caption_emb.T  # (B, B): image i, caption j
+        results[cat] = fraction(pairwise_correct(paired(idx, pos), paired(idx, neg)))
+    caption_emb = embed_texts(model, tokenizer, bench.captions, batch_size, device)  # (B, D)
+    sim = table(image_emb, patch_emb, caption_emb)  # (B, B): image i, caption j
     for metric, value in retrieval_recall(sim, torch.arange(len(sim)), ks=(1, 5)).items():
         results[metric] = {"accuracy": value, "count": len(sim)}
     # zero-shot: single-object images, classes = every colour-shape pair, prompts averaged over TEMPLATES
     articled = [("an " if n[0] in "aeiou" else "a ") + n for n in bench.classes]
     prompts = embed_texts(model, tokenizer, [t.format(a) for a in articled for t in TEMPLATES], batch_size, device)
     classifier = zeroshot_classifier(prompts.view(len(articled), len(TEMPLATES), -1))  # (C, D)
-    logits = embed_images(model, bench.single_images, batch_size, device) @ classifier.T  # (B, C)
+    if pooled:
+        logits = table(*embed_image_tokens(model, bench.single_images, batch_size, device), classifier)  # (B, C)
+    else:
+        logits = table(embed_images(model, bench.single_images, batch_size, device), None, classifier)  # (B, C)
     for k, value in topk_accuracy(logits, bench.labels, (1, 5)).items():
         results[f"zeroshot-top{k}"] = {"accuracy": value, "count": len(logits)}
-    return results
+    return {f"pooled/{k}" if pooled else k: v for k, v in results.items()}
 
 
 # ----------------------------------------------------------------------------- the real benchmarks: files
@@ -478,6 +515,11 @@ def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dic
     return {f"retrieval/{k}": {"accuracy": v, "count": len(paths) if k.startswith("i2t") else len(texts)} for k, v in recall.items()}
 
 
+def checkpoint_tau(args, ckpt: dict) -> float:
+    """--tau, else the pooling temperature the checkpoint was trained with, else the paper's 1."""
+    return args.tau if args.tau is not None else float((ckpt.get("args") or {}).get("tau", 1.0))
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -528,7 +570,16 @@ def main(argv=None) -> dict:
                         "(default: the copy inside an installed open_clip_torch; our checkpoints carry their tokenizer)")
     p.add_argument("--clip-act", default="quick_gelu", choices=["quick_gelu", "gelu"],
                    help="activation of a --ckpt of CLIP weights: quick_gelu for OpenAI's, gelu for open_clip's own ViT-B-16")
+    p.add_argument("--score", nargs="+", default=["plain"], choices=["plain", "pooled"],
+                   help="shapes: plain (the paper's global-embedding cosine) and/or pooled (each image pooled by the text "
+                        "it is scored against, a diagnostic; its metrics are named pooled/...)")  # fmt: skip
+    p.add_argument("--tau", type=float, default=None,
+                   help="pooling temperature of --score pooled (default: the checkpoint's training --tau, else 1)")
     args = p.parse_args(argv)
+    if args.tau is not None and args.tau <= 0:
+        p.error("--tau must be positive")
+    if "pooled" in args.score and set(args.bench) != {"shapes"}:
+        p.error("--score pooled applies to --bench shapes only")
     if args.n < 5:
         p.error("--n must be at least 5 (R@5 needs five captions)")
     if args.batch_size < 1 or args.workers < 0:
@@ -557,7 +608,9 @@ def main(argv=None) -> dict:
             if bench == "shapes":
                 if shapes is None or shapes.images.shape[-1] != size or shapes.normalise != normalise:
                     shapes = ShapesBenchmark(ShapesWorld(image_size=size), args.n, args.bench_seed, normalise=normalise)
-                results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size)
+                for score in dict.fromkeys(args.score):
+                    tau = checkpoint_tau(args, ckpt)
+                    results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau)
             elif bench == "sugarcrepe":
                 results[path] |= evaluate_sugarcrepe(model, tokenizer, data[bench], args, device)
             elif bench == "sugarcrepe++":
