@@ -36,6 +36,11 @@ is evaluated with the tokenizer and pixel normalisation it was trained with.
                     pooled by the text (pool.py, at --tau), against the text. A diagnostic; the paper's
                     plain scoring stays the default, and C2LIP's claim is about it (inference unchanged).
 
+Pictures:
+  python eval.py --show 3 --concepts "a red circle" "a tiny blue star" --ckpt A.pt B.pt --out attention.png
+  draws the image (shapes test scene 3, or an image file) and, per phrase, its pooling weights over the
+  patches as a heat map: a row per checkpoint (say, untrained and trained).
+
 The paper's real benchmarks, on the official files (formats in ../shared/docs/formats.md):
   python eval.py --ckpt A.pt B.pt --bench sugarcrepe --data-dir sugar-crepe/data --images coco/val2017
   python eval.py --bench sugarcrepe++ --data-dir scpp/data --images coco/val2017
@@ -56,26 +61,31 @@ the model, in every metric. Each metric function below is a pure function of sco
 Departure: the paper reports SugarCrepe, SugarCrepe++, ImageNet and COCO/Flickr retrieval on real
 data; `--bench shapes` is the same protocol on a world where each category is generated exactly, with counts.
 Dimension legend: B images, T text tokens, D joint embedding width, C classes, P prompt templates,
-M benchmark examples, X texts.
+M benchmark examples, X texts, N = g x g patches, K phrases of a picture.
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import sys
+import textwrap
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import (COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform,
                   image_to_tensor, load_image, tokenizer_from_state_dict)  # fmt: skip
 from model import CLIP, CLIPConfig
-from pool import pooled_similarity
+from pool import pooled_similarity, pooling_weights
 from train import load_weights, pick_device
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
@@ -515,6 +525,77 @@ def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dic
     return {f"retrieval/{k}": {"accuracy": v, "count": len(paths) if k.startswith("i2t") else len(texts)} for k, v in recall.items()}
 
 
+# ----------------------------------------------------------------------------- pictures: where a phrase looks
+
+CELL, GAP, TITLE, LABEL = 160, 8, 16, 40  # picture layout in pixels: cell side, gap, row title, phrase label
+
+
+def show_image(spec: str, size: int, seed: int) -> Image.Image:
+    """--show's image: a shapes test scene index (of the benchmark seed) rendered at the model's size, or an
+    image file cropped as eval_transform crops it."""
+    if spec.isdigit():
+        world = ShapesWorld(image_size=size)
+        return world.render(world.scene(seed, "test", int(spec)))
+    if not os.path.isfile(spec):
+        fail(f"--show {spec}: neither a shapes test scene index nor an image file")
+    return T.Compose(eval_transform(size).transforms[:-1])(load_image(spec))  # resize and crop, still a picture
+
+
+@torch.no_grad()
+def attention_maps(model: CLIP, tokenizer, image: torch.Tensor, phrases: list[str], tau: float, device) -> np.ndarray:
+    """image (C, H, W) -> (K, g, g): each phrase's pooling weights a_j = softmax_j(u_j . c / tau) over the
+    g x g patches (pool.pooling_weights), the weights the XAC loss pools the image with."""
+    _, patch_emb = model.encode_image(image[None].to(device))  # (1, N, D)
+    phrase_emb = embed_texts(model, tokenizer, phrases, len(phrases), device)  # (K, D)
+    weights = pooling_weights(phrase_emb, patch_emb.float().cpu(), tau)[:, 0]  # (K, N)
+    side = math.isqrt(weights.shape[1])
+    return weights.view(len(phrases), side, side).numpy()  # (K, g, g): patches in row-major order
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """(h, w) in [0, 1] -> (h, w, 3) colours from black through red and yellow to white (a 'hot' map)."""
+    return np.stack([np.clip(3 * values - k, 0, 1) for k in range(3)], axis=-1) * 255
+
+
+def attention_picture(image: Image.Image, rows: list[np.ndarray], phrases: list[str], titles: list[str]) -> Image.Image:
+    """A sheet with one row per model (rows[r]: (K, g, g) weights, titles[r]): the image, then per phrase
+    its weights as a heat map over the image. Each map is scaled to its own peak, and its label says how
+    far that peak is above a flat pooling (1 / N): a map bright everywhere is a pooling close to a mean."""
+    font = ImageFont.load_default()
+    base = np.asarray(image.convert("RGB").resize((CELL, CELL), Image.NEAREST), dtype=np.float32)  # (CELL, CELL, 3)
+    row_height = TITLE + LABEL + CELL + GAP
+    sheet = Image.new("RGB", (GAP + (len(phrases) + 1) * (CELL + GAP), GAP + len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (maps, title) in enumerate(zip(rows, titles)):
+        top = GAP + r * row_height
+        draw.text((GAP, top), title, fill="black", font=font)
+        draw.text((GAP, top + TITLE), "image", fill="black", font=font)
+        sheet.paste(Image.fromarray(base.astype(np.uint8)), (GAP, top + TITLE + LABEL))
+        for k, (phrase, weights) in enumerate(zip(phrases, maps)):
+            left = GAP + (k + 1) * (CELL + GAP)
+            scaled = Image.fromarray((weights / weights.max()).astype(np.float32)).resize((CELL, CELL), Image.NEAREST)
+            blend = 0.35 * base + 0.65 * heat(np.asarray(scaled))  # (CELL, CELL, 3)
+            sheet.paste(Image.fromarray(blend.astype(np.uint8)), (left, top + TITLE + LABEL))
+            label = textwrap.wrap(phrase, 26)[:2] + [f"peak {weights.max() * weights.size:.1f}x flat"]
+            draw.multiline_text((left, top + TITLE), "\n".join(label), fill="black", font=font, spacing=1)
+    return sheet
+
+
+def show_attention(args, device) -> str:
+    """--show: the attention picture of every --ckpt (a row each) for --concepts, written to --out."""
+    rows, titles, image = [], [], None
+    for path in args.ckpt:
+        model, tokenizer, ckpt = load_checkpoint(path, device, args.bpe, args.clip_act)
+        tau = checkpoint_tau(args, ckpt)
+        picture = show_image(args.show, model.cfg.vision.image_size, args.bench_seed)
+        image = picture if image is None else image  # the first model's copy is drawn; each model reads its own
+        rows.append(attention_maps(model, tokenizer, image_to_tensor(picture, model.cfg.vision.normalise), args.concepts, tau, device))
+        titles.append(f"{path}  (tau {tau:g})")
+    attention_picture(image, rows, args.concepts, titles).save(args.out)
+    print(f"wrote {args.out}")
+    return args.out
+
+
 def checkpoint_tau(args, ckpt: dict) -> float:
     """--tau, else the pooling temperature the checkpoint was trained with, else the paper's 1."""
     return args.tau if args.tau is not None else float((ckpt.get("args") or {}).get("tau", 1.0))
@@ -546,7 +627,7 @@ def bench_dirs(values: list[str], benches: list[str], parser) -> dict[str, str]:
     return dirs
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=["runs/c2lip/ckpt.pt"], help="checkpoints to compare, a column each")
     p.add_argument("--bench", nargs="+", default=["shapes"], choices=BENCHES, help="benchmarks to run, in one table")
@@ -574,12 +655,21 @@ def main(argv=None) -> dict:
                    help="shapes: plain (the paper's global-embedding cosine) and/or pooled (each image pooled by the text "
                         "it is scored against, a diagnostic; its metrics are named pooled/...)")  # fmt: skip
     p.add_argument("--tau", type=float, default=None,
-                   help="pooling temperature of --score pooled (default: the checkpoint's training --tau, else 1)")
+                   help="pooling temperature of --score pooled and --show (default: the checkpoint's training --tau, else 1)")
+    p.add_argument("--show", default=None, metavar="IMAGE_OR_INDEX",
+                   help="instead of benchmarks, draw where each of --concepts looks in this image (a shapes test scene "
+                        "index of --bench-seed, or an image file): the pooling weights over the patches, a row per --ckpt")
+    p.add_argument("--concepts", nargs="+", default=None, metavar="PHRASE", help="--show: the phrases to draw")
+    p.add_argument("--out", default="attention.png", help="--show: the PNG to write")
     args = p.parse_args(argv)
     if args.tau is not None and args.tau <= 0:
         p.error("--tau must be positive")
+    if (args.show is None) != (args.concepts is None):
+        p.error("--show and --concepts go together: --show IMAGE_OR_INDEX --concepts PHRASE [PHRASE ...]")
     if "pooled" in args.score and set(args.bench) != {"shapes"}:
         p.error("--score pooled applies to --bench shapes only")
+    if args.show is not None:
+        return show_attention(args, pick_device(args.device))
     if args.n < 5:
         p.error("--n must be at least 5 (R@5 needs five captions)")
     if args.batch_size < 1 or args.workers < 0:

@@ -24,6 +24,7 @@ OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first 
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` is off by default.
 `--holdout-combos` keeps data.HOLDOUT_COMBOS out of every training scene (eval.py's generalisation split).
+Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
 Real data (`--data cc3m` or `wds`) streams tar shards (data.WebDataset), split across DataLoader workers
 and, under torchrun, across ranks.
 """
@@ -37,6 +38,7 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -93,7 +95,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU and MPS")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (render or decode + NLTK chunking)")
-    p.add_argument("--out", default=None, help="output folder for ckpt.pt and log.jsonl (default: runs/<method>)")
+    p.add_argument("--out", default=None, help="output folder for ckpt.pt, log.jsonl and loss.png (default: runs/<method>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on GPU)")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -236,6 +238,50 @@ def save_checkpoint(path: str, **state) -> None:
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+LOSS_TERMS = {"caption": (31, 119, 180), "concept": (214, 39, 40), "pooled": (44, 160, 44)}  # term -> line colour
+
+
+def plot_losses(log_path: str, out_path: str, size: tuple[int, int] = (640, 400)) -> str | None:
+    """log.jsonl -> a PNG of each loss term against the step, one line per term, with axes and a legend
+    (PIL's default font). Unweighted terms, as logged: the weights of the sum are in the run's config.
+    Returns out_path, or None for a log with no records yet."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    # a diverged run logs nan or inf: those points are left out rather than breaking the picture (and the run)
+    lines = {term: [(r["step"], r[term]) for r in records if math.isfinite(r.get(term, math.nan))] for term in LOSS_TERMS}
+    lines = {term: points for term, points in lines.items() if points}
+    if not lines:
+        return None
+    (width, height), (left, right, top, bottom) = size, (56, 100, 16, 36)
+    steps = [s for points in lines.values() for s, _ in points]
+    values = [v for points in lines.values() for _, v in points]
+    x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1e-6)  # a single point or a flat line still has an axis
+
+    def pixel(step: float, value: float) -> tuple[float, float]:
+        return (left + (step - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom))  # fmt: skip
+
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):  # tick labels: five values up the y axis, three steps along the x axis
+        value = y0 + (y1 - y0) * k / 4
+        draw.text((4, pixel(x0, value)[1] - 5), f"{value:.3g}", fill="black", font=font)
+    for step in sorted({x0, (x0 + x1) // 2, x1}):
+        draw.text((pixel(step, y0)[0] - 8, height - bottom + 4), str(step), fill="black", font=font)
+    draw.text(((width - right) // 2, height - 16), "step", fill="black", font=font)
+    draw.text((left + 4, 2), "loss (each term unweighted)", fill="black", font=font)
+    for k, (term, points) in enumerate(lines.items()):
+        colour = LOSS_TERMS[term]
+        draw.line([pixel(*p) for p in points] * (1 + (len(points) == 1)), fill=colour, width=2)  # a lone point: a dot
+        y = top + 8 + 16 * k  # the legend, right of the plot
+        draw.line([(width - right + 8, y), (width - right + 28, y)], fill=colour, width=2)
+        draw.text((width - right + 34, y - 6), term, fill="black", font=font)
+    img.save(out_path)
+    return out_path
 
 
 def setup_distributed(args) -> tuple[int, int, torch.device]:
@@ -382,6 +428,7 @@ def main(argv=None) -> str:
             ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
             config=asdict(cfg), args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed,
         )  # fmt: skip
+        plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
     # ---- loop
     weights = {"caption": 1.0, "concept": args.concept_weight, "pooled": args.pool_weight}

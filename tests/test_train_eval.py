@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import eval as evaluate
 import train
@@ -23,6 +24,7 @@ def test_train_writes_checkpoint_and_log(tmp_path, method):
     terms = {"c2lip": {"caption", "concept", "pooled"}, "siglip": {"caption"}, "clip": {"caption"}, "negclip": {"caption"}}[method]
     assert terms <= set(records[-1]) and not ({"concept", "pooled"} - terms) & set(records[-1])
     assert ("logit_bias" in state["model"]) == (method != "clip")  # CLIP's softmax form has no bias
+    assert Image.open(tmp_path / "loss.png").size == (640, 400)  # the loss curve beside the log
 
 
 def test_train_with_heldout_pairs(tmp_path):
