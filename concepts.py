@@ -19,6 +19,12 @@ uses the paper's "standard NLP software" route, which needs no model and runs in
 A known limit of any POS grammar: a participle between two nouns ("people walking dogs") starts a new
 phrase ("walking dogs").
 
+Hard negatives for the NegCLIP-style baseline (train.py --method negclip) are made here too, from the
+same chunks: `hard_negative` swaps the modifiers of two phrases or replaces a modifier or a head noun by
+a word seen in the same position of other captions (`slot_words`). Departure: NegCLIP (Yuksekgonul et
+al., ICLR 2023) shuffles parts of COCO captions parsed with spaCy and mines hard negative images too;
+this keeps only the two rules that target binding, with no image negatives.
+
 Usage:
   python concepts.py "a small red circle left of a blue star"          # print the phrases of captions
   python concepts.py --data-dir DIR --out concepts.jsonl               # precompute them for tar shards
@@ -31,9 +37,11 @@ Shards are identified by file name, so one file serves one shard set.
 
 import argparse
 import functools
+import itertools
 import json
 import multiprocessing
 import os
+import random
 import re
 import signal
 import sys
@@ -91,18 +99,29 @@ def normalise_phrase(phrase: str) -> str:
     return " ".join(words)
 
 
+def _np_spans(tagged: list[tuple[str, str]]) -> list[tuple[int, int]]:
+    """POS-tagged tokens -> the token ranges [start, end) of the noun phrases, generic head nouns stripped."""
+    spans, pos = [], 0
+    for node in _chunker.parse(tagged):  # a flat tree: NP subtrees and the tokens between them
+        if not isinstance(node, nltk.Tree):
+            pos += 1
+            continue
+        start, end = pos, pos + len(node)
+        pos = end
+        # Strip trailing generic nouns: "a red circle left" (of ...) -> "a red circle",
+        # "the left side" -> nothing, "a stock photo" -> nothing.
+        while end > start and tagged[end - 1][0].lower() in GENERIC:
+            end -= 1
+        if end > start and tagged[end - 1][1].startswith("NN"):
+            spans.append((start, end))
+    return spans
+
+
 def _phrases(tagged: list[tuple[str, str]], caption: str) -> list[str]:
     """POS-tagged tokens -> filtered, de-duplicated noun phrases (the caption itself if none survive)."""
     seen, out = set(), []
-    for chunk in _chunker.parse(tagged).subtrees(lambda t: t.label() == "NP"):
-        leaves = chunk.leaves()
-        # Strip trailing generic nouns: "a red circle left" (of ...) -> "a red circle",
-        # "the left side" -> nothing, "a stock photo" -> nothing.
-        while leaves and leaves[-1][0].lower() in GENERIC:
-            leaves = leaves[:-1]
-        if not leaves or not leaves[-1][1].startswith("NN"):
-            continue
-        phrase = " ".join(w for w, _ in leaves).lower().replace(" 's", "'s")
+    for start, end in _np_spans(tagged):
+        phrase = " ".join(w for w, _ in tagged[start:end]).lower().replace(" 's", "'s")
         key = normalise_phrase(phrase)
         if len(key) > 1 and key not in seen:
             seen.add(key)
@@ -117,8 +136,14 @@ def _tokenise(caption: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
+def _tagged(caption: str) -> tuple[tuple[str, str], ...]:
+    """The caption's tokens with their POS tags, cached: concepts and hard negatives tag the same captions."""
+    return tuple(tagger().tag(_tokenise(caption)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _extract_cached(caption: str) -> tuple[str, ...]:
-    return tuple(_phrases(tagger().tag(_tokenise(caption)), caption))
+    return tuple(_phrases(list(_tagged(caption)), caption))
 
 
 def extract_concepts(caption: str) -> list[str]:
@@ -129,6 +154,104 @@ def extract_concepts(caption: str) -> list[str]:
 def extract_concepts_batch(captions: list[str]) -> list[list[str]]:
     """Many captions at once (NLTK's tag_sents is itself a loop over sentences, so this is one too)."""
     return [extract_concepts(c) for c in captions]
+
+
+# ----------------------------------------------------------------------------- hard negatives (train.py --method negclip)
+# NegCLIP's baseline trains with a hard negative for each caption: the same kind of words, bound
+# differently. Its rules are written here over the noun phrases above, so they apply to any caption. A
+# phrase has slots: slot 0 is its head noun, slot d > 0 the d-th modifier before the head ("a tiny red
+# circle": circle, red, tiny). English orders modifiers by kind (size before colour before the noun), so
+# words in one slot are mostly of one kind: in the shapes world slot 1 holds colours and slot 2 sizes.
+
+SLOT_TAGS = ("JJ", "VBN", "VBG", "NN")  # a slot word's tag; a determiner, number or 's ends the slots
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def phrase_slots(caption: str) -> tuple[str, tuple]:
+    """A caption -> (its text with whitespace collapsed, one (slots, article) per noun phrase), where slots
+    are the (start, end) character ranges of the head noun, then of each modifier going left, and article
+    that of the phrase's 'a'/'an' (None if it has none). Ranges index the returned text."""
+    text, tagged = re.sub(r"\s+", " ", caption.strip()), list(_tagged(caption))
+    try:
+        chars = list(_tokenizer.span_tokenize(text))  # the same tokens, as character ranges
+    except ValueError:  # quotes the aligner cannot place: no phrases, so no negative
+        return text, ()
+    if len(chars) != len(tagged):
+        return text, ()
+    phrases = []
+    for start, end in _np_spans(tagged):
+        k = end - 1
+        while k >= start and tagged[k][1].startswith(SLOT_TAGS):
+            k -= 1
+        slots = tuple(chars[j] for j in range(end - 1, k, -1))
+        article = chars[k] if k >= start and tagged[k][0].lower() in ("a", "an") else None
+        phrases.append((slots, article))
+    return text, tuple(phrases)
+
+
+def slot_words(captions: list[str]) -> dict[int, list[str]]:
+    """{slot: the distinct lower-case words seen in that slot, sorted}: the replacement pool of hard_negative.
+    Sorted, not a set: a set's order changes with each process's string hashing, and so would the negatives."""
+    pool: dict[int, set] = {}
+    for caption in captions:
+        text, phrases = phrase_slots(caption)
+        for slots, _ in phrases:
+            for d, (s, e) in enumerate(slots):
+                pool.setdefault(d, set()).add(text[s:e].lower())
+    return {d: sorted(words) for d, words in pool.items()}
+
+
+def _cased(word: str, like: str) -> str:
+    """word with the initial capital of the word it replaces ('Red' -> 'Blue', but 'red' -> 'blue')."""
+    if like[:1].isupper():
+        return word[:1].upper() + word[1:]
+    return word.lower() if word[:1].isupper() and word[1:].islower() else word
+
+
+def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] | None = None) -> str | None:
+    """A caption with the same kind of words bound differently, or None when no rule applies. A rule is
+    drawn among those that apply, then one of its edits:
+      swap     two phrases exchange their words in one modifier slot: 'a tiny red circle and a large blue
+               star' -> 'a tiny blue circle and a large red star' (an attribute swap, as in NegCLIP)
+      replace  a word becomes one seen in the same slot of `pool` (slot_words) that the caption lacks:
+               'a tiny green circle and ...' (slot 1), 'a tiny red square and ...' (slot 0, the noun)
+    An 'a'/'an' before an edited word follows the new word. Only the edited words change, so the
+    negative keeps the caption's wording and punctuation: nothing but the binding tells them apart."""
+    text, phrases = phrase_slots(caption)
+
+    def word(p: int, d: int) -> str:  # the word in slot d of phrase p
+        return text[slice(*phrases[p][0][d])]
+
+    present = set(re.findall(r"[\w']+", text.lower()))
+    pool = pool or {}
+    swaps = [
+        (a, b, d)
+        for a, b in itertools.combinations(range(len(phrases)), 2)
+        for d in range(1, min(len(phrases[a][0]), len(phrases[b][0])))
+        if word(a, d).lower() != word(b, d).lower()
+    ]  # fmt: skip
+    replaces = [(p, d) for p, (slots, _) in enumerate(phrases) for d in range(len(slots)) if set(pool.get(d, ())) - present]
+    rules = [r for r in (swaps, replaces) if r]
+    if not rules:
+        return None
+    rule = rng.choice(rules)
+    if rule is swaps:
+        a, b, d = rng.choice(swaps)
+        edits = {(a, d): word(b, d), (b, d): word(a, d)}
+    else:
+        p, d = rng.choice(replaces)
+        edits = {(p, d): rng.choice([w for w in pool[d] if w not in present])}
+    changes = []  # (start, end, new text), applied right to left so earlier ranges stay valid
+    for (p, d), new in edits.items():
+        (slots, article), old = phrases[p], word(p, d)
+        changes.append((*slots[d], _cased(new, old)))
+        if article and d == len(slots) - 1:  # the word right after 'a'/'an'
+            a_or_an = "an" if new[:1].lower() in ("a", "e", "i", "o", "u") else "a"
+            changes.append((*article, _cased(a_or_an, text[slice(*article)])))
+    negative = text
+    for start, end, new in sorted(changes, reverse=True):
+        negative = negative[:start] + new + negative[end:]
+    return negative
 
 
 # ----------------------------------------------------------------------------- precomputed concepts of tar shards
@@ -197,6 +320,8 @@ def main(argv=None):
     parser.add_argument("--out", help="the JSON-lines file to write; shards already in it are skipped (resume)")
     parser.add_argument("--caption-key", default=None, help="read captions from this <key>.json field, as train.py does")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (0: all in this process)")
+    parser.add_argument("--negatives", action="store_true",
+                        help="also print a hard negative of each caption (--method negclip), replacing words by the other captions' words")
     args = parser.parse_args(argv)
     if args.data_dir or args.out:
         if not (args.data_dir and args.out) or args.captions:
@@ -215,8 +340,11 @@ def main(argv=None):
             sys.exit(f"interrupted: the shards finished so far are in {args.out}; run the same command to resume")
     if not args.captions:
         parser.error("give captions to print, or --data-dir DIR --out FILE to precompute a shard set")
+    pool = slot_words(args.captions)
     for caption, phrases in zip(args.captions, extract_concepts_batch(args.captions)):
         print(f"{caption}\n  -> " + " | ".join(phrases))
+        if args.negatives:
+            print(f"  negative: {hard_negative(caption, random.Random(caption), pool)}")
 
 
 if __name__ == "__main__":

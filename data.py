@@ -10,6 +10,7 @@ Paper map: the paper trains on CC3M with short LLM captions and cuts each captio
 and defines the batch layout every loss reads:
 
   images (B, C, H, W), captions (B, T), concepts (K, Tc), owner (K,), phrase_ids (K,)
+  and, for the NegCLIP-style baseline, negatives (B, Tn) and has_negative (B,) (Collate(negatives=True))
 
 where owner[k] = o(k) of paper.md, the index of the image whose caption phrase k came from.
 
@@ -30,7 +31,8 @@ from OpenAI's CLIP (see model.py), so its BPE is the one implemented here. From 
 vocabulary (a few dozen words for the shapes world, the most frequent words for CC3M) keeps models small.
 
 Dimension legend: B images, C=3 channels, H=W image side, T caption tokens, K concept phrases in the
-batch (all images together), Tc phrase tokens (phrases are padded among themselves, never to T).
+batch (all images together), Tc phrase tokens (phrases are padded among themselves, never to T), Tn
+hard-negative tokens.
 """
 
 import functools
@@ -58,7 +60,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from concepts import concepts_index, extract_concepts, normalise_phrase, shard_concepts
+from concepts import concepts_index, extract_concepts, hard_negative, normalise_phrase, shard_concepts, slot_words
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -373,6 +375,12 @@ SIZES = {"large": 0.42, "tiny": 0.22}  # radius as a fraction of a grid cell's s
 
 GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so they never overlap
 
+# Colour-shape pairs that ShapesWorld(holdout=HOLDOUT_COMBOS) (train.py --holdout-combos) keeps out of every
+# training scene: one per colour, no shape more than twice, so each colour and each shape is still seen in
+# training, only never together. eval.py scores binding on test scenes holding one (the generalisation split).
+HOLDOUT_COMBOS = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "star"),
+                  ("purple", "diamond"), ("orange", "hexagon"), ("white", "pentagon"), ("pink", "circle"))  # fmt: skip
+
 # Wordings of a whole scene. {objects} is the list "A, B and C"; {n} the number of objects in words.
 TEMPLATES = [
     "{objects}",
@@ -416,16 +424,22 @@ def list_phrases(phrases: list[str]) -> str:
 
 class ShapesWorld:
     """Scenes of 2-4 objects with distinct colours and shapes; every scene is a pure function of
-    (seed, split, index), so datasets need no storage and a run can resume at any step."""
+    (seed, split, index), so datasets need no storage and a run can resume at any step. `holdout`:
+    (colour, shape) pairs that no scene of the "train" split contains (e.g. HOLDOUT_COMBOS)."""
 
-    def __init__(self, image_size: int = 64, min_objects: int = 2, max_objects: int = 4, p_size: float = 0.8):
+    def __init__(self, image_size: int = 64, min_objects: int = 2, max_objects: int = 4, p_size: float = 0.8, holdout=()):
         assert max_objects <= min(len(COLOURS), len(SHAPES), GRID * GRID)
         self.image_size, self.min_objects, self.max_objects, self.p_size = image_size, min_objects, max_objects, p_size
+        self.holdout = frozenset(map(tuple, holdout))
 
     def scene(self, seed: int, split: str, index: int) -> Scene:
         rng = random.Random(f"shapes:{seed}:{split}:{index}")  # string seeds are hashed stably
         n = rng.randint(self.min_objects, self.max_objects)
         colours, shapes, cells = rng.sample(list(COLOURS), n), rng.sample(SHAPES, n), rng.sample(range(GRID * GRID), n)
+        # Redraw until no held-out pair is left; without a holdout nothing is redrawn, so every scene of
+        # an existing seed stays exactly what it was.
+        while split == "train" and self.holdout & set(zip(colours, shapes)):
+            colours, shapes = rng.sample(list(COLOURS), n), rng.sample(SHAPES, n)
         objects = tuple(
             Obj(c, s, rng.choice(list(SIZES)), cell, rng.random() < self.p_size)
             for c, s, cell in zip(colours, shapes, cells)
@@ -537,10 +551,16 @@ def phrase_id(phrase: str) -> int:
 
 
 class Collate:
-    """Samples -> the batch the losses read. A class, not a closure, so DataLoader workers can pickle it."""
+    """Samples -> the batch the losses read. A class, not a closure, so DataLoader workers can pickle it.
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    negatives=True (--method negclip) adds one rule-made hard negative per caption (concepts.hard_negative),
+    here so that the tagging runs in the DataLoader workers: "negatives" (B, Tn) and "has_negative" (B,),
+    False where no rule applies (that row holds an empty text, never scored). Replacement words come from
+    the batch's own captions; each caption's draws are seeded by its text, so a batch's negatives do not
+    depend on which worker, or how many, made it (and a resumed run replays them)."""
+
+    def __init__(self, tokenizer, negatives: bool = False):
+        self.tokenizer, self.negatives = tokenizer, negatives
 
     def __call__(self, samples: list[dict]) -> dict:
         phrases, owner = [], []
@@ -551,13 +571,20 @@ class Collate:
         # phrase_ids, for the `--concept-labels phrase` rule: equal ids for equal normalised phrases, in
         # every process (a 64-bit digest, not Python's per-process hash()), so ranks can compare them
         phrase_ids = [phrase_id(p) for p in phrases]
-        return {
+        batch = {
             "images": torch.stack([s["image"] for s in samples]),  # (B, C, H, W)
             "captions": self.tokenizer([s["caption"] for s in samples]),  # (B, T)
             "concepts": self.tokenizer(phrases),  # (K, Tc)
             "owner": torch.tensor(owner),  # (K,)
             "phrase_ids": torch.tensor(phrase_ids),  # (K,)
         }
+        if self.negatives:
+            captions = [s["caption"] for s in samples]
+            pool = slot_words(captions)
+            negatives = [hard_negative(c, random.Random(f"negative:{c}"), pool) for c in captions]
+            batch["negatives"] = self.tokenizer([n or "" for n in negatives])  # (B, Tn)
+            batch["has_negative"] = torch.tensor([n is not None for n in negatives])  # (B,)
+        return batch
 
 
 # ----------------------------------------------------------------------------- image-text shards (CC3M and co.)

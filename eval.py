@@ -23,9 +23,23 @@ is evaluated with the tokenizer and pixel normalisation it was trained with.
                                    colour ("a red circle" vs "a blue circle" when both colours are in the
                                    image): binding at the level of a concept phrase, where the paper's
                                    mechanism acts first
+                      heldout-swap-att, heldout-replace-att
+                                   swap-att and replace-att edited at an object whose colour-shape pair
+                                   is in data.HOLDOUT_COMBOS, on the scenes that hold one (36% of them):
+                                   the compositional-generalisation split for runs trained with
+                                   `train.py --holdout-combos`, which never saw those pairs together
   retrieval         image->text and text->image R@1 and R@5 over the held-out scenes (one caption each)
   zero-shot         single-object images classified among every colour-shape pair from prompts such as
                     "a photo of a red circle.", averaged over templates (CLIP's prompt ensemble)
+  --score pooled    the same metrics again (named pooled/...), each image-text score replaced by the
+                    text-conditioned one of the authors' optional evaluation wrapper: the image's patches
+                    pooled by the text (pool.py, at --tau), against the text. A diagnostic; the paper's
+                    plain scoring stays the default, and C2LIP's claim is about it (inference unchanged).
+
+Pictures:
+  python eval.py --show 3 --concepts "a red circle" "a tiny blue star" --ckpt A.pt B.pt --out attention.png
+  draws the image (shapes test scene 3, or an image file) and, per phrase, its pooling weights over the
+  patches as a heat map: a row per checkpoint (say, untrained and trained).
 
 The paper's real benchmarks, on the official files (formats in ../shared/docs/formats.md):
   python eval.py --ckpt A.pt B.pt --bench sugarcrepe --data-dir sugar-crepe/data --images coco/val2017
@@ -47,29 +61,36 @@ the model, in every metric. Each metric function below is a pure function of sco
 Departure: the paper reports SugarCrepe, SugarCrepe++, ImageNet and COCO/Flickr retrieval on real
 data; `--bench shapes` is the same protocol on a world where each category is generated exactly, with counts.
 Dimension legend: B images, T text tokens, D joint embedding width, C classes, P prompt templates,
-M benchmark examples, X texts.
+M benchmark examples, X texts, N = g x g patches, K phrases of a picture.
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import sys
+import textwrap
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import (COLOURS, GRID, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform, image_to_tensor,
-                  load_image, tokenizer_from_state_dict)  # fmt: skip
+from data import (COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform,
+                  image_to_tensor, load_image, tokenizer_from_state_dict)  # fmt: skip
 from model import CLIP, CLIPConfig
+from pool import pooled_similarity, pooling_weights
 from train import load_weights, pick_device
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
-CATEGORIES = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att"]
+CATEGORIES = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att",
+              "heldout-swap-att", "heldout-replace-att"]  # fmt: skip
 TEMPLATES = ["a photo of {}.", "{}.", "there is {}.", "an image showing {}."]
 BENCHES = ["shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
 SUGARCREPE = {"add": ["add_att", "add_obj"], "replace": ["replace_att", "replace_obj", "replace_rel"], "swap": ["swap_att", "swap_obj"]}
@@ -121,23 +142,24 @@ def load_checkpoint(path: str, device: torch.device, bpe: str | None = None, act
 # ----------------------------------------------------------------------------- the shapes benchmark
 
 
+def edited(objs: list[Obj], changes: dict[int, dict]) -> list[Obj]:
+    """The objects with some fields changed: {object index: {field: new value}}."""
+    return [replace(o, **changes.get(k, {})) for k, o in enumerate(objs)]
+
+
 def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
     """(true text, negative text) of each category that this scene admits, in the scene's own wording."""
     caption = ShapesWorld.caption
     objs = list(scene.objects)
     out = {}
-
-    def edited(changes: dict[int, dict]) -> list[Obj]:
-        return [replace(o, **changes.get(k, {})) for k, o in enumerate(objs)]
-
     i, j = rng.sample(range(len(objs)), 2)  # every scene has at least two objects
-    out["swap-att"] = (caption(scene), caption(scene, edited({i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})))
-    out["swap-obj"] = (caption(scene), caption(scene, edited({i: {"shape": objs[j].shape}, j: {"shape": objs[i].shape}})))
+    out["swap-att"] = (caption(scene), caption(scene, edited(objs, {i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})))
+    out["swap-obj"] = (caption(scene), caption(scene, edited(objs, {i: {"shape": objs[j].shape}, j: {"shape": objs[i].shape}})))
 
     free_colours = [c for c in COLOURS if c not in {o.colour for o in objs}]
     free_shapes = [s for s in SHAPES if s not in {o.shape for o in objs}]
-    out["replace-att"] = (caption(scene), caption(scene, edited({i: {"colour": rng.choice(free_colours)}})))
-    out["replace-obj"] = (caption(scene), caption(scene, edited({i: {"shape": rng.choice(free_shapes)}})))
+    out["replace-att"] = (caption(scene), caption(scene, edited(objs, {i: {"colour": rng.choice(free_colours)}})))
+    out["replace-obj"] = (caption(scene), caption(scene, edited(objs, {i: {"shape": rng.choice(free_shapes)}})))
     extra = Obj(rng.choice(free_colours), rng.choice(free_shapes), rng.choice(list(SIZES)), -1, True)
     added = objs[:]
     added.insert(rng.randrange(len(objs) + 1), extra)
@@ -147,24 +169,42 @@ def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
     if unsaid:
         k = rng.choice(unsaid)
         wrong = next(s for s in SIZES if s != objs[k].size)
-        out["add-att"] = (caption(scene), caption(scene, edited({k: {"size": wrong, "said_size": True}})))
+        out["add-att"] = (caption(scene), caption(scene, edited(objs, {k: {"size": wrong, "said_size": True}})))
 
     out["phrase-att"] = (objs[i].phrase(), replace(objs[i], colour=objs[j].colour).phrase())
     return out
 
 
+def heldout_negatives(scene: Scene, holdout, rng: random.Random) -> dict[str, tuple[str, str]]:
+    """swap-att and replace-att edited at an object whose (colour, shape) is in `holdout`, a pair that a run
+    trained with --holdout-combos never saw together; {} if the scene has no such object."""
+    caption, objs = ShapesWorld.caption, list(scene.objects)
+    held = [k for k, o in enumerate(objs) if (o.colour, o.shape) in holdout]
+    if not held:
+        return {}
+    i = rng.choice(held)
+    j = rng.choice([k for k in range(len(objs)) if k != i])
+    free_colours = [c for c in COLOURS if c not in {o.colour for o in objs}]
+    swapped = edited(objs, {i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})
+    replaced = edited(objs, {i: {"colour": rng.choice(free_colours)}})
+    return {"heldout-swap-att": (caption(scene), caption(scene, swapped)),
+            "heldout-replace-att": (caption(scene), caption(scene, replaced))}
+
+
 class ShapesBenchmark:
     """Everything the shapes benchmark scores, generated once from (world, n, seed)."""
 
-    def __init__(self, world: ShapesWorld, n: int = 1000, seed: int = BENCH_SEED, per_class: int = 4, normalise: str = "symmetric"):
-        rng = random.Random(seed)
+    def __init__(self, world: ShapesWorld, n: int = 1000, seed: int = BENCH_SEED, per_class: int = 4, normalise: str = "symmetric",
+                 holdout=HOLDOUT_COMBOS):  # fmt: skip
+        rng, held_rng, holdout = random.Random(seed), random.Random(f"heldout:{seed}"), set(map(tuple, holdout))
         self.normalise = normalise  # the pixel normalisation of the models this benchmark can score
         self.scenes = [world.scene(seed, "test", i) for i in range(n)]
         self.images = torch.stack([image_to_tensor(world.render(s), normalise) for s in self.scenes])  # (B, C, H, W)
         self.captions = [world.caption(s) for s in self.scenes]
         self.pairs = {c: [] for c in CATEGORIES}  # category -> [(scene index, true text, negative text)]
         for idx, scene in enumerate(self.scenes):
-            for cat, (pos, neg) in negatives(scene, rng).items():
+            # the held-out pairs draw from their own generator: the other categories stay as they were
+            for cat, (pos, neg) in (negatives(scene, rng) | heldout_negatives(scene, holdout, held_rng)).items():
                 self.pairs[cat].append((idx, pos, neg))
         # zero-shot: one object per image, classes = every (colour, shape) pair
         self.classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -255,6 +295,13 @@ def embed_images(model: CLIP, images: torch.Tensor, batch_size: int, device) -> 
 
 
 @torch.no_grad()
+def embed_image_tokens(model: CLIP, images: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (B, C, H, W) -> (x (B, D), u (B, N, D)): global and patch embeddings, for text-conditioned scores."""
+    out = [model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+    return torch.cat([x.float().cpu() for x, _ in out]), torch.cat([u.float().cpu() for _, u in out])
+
+
+@torch.no_grad()
 def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int, device, desc: str | None = None) -> torch.Tensor:
     starts = tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None)
     out = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu() for i in starts]
@@ -298,26 +345,54 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the shapes benchmark, scored
 
 
-def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batch_size: int = 256) -> dict:
-    image_emb = embed_images(model, bench.images, batch_size, device)  # (B, D)
-    caption_emb = embed_texts(model, tokenizer, bench.captions, batch_size, device)  # (B, D)
+def paired_pooled_cos(text_emb: torch.Tensor, patch_emb: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """text_emb (M, D), patch_emb (M, N, D) -> (M,): text m against image m pooled by text m, i.e. the
+    diagonal of pool.pooled_similarity, computed pair by pair (vmap) instead of for all M x M pairs."""
+    return torch.vmap(lambda c, u: pooled_similarity(c[None], u[None], tau)[0, 0])(text_emb, patch_emb)
+
+
+def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batch_size: int = 256,
+                    score: str = "plain", tau: float = 1.0) -> dict:  # fmt: skip
+    """Every category, retrieval and zero-shot on the shapes benchmark. score="plain" (the paper's, the
+    default): cos(x_i, y) of the global image embedding, inference unchanged. score="pooled" (a diagnostic,
+    as in the authors' optional evaluation wrapper): every image-text score, in every metric, becomes
+    v . y with v the image's patches pooled by that text (pool.py at `tau`); metrics are named pooled/..."""
+    pooled = score == "pooled"
+    if pooled:
+        image_emb, patch_emb = embed_image_tokens(model, bench.images, batch_size, device)  # (B, D), (B, N, D)
+    else:
+        image_emb, patch_emb = embed_images(model, bench.images, batch_size, device), None  # (B, D)
+
+    def paired(idx: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:  # image idx[m] vs text m -> (M,)
+        return paired_pooled_cos(text_emb, patch_emb[idx], tau) if pooled else cos(image_emb[idx], text_emb)
+
+    def table(x: torch.Tensor, u: torch.Tensor | None, text_emb: torch.Tensor) -> torch.Tensor:  # -> (B, X)
+        return pooled_similarity(text_emb, u, tau).T if pooled else x @ text_emb.T
+
     results = {}
     for cat, pairs in bench.pairs.items():
+        if not pairs:  # a category no scene admits (e.g. held-out pairs in a tiny benchmark)
+            results[cat] = {"accuracy": float("nan"), "count": 0}
+            continue
         idx = torch.tensor([p[0] for p in pairs])
         pos = embed_texts(model, tokenizer, [p[1] for p in pairs], batch_size, device)
         neg = embed_texts(model, tokenizer, [p[2] for p in pairs], batch_size, device)
-        results[cat] = fraction(pairwise_correct(cos(image_emb[idx], pos), cos(image_emb[idx], neg)))
-    sim = image_emb @ caption_emb.T  # (B, B): image i, caption j
+        results[cat] = fraction(pairwise_correct(paired(idx, pos), paired(idx, neg)))
+    caption_emb = embed_texts(model, tokenizer, bench.captions, batch_size, device)  # (B, D)
+    sim = table(image_emb, patch_emb, caption_emb)  # (B, B): image i, caption j
     for metric, value in retrieval_recall(sim, torch.arange(len(sim)), ks=(1, 5)).items():
         results[metric] = {"accuracy": value, "count": len(sim)}
     # zero-shot: single-object images, classes = every colour-shape pair, prompts averaged over TEMPLATES
     articled = [("an " if n[0] in "aeiou" else "a ") + n for n in bench.classes]
     prompts = embed_texts(model, tokenizer, [t.format(a) for a in articled for t in TEMPLATES], batch_size, device)
     classifier = zeroshot_classifier(prompts.view(len(articled), len(TEMPLATES), -1))  # (C, D)
-    logits = embed_images(model, bench.single_images, batch_size, device) @ classifier.T  # (B, C)
+    if pooled:
+        logits = table(*embed_image_tokens(model, bench.single_images, batch_size, device), classifier)  # (B, C)
+    else:
+        logits = table(embed_images(model, bench.single_images, batch_size, device), None, classifier)  # (B, C)
     for k, value in topk_accuracy(logits, bench.labels, (1, 5)).items():
         results[f"zeroshot-top{k}"] = {"accuracy": value, "count": len(logits)}
-    return results
+    return {f"pooled/{k}" if pooled else k: v for k, v in results.items()}
 
 
 # ----------------------------------------------------------------------------- the real benchmarks: files
@@ -450,6 +525,82 @@ def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dic
     return {f"retrieval/{k}": {"accuracy": v, "count": len(paths) if k.startswith("i2t") else len(texts)} for k, v in recall.items()}
 
 
+# ----------------------------------------------------------------------------- pictures: where a phrase looks
+
+CELL, GAP, TITLE, LABEL = 160, 8, 16, 40  # picture layout in pixels: cell side, gap, row title, phrase label
+
+
+def show_image(spec: str, size: int, seed: int) -> Image.Image:
+    """--show's image: a shapes test scene index (of the benchmark seed) rendered at the model's size, or an
+    image file cropped as eval_transform crops it."""
+    if spec.isdigit():
+        world = ShapesWorld(image_size=size)
+        return world.render(world.scene(seed, "test", int(spec)))
+    if not os.path.isfile(spec):
+        fail(f"--show {spec}: neither a shapes test scene index nor an image file")
+    return T.Compose(eval_transform(size).transforms[:-1])(load_image(spec))  # resize and crop, still a picture
+
+
+@torch.no_grad()
+def attention_maps(model: CLIP, tokenizer, image: torch.Tensor, phrases: list[str], tau: float, device) -> np.ndarray:
+    """image (C, H, W) -> (K, g, g): each phrase's pooling weights a_j = softmax_j(u_j . c / tau) over the
+    g x g patches (pool.pooling_weights), the weights the XAC loss pools the image with."""
+    _, patch_emb = model.encode_image(image[None].to(device))  # (1, N, D)
+    phrase_emb = embed_texts(model, tokenizer, phrases, len(phrases), device)  # (K, D)
+    weights = pooling_weights(phrase_emb, patch_emb.float().cpu(), tau)[:, 0]  # (K, N)
+    side = math.isqrt(weights.shape[1])
+    return weights.view(len(phrases), side, side).numpy()  # (K, g, g): patches in row-major order
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """(h, w) in [0, 1] -> (h, w, 3) colours from black through red and yellow to white (a 'hot' map)."""
+    return np.stack([np.clip(3 * values - k, 0, 1) for k in range(3)], axis=-1) * 255
+
+
+def attention_picture(image: Image.Image, rows: list[np.ndarray], phrases: list[str], titles: list[str]) -> Image.Image:
+    """A sheet with one row per model (rows[r]: (K, g, g) weights, titles[r]): the image, then per phrase
+    its weights as a heat map over the image. Each map is scaled to its own peak, and its label says how
+    far that peak is above a flat pooling (1 / N): a map bright everywhere is a pooling close to a mean."""
+    font = ImageFont.load_default()
+    base = np.asarray(image.convert("RGB").resize((CELL, CELL), Image.NEAREST), dtype=np.float32)  # (CELL, CELL, 3)
+    row_height = TITLE + LABEL + CELL + GAP
+    sheet = Image.new("RGB", (GAP + (len(phrases) + 1) * (CELL + GAP), GAP + len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (maps, title) in enumerate(zip(rows, titles)):
+        top = GAP + r * row_height
+        draw.text((GAP, top), title, fill="black", font=font)
+        draw.text((GAP, top + TITLE), "image", fill="black", font=font)
+        sheet.paste(Image.fromarray(base.astype(np.uint8)), (GAP, top + TITLE + LABEL))
+        for k, (phrase, weights) in enumerate(zip(phrases, maps)):
+            left = GAP + (k + 1) * (CELL + GAP)
+            scaled = Image.fromarray((weights / weights.max()).astype(np.float32)).resize((CELL, CELL), Image.NEAREST)
+            blend = 0.35 * base + 0.65 * heat(np.asarray(scaled))  # (CELL, CELL, 3)
+            sheet.paste(Image.fromarray(blend.astype(np.uint8)), (left, top + TITLE + LABEL))
+            label = textwrap.wrap(phrase, 26)[:2] + [f"peak {weights.max() * weights.size:.1f}x flat"]
+            draw.multiline_text((left, top + TITLE), "\n".join(label), fill="black", font=font, spacing=1)
+    return sheet
+
+
+def show_attention(args, device) -> str:
+    """--show: the attention picture of every --ckpt (a row each) for --concepts, written to --out."""
+    rows, titles, image = [], [], None
+    for path in args.ckpt:
+        model, tokenizer, ckpt = load_checkpoint(path, device, args.bpe, args.clip_act)
+        tau = checkpoint_tau(args, ckpt)
+        picture = show_image(args.show, model.cfg.vision.image_size, args.bench_seed)
+        image = picture if image is None else image  # the first model's copy is drawn; each model reads its own
+        rows.append(attention_maps(model, tokenizer, image_to_tensor(picture, model.cfg.vision.normalise), args.concepts, tau, device))
+        titles.append(f"{path}  (tau {tau:g})")
+    attention_picture(image, rows, args.concepts, titles).save(args.out)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+def checkpoint_tau(args, ckpt: dict) -> float:
+    """--tau, else the pooling temperature the checkpoint was trained with, else the paper's 1."""
+    return args.tau if args.tau is not None else float((ckpt.get("args") or {}).get("tau", 1.0))
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -476,7 +627,7 @@ def bench_dirs(values: list[str], benches: list[str], parser) -> dict[str, str]:
     return dirs
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=["runs/c2lip/ckpt.pt"], help="checkpoints to compare, a column each")
     p.add_argument("--bench", nargs="+", default=["shapes"], choices=BENCHES, help="benchmarks to run, in one table")
@@ -500,7 +651,25 @@ def main(argv=None) -> dict:
                         "(default: the copy inside an installed open_clip_torch; our checkpoints carry their tokenizer)")
     p.add_argument("--clip-act", default="quick_gelu", choices=["quick_gelu", "gelu"],
                    help="activation of a --ckpt of CLIP weights: quick_gelu for OpenAI's, gelu for open_clip's own ViT-B-16")
+    p.add_argument("--score", nargs="+", default=["plain"], choices=["plain", "pooled"],
+                   help="shapes: plain (the paper's global-embedding cosine) and/or pooled (each image pooled by the text "
+                        "it is scored against, a diagnostic; its metrics are named pooled/...)")  # fmt: skip
+    p.add_argument("--tau", type=float, default=None,
+                   help="pooling temperature of --score pooled and --show (default: the checkpoint's training --tau, else 1)")
+    p.add_argument("--show", default=None, metavar="IMAGE_OR_INDEX",
+                   help="instead of benchmarks, draw where each of --concepts looks in this image (a shapes test scene "
+                        "index of --bench-seed, or an image file): the pooling weights over the patches, a row per --ckpt")
+    p.add_argument("--concepts", nargs="+", default=None, metavar="PHRASE", help="--show: the phrases to draw")
+    p.add_argument("--out", default="attention.png", help="--show: the PNG to write")
     args = p.parse_args(argv)
+    if args.tau is not None and args.tau <= 0:
+        p.error("--tau must be positive")
+    if (args.show is None) != (args.concepts is None):
+        p.error("--show and --concepts go together: --show IMAGE_OR_INDEX --concepts PHRASE [PHRASE ...]")
+    if "pooled" in args.score and set(args.bench) != {"shapes"}:
+        p.error("--score pooled applies to --bench shapes only")
+    if args.show is not None:
+        return show_attention(args, pick_device(args.device))
     if args.n < 5:
         p.error("--n must be at least 5 (R@5 needs five captions)")
     if args.batch_size < 1 or args.workers < 0:
@@ -529,7 +698,9 @@ def main(argv=None) -> dict:
             if bench == "shapes":
                 if shapes is None or shapes.images.shape[-1] != size or shapes.normalise != normalise:
                     shapes = ShapesBenchmark(ShapesWorld(image_size=size), args.n, args.bench_seed, normalise=normalise)
-                results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size)
+                for score in dict.fromkeys(args.score):
+                    tau = checkpoint_tau(args, ckpt)
+                    results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau)
             elif bench == "sugarcrepe":
                 results[path] |= evaluate_sugarcrepe(model, tokenizer, data[bench], args, device)
             elif bench == "sugarcrepe++":

@@ -3,6 +3,7 @@
   L = L_sig + 1.0 * L_npc + 0.01 * L_xac          (C2LIP; train.py adds them up)
 
   L_sig  siglip_loss          caption vs image, sigmoid form, one positive per row       (divided by B)
+                              (with `negatives`: hard negative texts as extra columns, --method negclip)
   L_npc  concept_loss         phrase vs global image, several positives per image         (divided by K)
   L_xac  pooled_concept_loss  phrase vs the image pooled by that phrase (pool.py)          (divided by K)
   clip_loss                   the softmax (InfoNCE) form, for the CLIP baseline
@@ -38,10 +39,17 @@ def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor, count: int) -> torc
     return -F.logsigmoid(labels * logits.float()).sum() / count
 
 
-def siglip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """L_sig. image_emb (B, D), text_emb (B, D): image i matches caption i and no other."""
-    logits = scale * image_emb @ text_emb.T + bias  # (B, B)
-    labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # +1 on the diagonal, -1 elsewhere
+def siglip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """L_sig. image_emb (B, D), text_emb (B, D): image i matches caption i and no other.
+
+    negatives (M, D), optional: texts that match no image (the hard negatives of --method negclip). They
+    join the batch as M more columns, each with z = -1 for every image, still divided by B:
+        L = -(1/B) [ sum_i sum_j log sigmoid(z_ij (t x_i.y_j + b)) + sum_i sum_m log sigmoid(-(t x_i.n_m + b)) ]
+    so each image is pushed below every negative's threshold, its own caption's negative included."""
+    texts = text_emb if negatives is None else torch.cat([text_emb, negatives])  # (B + M, D)
+    logits = scale * image_emb @ texts.T + bias  # (B, B + M)
+    labels = 2 * torch.eye(*logits.shape, device=logits.device) - 1  # +1 on the diagonal, -1 elsewhere
     return sigmoid_loss(logits, labels, len(logits))
 
 

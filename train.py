@@ -12,6 +12,8 @@ Paper map (Section 3 and "Training setup" in ../shared/docs/paper.md):
   --method c2lip   L = L_sig + 1.0 * L_npc + 0.01 * L_xac   (--concept-weight, --pool-weight, --tau)
   --method siglip  L = L_sig                                 (the fine-tuned SigLIP baseline)
   --method clip    CLIP's softmax loss, t = 1/0.07 and no bias
+  --method negclip L_sig with one rule-made hard negative per caption as extra texts that every image must
+                   score below (concepts.hard_negative; the NegCLIP-style baseline, in SigLIP's form)
 AdamW with betas (0.9, 0.98), eps 1e-6, no weight decay on biases, norms, or the logit scale and bias;
 linear warm-up then cosine decay; bf16 autocast on CUDA. Under torchrun, --batch-size is per GPU and
 the losses see the global batch (losses.gather).
@@ -23,6 +25,8 @@ instead: OpenAI's CLIP release, an open_clip state dict of the same architecture
 OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` is off by default.
+`--holdout-combos` keeps data.HOLDOUT_COMBOS out of every training scene (eval.py's generalisation split).
+Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
 Real data (`--data cc3m` or `wds`) streams tar shards (data.WebDataset), split across DataLoader workers
 and, under torchrun, across ranks.
 """
@@ -36,11 +40,13 @@ from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import (SHARD_LAYOUT, BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WebDataset, WordTokenizer, cache_dir,
-                  caption_word_counts, expand_shards, shard_sizes, tokenizer_from_state_dict, train_transform)  # fmt: skip
+from data import (HOLDOUT_COMBOS, SHARD_LAYOUT, BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WebDataset,
+                  WordTokenizer, cache_dir, caption_word_counts, expand_shards, shard_sizes, tokenizer_from_state_dict,
+                  train_transform)  # fmt: skip
 from losses import clip_loss, concept_loss, gather, gather_owner, pooled_concept_loss, siglip_loss
 from model import CLIP, PRESETS, CLIPConfig, convert_openai_state_dict, is_torchscript, read_torchscript_state_dict
 
@@ -54,9 +60,12 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concept-key", default=None, help="cc3m/wds: concept phrases from this <key>.json field when present")
     p.add_argument("--concepts", default=None, help="cc3m/wds: phrases precomputed by `python concepts.py --data-dir ... --out FILE`")
     p.add_argument("--epochs", type=float, default=None, help="cc3m/wds: train this many passes over the shards (sets --steps)")
+    p.add_argument("--holdout-combos", action="store_true",
+                   help="shapes: no training scene holds a colour-shape pair of data.HOLDOUT_COMBOS (eval.py's held-out columns)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="cc3m/wds: samples held in the shuffle buffer of each reader")
     p.add_argument("--vocab-size", type=int, default=32000, help="cc3m/wds: most frequent caption words kept (rest: <unk>)")
-    p.add_argument("--method", default="c2lip", choices=["c2lip", "siglip", "clip"], help="loss: C2LIP or a baseline")
+    p.add_argument("--method", default="c2lip", choices=["c2lip", "siglip", "clip", "negclip"],
+                   help="loss: C2LIP or a baseline (negclip: siglip plus a rule-made hard negative per caption)")
     p.add_argument("--concept-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
     p.add_argument("--pool-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of the cross-modal pooling (paper: 1)")
@@ -88,7 +97,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU and MPS")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (render or decode + NLTK chunking)")
-    p.add_argument("--out", default=None, help="output folder for ckpt.pt and log.jsonl (default: runs/<method>)")
+    p.add_argument("--out", default=None, help="output folder for ckpt.pt, log.jsonl and loss.png (default: runs/<method>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on GPU)")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -103,6 +112,8 @@ def get_args(argv=None) -> argparse.Namespace:
         if args.epochs is not None:
             p.error("--epochs needs --data cc3m or wds: the shapes world is an endless stream (use --steps)")
     else:
+        if args.holdout_combos:
+            p.error("--holdout-combos only applies to --data shapes")
         if args.data_dir is None:
             p.error(f"--data {args.data} needs --data-dir.\n{SHARD_LAYOUT}")
         try:
@@ -157,15 +168,18 @@ def loss_terms(model, batch: dict, args) -> dict[str, torch.Tensor]:
     """The unweighted loss terms of one batch: {'caption': L_sig, 'concept': L_npc, 'pooled': L_xac}.
     Under torchrun the embeddings of every rank are gathered first, so each loss sees the global batch."""
     raw = model.module if isinstance(model, DistributedDataParallel) else model
-    concepts = batch["concepts"] if args.method == "c2lip" else None
-    image_emb, patch_emb, text_emb, concept_emb = model(batch["images"], batch["captions"], concepts)
+    # The phrases (c2lip) or the hard negatives (negclip) go through forward as its third text input:
+    # DistributedDataParallel only prepares gradient syncing for what forward computes.
+    extra = {"c2lip": "concepts", "negclip": "negatives"}.get(args.method)
+    image_emb, patch_emb, text_emb, extra_emb = model(batch["images"], batch["captions"], batch[extra] if extra else None)
     image_emb, text_emb = gather(image_emb), gather(text_emb)  # (B, D) each, B over all ranks
     t, b = raw.scale(), raw.bias()
     if args.method == "clip":
         return {"caption": clip_loss(image_emb, text_emb, t)}
-    terms = {"caption": siglip_loss(image_emb, text_emb, t, b)}
+    negatives = gather(extra_emb[batch["has_negative"]]) if args.method == "negclip" else None  # (M, D), M over all ranks
+    terms = {"caption": siglip_loss(image_emb, text_emb, t, b, negatives)}
     if args.method == "c2lip":
-        concept_emb = gather(concept_emb)  # (K, D), K over all ranks
+        concept_emb = gather(extra_emb)  # (K, D), K over all ranks
         owner = gather_owner(batch["owner"], len(batch["images"]))  # (K,) indices into the global batch
         ids = gather(batch["phrase_ids"]) if args.concept_labels == "phrase" else None
         if args.concept_weight:
@@ -226,6 +240,50 @@ def save_checkpoint(path: str, **state) -> None:
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+LOSS_TERMS = {"caption": (31, 119, 180), "concept": (214, 39, 40), "pooled": (44, 160, 44)}  # term -> line colour
+
+
+def plot_losses(log_path: str, out_path: str, size: tuple[int, int] = (640, 400)) -> str | None:
+    """log.jsonl -> a PNG of each loss term against the step, one line per term, with axes and a legend
+    (PIL's default font). Unweighted terms, as logged: the weights of the sum are in the run's config.
+    Returns out_path, or None for a log with no records yet."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    # a diverged run logs nan or inf: those points are left out rather than breaking the picture (and the run)
+    lines = {term: [(r["step"], r[term]) for r in records if math.isfinite(r.get(term, math.nan))] for term in LOSS_TERMS}
+    lines = {term: points for term, points in lines.items() if points}
+    if not lines:
+        return None
+    (width, height), (left, right, top, bottom) = size, (56, 100, 16, 36)
+    steps = [s for points in lines.values() for s, _ in points]
+    values = [v for points in lines.values() for _, v in points]
+    x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)
+    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1e-6)  # a single point or a flat line still has an axis
+
+    def pixel(step: float, value: float) -> tuple[float, float]:
+        return (left + (step - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom))  # fmt: skip
+
+    img = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):  # tick labels: five values up the y axis, three steps along the x axis
+        value = y0 + (y1 - y0) * k / 4
+        draw.text((4, pixel(x0, value)[1] - 5), f"{value:.3g}", fill="black", font=font)
+    for step in sorted({x0, (x0 + x1) // 2, x1}):
+        draw.text((pixel(step, y0)[0] - 8, height - bottom + 4), str(step), fill="black", font=font)
+    draw.text(((width - right) // 2, height - 16), "step", fill="black", font=font)
+    draw.text((left + 4, 2), "loss (each term unweighted)", fill="black", font=font)
+    for k, (term, points) in enumerate(lines.items()):
+        colour = LOSS_TERMS[term]
+        draw.line([pixel(*p) for p in points] * (1 + (len(points) == 1)), fill=colour, width=2)  # a lone point: a dot
+        y = top + 8 + 16 * k  # the legend, right of the plot
+        draw.line([(width - right + 8, y), (width - right + 28, y)], fill=colour, width=2)
+        draw.text((width - right + 34, y - 6), term, fill="black", font=font)
+    img.save(out_path)
+    return out_path
 
 
 def setup_distributed(args) -> tuple[int, int, torch.device]:
@@ -294,7 +352,7 @@ def main(argv=None) -> str:
     else:
         cfg = PRESETS[args.model]
         if args.data == "shapes":  # a few thousand captions hold every word of this small world
-            world = ShapesWorld(image_size=cfg.vision.image_size)
+            world = ShapesWorld(image_size=cfg.vision.image_size, holdout=HOLDOUT_COMBOS if args.holdout_combos else ())
             captions = [world.caption(world.scene(args.seed, "train", i)) for i in range(2000)]
             tokenizer = WordTokenizer.build(captions, context_length=cfg.text.context_length)
         else:  # the most frequent words of every training caption, counted once
@@ -306,17 +364,19 @@ def main(argv=None) -> str:
 
     # --batch-size is per rank; each rank reads its own scenes or shards
     size, normalise = cfg.vision.image_size, cfg.vision.normalise
+    collate = Collate(tokenizer, negatives=args.method == "negclip")  # hard negatives are made in the workers
     if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (data.StepBatches)
-        dataset = ShapesDataset(ShapesWorld(image_size=size), args.seed, "train", args.steps * args.batch_size * world_size, normalise)
+        world = ShapesWorld(image_size=size, holdout=HOLDOUT_COMBOS if args.holdout_combos else ())
+        dataset = ShapesDataset(world, args.seed, "train", args.steps * args.batch_size * world_size, normalise)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size),
-            collate_fn=Collate(tokenizer), num_workers=args.workers,
+            collate_fn=collate, num_workers=args.workers,
         )  # fmt: skip
         batches = loader
     else:
         dataset = WebDataset(shards, train_transform(size, normalise), args.caption_key, args.concept_key,
                              args.concepts, args.shuffle_buffer, args.seed)  # fmt: skip
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collate(tokenizer), num_workers=args.workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers)
         batches = endless(loader, dataset, first_epoch=start // steps_per_epoch)
 
     # ---- model
@@ -370,6 +430,7 @@ def main(argv=None) -> str:
             ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
             config=asdict(cfg), args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed,
         )  # fmt: skip
+        plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
     # ---- loop
     weights = {"caption": 1.0, "concept": args.concept_weight, "pooled": args.pool_weight}

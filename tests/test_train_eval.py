@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import eval as evaluate
 import train
@@ -13,16 +14,22 @@ import train
 FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
 
-@pytest.mark.parametrize("method", ["c2lip", "siglip", "clip"])
+@pytest.mark.parametrize("method", ["c2lip", "siglip", "clip", "negclip"])
 def test_train_writes_checkpoint_and_log(tmp_path, method):
     ckpt = train.main(["--method", method, "--steps", "3", "--out", str(tmp_path), *FAST])
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 3 and state["args"]["method"] == method and state["tokenizer"]["vocab"][0] == "<pad>"
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3]
-    terms = {"c2lip": {"caption", "concept", "pooled"}, "siglip": {"caption"}, "clip": {"caption"}}[method]
+    terms = {"c2lip": {"caption", "concept", "pooled"}, "siglip": {"caption"}, "clip": {"caption"}, "negclip": {"caption"}}[method]
     assert terms <= set(records[-1]) and not ({"concept", "pooled"} - terms) & set(records[-1])
     assert ("logit_bias" in state["model"]) == (method != "clip")  # CLIP's softmax form has no bias
+    assert Image.open(tmp_path / "loss.png").size == (640, 400)  # the loss curve beside the log
+
+
+def test_train_with_heldout_pairs(tmp_path):
+    state = torch.load(train.main(["--holdout-combos", "--steps", "1", "--out", str(tmp_path), *FAST]), weights_only=False)
+    assert state["args"]["holdout_combos"] is True
 
 
 def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -66,7 +73,10 @@ def test_eval_compares_checkpoints_and_writes_json(tmp_path):
 def test_cli_errors_name_the_flag(tmp_path):
     bad = subprocess.run([sys.executable, train.__file__, "--steps", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--steps" in bad.stderr
-    bad = subprocess.run([sys.executable, train.__file__, "--method", "negclip"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, train.__file__, "--method", "negclap"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--method" in bad.stderr
+    bad = subprocess.run([sys.executable, train.__file__, "--holdout-combos", "--data", "wds", "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--holdout-combos" in bad.stderr
     missing = subprocess.run([sys.executable, evaluate.__file__, "--ckpt", str(tmp_path / "none.pt")], capture_output=True, text=True)
     assert missing.returncode != 0 and "python train.py" in missing.stderr

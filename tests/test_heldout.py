@@ -1,0 +1,44 @@
+"""The shapes world's compositional-generalisation split: colour-shape pairs held out of training scenes
+(data.HOLDOUT_COMBOS, train.py --holdout-combos) and eval.py's held-out categories on test scenes."""
+
+import re
+
+from data import HOLDOUT_COMBOS, ShapesWorld
+from eval import CATEGORIES, ShapesBenchmark
+
+HELD = set(HOLDOUT_COMBOS)
+
+
+def pairs(scene) -> set:
+    return {(o.colour, o.shape) for o in scene.objects}
+
+
+def test_holdout_keeps_its_pairs_out_of_training_scenes_only():
+    plain, held = ShapesWorld(), ShapesWorld(holdout=HOLDOUT_COMBOS)
+    seen = set().union(*(pairs(held.scene(0, "train", i)) for i in range(400)))
+    assert not seen & HELD and len(seen) == 8 * 7 - len(HELD)  # every other pair still occurs
+    for i in range(200):
+        assert held.scene(0, "test", i) == plain.scene(0, "test", i)
+        scene = plain.scene(0, "train", i)
+        if not pairs(scene) & HELD:  # a scene without a held-out pair is drawn exactly as before
+            assert held.scene(0, "train", i) == scene
+    share = sum(bool(pairs(plain.scene(0, "test", i)) & HELD) for i in range(400)) / 400
+    assert 0.25 < share < 0.5
+
+
+def test_heldout_categories_edit_a_heldout_object_and_leave_the_others_alone():
+    world = ShapesWorld(image_size=16)
+    bench, plain = ShapesBenchmark(world, n=60), ShapesBenchmark(world, n=60, holdout=())
+    for cat in CATEGORIES:
+        if not cat.startswith("heldout-"):
+            assert bench.pairs[cat] == plain.pairs[cat]  # the held-out pairs draw from their own generator
+    assert not plain.pairs["heldout-swap-att"] and not plain.pairs["heldout-replace-att"]
+    swaps, replaces = bench.pairs["heldout-swap-att"], bench.pairs["heldout-replace-att"]
+    assert 10 < len(swaps) == len(replaces) < 40
+    for idx, pos, neg in swaps + replaces:
+        scene = bench.scenes[idx]
+        assert pos == world.caption(scene) and neg != pos
+        gone = [o for o in scene.objects if not re.search(rf"\b{o.phrase()}\b", neg)]  # the edited objects
+        assert any((o.colour, o.shape) in HELD for o in gone)
+    for idx, pos, neg in swaps:  # a swap keeps the bag of words ('an' read as 'a': it follows the colour)
+        assert sorted(re.sub(r"\ban\b", "a", pos).split()) == sorted(re.sub(r"\ban\b", "a", neg).split())
