@@ -254,11 +254,6 @@ def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor, ks=(1, 5, 10))
     return out | {f"t2i-R@{k}": (t2i_rank < k).float().mean().item() for k in ks}
 
 
-def recall_at_k(sim: torch.Tensor, k: int) -> float:
-    """sim (B, B) with the match of row i in column i: the fraction of rows whose match ranks in the top k."""
-    return retrieval_recall(sim, torch.arange(sim.shape[1]), (k,))[f"i2t-R@{k}"]
-
-
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
     """logits (B, C), labels (B,) -> {k: fraction of images whose class ranks in the top k} (ties against)."""
     rank = (logits >= logits.gather(1, labels[:, None])).sum(dim=1) - 1  # (B,): classes scoring at least as high
