@@ -5,7 +5,8 @@ Paper map (../shared/docs/paper.md, "Notation"):
   u_ij  = CLIP.encode_image(images)[1]   the L2-normalised patch embeddings in the joint space
   y_i   = CLIP.encode_text(captions)     the L2-normalised caption embedding
   c_k   = CLIP.encode_text(phrases)      the same text encoder on a short, separate sequence
-  t, b  = CLIP.logit_scale.exp(), CLIP.logit_bias   learned, shared by every loss
+  t, b  = CLIP.logit_scale.exp(), CLIP.logit_bias   learned, shared by every loss (the paper); with
+          CLIPConfig.concept_logits the concept losses get a pair of their own (CLIP.concept_scale_bias)
 
 C2LIP changes nothing here: its losses only need the patch tokens to live in the joint space, so each
 patch output goes through the same final LayerNorm and projection as the class token (the paper's
@@ -76,6 +77,9 @@ class CLIPConfig:
     # SigLIP's initialisation: t = 10, b = -10. CLIP's softmax loss uses t = 1/0.07 and no bias (None).
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float | None = -10.0
+    # A departure, off by default: a second (t, b) pair for the concept losses, from SigLIP's t = 10, b = -10.
+    # The paper shares one pair; the README's study measures both (train.py --concept-logits own).
+    concept_logits: bool = False
 
     @staticmethod
     def from_dict(d: dict) -> "CLIPConfig":
@@ -235,6 +239,9 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         bias = cfg.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
+        if cfg.concept_logits:
+            self.concept_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.concept_logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W) -> (x: (B, D), u: (B, N, D)), both L2-normalised."""
@@ -259,6 +266,14 @@ class CLIP(nn.Module):
 
     def bias(self) -> torch.Tensor:
         return self.logit_bias if self.logit_bias is not None else torch.zeros((), device=self.logit_scale.device)
+
+    def concept_scale_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, b) of the concept losses: the shared pair, or their own with cfg.concept_logits. Why own: one
+        bias cannot sit right for both tasks, 1 match in B captions against ~3 phrases per image among
+        ~3B (a threshold a caption must cross versus one that many near-duplicate phrases must not)."""
+        if not self.cfg.concept_logits:
+            return self.scale(), self.bias()
+        return self.concept_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE), self.concept_logit_bias
 
 
 # ----------------------------------------------------------------------------- pretrained CLIP weights

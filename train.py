@@ -24,7 +24,7 @@ instead: OpenAI's CLIP release, an open_clip state dict of the same architecture
 (the model, its tokenizer and its pixel normalisation come from the file; --model is then unused).
 OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
-`--concept-labels phrase` is off by default.
+`--concept-labels phrase` and `--concept-logits own` are off by default.
 `--holdout-combos` keeps data.HOLDOUT_COMBOS out of every training scene (eval.py's generalisation split).
 Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
 Real data (`--data cc3m` or `wds`) streams tar shards (data.WebDataset), split across DataLoader workers
@@ -72,6 +72,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concept-labels", default="owner", choices=["owner", "phrase"],
                    help="owner: a phrase is positive only for its own image (authors); "
                         "phrase: for every image with the same normalised phrase")  # fmt: skip
+    p.add_argument("--concept-logits", default="shared", choices=["shared", "own"],
+                   help="shared: the concept losses use the caption loss's t and b (paper); own: a pair of their own "
+                        "(CLIPConfig.concept_logits, started at t = 10, b = -10)")  # fmt: skip
     p.add_argument("--model", default="tiny", choices=list(PRESETS), help="model size preset (model.py), when training from scratch")
     p.add_argument("--init", default=None, metavar="PATH",
                    help="start from these weights: OpenAI's CLIP release (ViT-B-16.pt), an open_clip state dict, "
@@ -127,8 +130,8 @@ def get_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or 600  # with --epochs, main() sets it from the number of samples
     if args.tau <= 0:
         p.error("--tau must be positive")
-    if args.method == "clip" and args.concept_labels == "phrase":
-        p.error("--concept-labels only applies to --method c2lip")
+    if args.method != "c2lip" and (args.concept_labels == "phrase" or args.concept_logits == "own"):
+        p.error("--concept-labels phrase and --concept-logits own only apply to --method c2lip")
     if args.init_bias != "auto":
         try:
             float(args.init_bias)
@@ -182,6 +185,7 @@ def loss_terms(model, batch: dict, args) -> dict[str, torch.Tensor]:
         concept_emb = gather(extra_emb)  # (K, D), K over all ranks
         owner = gather_owner(batch["owner"], len(batch["images"]))  # (K,) indices into the global batch
         ids = gather(batch["phrase_ids"]) if args.concept_labels == "phrase" else None
+        t, b = raw.concept_scale_bias()  # t and b again, unless --concept-logits own
         if args.concept_weight:
             terms["concept"] = concept_loss(image_emb, concept_emb, owner, t, b, ids)
         if args.pool_weight:
@@ -362,6 +366,9 @@ def main(argv=None) -> str:
         if args.method == "clip":  # CLIP's softmax form: t = 1/0.07 and no bias
             cfg = replace(cfg, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None)
 
+    if not resume:
+        cfg = replace(cfg, concept_logits=args.concept_logits == "own")
+
     # --batch-size is per rank; each rank reads its own scenes or shards
     size, normalise = cfg.vision.image_size, cfg.vision.normalise
     collate = Collate(tokenizer, negatives=args.method == "negclip")  # hard negatives are made in the workers
@@ -390,7 +397,10 @@ def main(argv=None) -> str:
     model = CLIP(cfg).to(device)
     model.visual.grad_checkpointing = model.text.grad_checkpointing = args.grad_checkpointing
     if init is not None:
-        model.load_state_dict(init)
+        # The concept losses' own (t, b) is a choice of this run: kept from the weights when both have
+        # one, else started fresh (or dropped).
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("concept_logit_")}
+        model.load_state_dict(fresh | {k: v for k, v in init.items() if not k.startswith("concept_logit_") or k in fresh})
         if args.method != "clip" and not has_bias and args.init_bias == "auto":
             with torch.no_grad():  # every rank computes it; DistributedDataParallel then keeps rank 0's
                 model.logit_bias.fill_(balanced_bias(model, {k: v.to(device) for k, v in next(iter(loader)).items()}))
@@ -402,9 +412,9 @@ def main(argv=None) -> str:
     log0("config:", json.dumps({"model": asdict(cfg), "args": vars(args)}))
 
     # ---- optimizer: no weight decay on biases, norms (1-d tensors) or the logit scale and bias
-    logit = [p for n, p in model.named_parameters() if n.startswith("logit_")]
-    decay = [p for n, p in model.named_parameters() if not n.startswith("logit_") and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if not n.startswith("logit_") and p.ndim < 2]
+    logit = [p for n, p in model.named_parameters() if "logit_" in n]
+    decay = [p for n, p in model.named_parameters() if "logit_" not in n and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if "logit_" not in n and p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": args.weight_decay, "base_lr": args.lr},
@@ -458,6 +468,8 @@ def main(argv=None) -> str:
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 record = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
                           "scale": model.scale().item(), "bias": model.bias().item(),
+                          **(dict(zip(("concept_scale", "concept_bias"), (v.item() for v in model.concept_scale_bias())))
+                             if cfg.concept_logits else {}),
                           "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}  # fmt: skip
                 if args.data != "shapes":
                     record |= {"epoch": dataset.epoch, "skipped": skipped}

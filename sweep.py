@@ -1,0 +1,209 @@
+"""The study in the README ("When does concept-centric learning help?"): every row of its table, over
+several seeds, in one command.
+
+  python sweep.py                               # the table: trains what is missing, reuses the rest
+  python sweep.py --seeds 3 4 5 --root runs/sweep_b   # the same study on other seeds
+  python sweep.py --rows siglip c2lip --seeds 0 # part of it
+  python sweep.py --list                        # the rows, their flags and what each one tests
+
+Protocol, the paper's in miniature ("Training setup" in ../shared/docs/paper.md: fine-tune a pretrained
+SigLIP model, baseline and C2LIP for the same steps): for each seed, pretrain one SigLIP model on the
+shapes world (PRETRAIN), then fine-tune a copy of it per row for the same number of steps (FINETUNE plus
+the row's flags). Every model is scored on the same held-out benchmark (eval.py's shapes benchmark, drawn
+by --bench-seed, which no training run uses). Training scenes never hold a colour-shape pair of
+data.HOLDOUT_COMBOS, so the heldout-* columns are the compositional-generalisation split.
+
+Each run is a subprocess `python train.py ...` writing ROOT/<row>/seed<k>/ (ROOT/pretrain/seed<k>/ for the
+pretraining): ckpt.pt, log.jsonl, loss.png, train.txt (its console) and run.json (its flags, wall time
+and status), then eval.json (its benchmark scores). A finished run is reused, an interrupted one resumed,
+a run whose folder was made with other flags is refused (delete the folder to redo it), and a failed one
+(non-zero exit or a non-finite loss) is reported as failed while the sweep goes on. The table shows the
+mean ± sample standard deviation over seeds; ROOT/results.json holds every run's scores, wall time and
+status.
+
+Departure: the paper fine-tunes at lr 1e-5 for 5 epochs of CC3M; here fine-tuning is 100 steps at 1e-4,
+and the logit scale and bias learn at their own rate (--logit-lr) in every run, pretraining included:
+at the shared rate they barely move from t = 10, b = -10 in a few hundred steps (the README's first
+comparison), which leaves the sigmoid losses far from fitting.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from data import ShapesWorld
+from eval import BENCH_SEED, ShapesBenchmark, evaluate_shapes, load_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# the flags every run shares; --pretrain-steps, --finetune-steps and --batch-size add theirs
+PRETRAIN = ["--method", "siglip", "--logit-lr", "0.05", "--holdout-combos"]
+FINETUNE = ["--lr", "1e-4", "--logit-lr", "0.05", "--holdout-combos"]
+
+# row -> (train.py flags added to FINETUNE, what the row tests). "pretrained" is the starting point itself.
+ROWS = {
+    "pretrained": (None, "the pretrained SigLIP model every row starts from, not fine-tuned"),
+    "siglip": (["--method", "siglip"], "the baseline: fine-tuned with the caption loss alone"),
+    "negclip": (["--method", "negclip"], "NegCLIP-style: plus one rule-made hard negative per caption"),
+    "c2lip": (["--method", "c2lip"], "C2LIP with the paper's weights: concept 1.0, pooled 0.01, tau 1"),
+    "c2lip -concept": (["--method", "c2lip", "--concept-weight", "0"], "ablation: without the concept loss"),
+    "c2lip -pooled": (["--method", "c2lip", "--pool-weight", "0"], "ablation: without the pooled loss"),
+    "c2lip pooled 1": (["--method", "c2lip", "--pool-weight", "1"], "the pooled loss weighted as much as the concept loss"),
+    "c2lip tau 0.1": (["--method", "c2lip", "--tau", "0.1"], "hypothesis 5: a sharper pooling"),
+    "c2lip pooled 1 tau 0.1": (["--method", "c2lip", "--pool-weight", "1", "--tau", "0.1"],
+                               "hypothesis 5: a sharper pooling that carries weight"),
+    "c2lip own t,b": (["--method", "c2lip", "--concept-logits", "own"],
+                      "hypothesis 2: the concept losses get their own logit scale and bias"),
+    "c2lip concept 0.1": (["--method", "c2lip", "--concept-weight", "0.1"], "hypothesis 2: a lighter concept loss"),
+    "c2lip phrase labels": (["--method", "c2lip", "--concept-labels", "phrase"],
+                            "hypothesis 3: a duplicate phrase in the batch is a positive, not a negative"),
+}  # fmt: skip
+
+# the table's columns: eval.py's shapes metrics, compositional categories first
+COLUMNS = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att",
+           "heldout-swap-att", "heldout-replace-att", "i2t-R@1", "t2i-R@1", "zeroshot-top1"]  # fmt: skip
+
+
+def folder(root: str, row: str, seed: int) -> str:
+    return os.path.join(root, row.replace(" ", "_").replace(",", ""), f"seed{seed}")
+
+
+def train(out: str, flags: list[str], seed: int) -> dict:
+    """Run (or reuse, or resume) `python train.py FLAGS --seed SEED --out OUT`; return its run.json record."""
+    argv = [*flags, "--seed", str(seed), "--out", out]
+    record_path = os.path.join(out, "run.json")
+    record = {"argv": argv, "status": "new", "seconds": 0.0}
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            old = json.load(f)
+        if old["argv"] != argv:
+            sys.exit(f"error: {out} was trained with `train.py {' '.join(old['argv'])}`, not `train.py {' '.join(argv)}`; "
+                     f"delete the folder to redo it, or pass another --root")  # fmt: skip
+        if old["status"] in ("done", "failed"):
+            return old
+        record = old  # interrupted: resume it
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(out, "train.txt"), "a") as console:
+        code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--resume"],
+                              stdout=console, stderr=subprocess.STDOUT, cwd=HERE).returncode  # fmt: skip
+    record["seconds"] += time.time() - t0
+    record["status"] = "done" if code == 0 and finite_loss(out) else "failed"
+    if code != 0:
+        record["error"] = f"train.py exited with {code}; see {os.path.join(out, 'train.txt')}"
+    elif record["status"] == "failed":
+        record["error"] = "the loss became non-finite (diverged)"
+    with open(record_path, "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def finite_loss(out: str) -> bool:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = [json.loads(line) for line in f if line.strip()][-1]
+    return math.isfinite(last["loss"])
+
+
+def evaluate(out: str, bench: ShapesBenchmark, bench_seed: int) -> dict:
+    """The shapes benchmark's scores of OUT/ckpt.pt (eval.py, plain scoring), cached in OUT/eval.json."""
+    path = os.path.join(out, "eval.json")
+    key = {"bench_seed": bench_seed, "n": len(bench.scenes)}
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached["bench"] == key:
+            return cached["results"]
+    model, tokenizer, _ = load_checkpoint(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
+    results = {k: v["accuracy"] for k, v in evaluate_shapes(model, tokenizer, bench, torch.device("cpu")).items()}
+    with open(path, "w") as f:
+        json.dump({"bench": key, "results": results}, f, indent=1)
+    return results
+
+
+def summarise(runs: dict[int, dict]) -> dict:
+    """{seed: run} -> {"mean": {metric: m}, "std": {metric: s}} over the runs that finished."""
+    scores = [run["metrics"] for run in runs.values() if run["status"] == "done"]
+    if not scores:
+        return {"mean": {}, "std": {}}
+    mean = {m: statistics.fmean(s[m] for s in scores) for m in scores[0]}
+    std = {m: statistics.stdev([s[m] for s in scores]) if len(scores) > 1 else float("nan") for m in scores[0]}
+    return {"mean": mean, "std": std}
+
+
+def markdown(rows: dict[str, dict]) -> str:
+    lines = ["| row | runs | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for name, row in rows.items():
+        done = sum(run["status"] == "done" for run in row["runs"].values())
+        cells = [f"{row['mean'][c]:.3f} ± {row['std'][c]:.3f}" if c in row["mean"] else "-" for c in COLUMNS]
+        lines.append(f"| {name} | {done}/{len(row['runs'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", default=list(ROWS), metavar="ROW", help="rows to run, by name (default: all; see --list)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds, one run per row each")
+    p.add_argument("--root", default="runs/sweep", help="folder of every run, and of results.json")
+    p.add_argument("--n", type=int, default=1000, help="held-out scenes in the benchmark")
+    p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the benchmark")
+    p.add_argument("--pretrain-steps", type=int, default=400, help="steps of the SigLIP pretraining, one per seed")
+    p.add_argument("--finetune-steps", type=int, default=100, help="steps of every row's fine-tuning")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step, in every run")
+    p.add_argument("--list", action="store_true", help="print the rows and exit")
+    args = p.parse_args(argv)
+    for name in ("pretrain_steps", "finetune_steps", "batch_size", "n"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    batch = ["--batch-size", str(args.batch_size)]
+    pretrain = [*PRETRAIN, "--steps", str(args.pretrain_steps), *batch]
+    finetune = [*FINETUNE, "--steps", str(args.finetune_steps), *batch]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {unknown}; the rows are {list(ROWS)}")
+    if args.list:
+        print(f"pretraining: train.py {' '.join(pretrain)}\nfine-tuning: train.py {' '.join(finetune)} --init PRETRAINED + the row's flags")
+        for name, (flags, what) in ROWS.items():
+            print(f"  {name:24s} {' '.join(flags) if flags is not None else '(none)':48s} {what}")
+        return {}
+
+    t0 = time.time()
+    bench = ShapesBenchmark(ShapesWorld(), args.n, args.bench_seed)
+    rows = {name: {"flags": ROWS[name][0], "tests": ROWS[name][1], "runs": {}} for name in args.rows}
+    jobs = [(name, seed) for name in args.rows for seed in args.seeds]  # row by row: a partial sweep has whole rows
+    for k, (name, seed) in enumerate(jobs):
+        pretrained = folder(args.root, "pretrain", seed)
+        base = train(pretrained, pretrain, seed)
+        if name == "pretrained" or base["status"] != "done":
+            out, run = pretrained, base
+        else:
+            out = folder(args.root, name, seed)
+            run = train(out, [*finetune, *ROWS[name][0], "--init", os.path.join(pretrained, "ckpt.pt")], seed)
+        run = dict(run, metrics=evaluate(out, bench, args.bench_seed) if run["status"] == "done" else None)
+        rows[name]["runs"][seed] = run
+        shown = f"swap-att {run['metrics']['swap-att']:.3f}" if run["metrics"] else run.get("error", "")
+        print(f"[{k + 1}/{len(jobs)}] {name}, seed {seed}: {run['status']}, {run['seconds']:.0f} s train; {shown}", flush=True)
+    for row in rows.values():
+        row |= summarise(row["runs"])
+
+    table = markdown(rows)
+    print(table)
+    wall = time.time() - t0
+    print(f"{len(jobs)} runs in {wall / 60:.1f} min (runs reused from earlier calls take no time)")
+    result = {"pretrain": pretrain, "finetune": finetune, "seeds": args.seeds, "bench_seed": args.bench_seed, "n": args.n,
+              "rows": rows, "markdown": table, "wall_seconds": wall}  # fmt: skip
+    path = os.path.join(args.root, "results.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
