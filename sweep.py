@@ -15,7 +15,7 @@ data.HOLDOUT_COMBOS, so the heldout-* columns are the compositional-generalisati
 
 Each run is a subprocess `python train.py ...` writing ROOT/<row>/seed<k>/ (ROOT/pretrain/seed<k>/ for the
 pretraining): ckpt.pt, log.jsonl, loss.png, train.txt (its console) and run.json (its flags, wall time
-and status), then eval.json (its benchmark scores). A finished run is reused, an interrupted one resumed,
+and status), then eval.json (its benchmark scores). A finished run is reused, an interrupted one (a signal stops the sweep) resumed,
 a run whose folder was made with other flags is refused (delete the folder to redo it), and a failed one
 (non-zero exit or a non-finite loss) is reported as failed while the sweep goes on. The table shows the
 mean ± sample standard deviation over seeds; ROOT/results.json holds every run's scores, wall time and
@@ -95,6 +95,10 @@ def train(out: str, flags: list[str], seed: int) -> dict:
         code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--resume"],
                               stdout=console, stderr=subprocess.STDOUT, cwd=HERE).returncode  # fmt: skip
     record["seconds"] += time.time() - t0
+    if code < 0:  # killed by a signal: an interruption, not a result; the next call resumes it
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+        sys.exit(f"train.py was stopped by signal {-code} in {out}; run the same command again to resume")
     record["status"] = "done" if code == 0 and finite_loss(out) else "failed"
     if code != 0:
         record["error"] = f"train.py exited with {code}; see {os.path.join(out, 'train.txt')}"
