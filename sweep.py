@@ -77,7 +77,7 @@ def folder(root: str, row: str, seed: int) -> str:
 
 def train(out: str, flags: list[str], seed: int) -> dict:
     """Run (or reuse, or resume) `python train.py FLAGS --seed SEED --out OUT`; return its run.json record."""
-    argv = [*flags, "--seed", str(seed), "--out", out]
+    argv = [*flags, "--seed", str(seed)]  # what the run is; OUT is only where it lies
     record_path = os.path.join(out, "run.json")
     record = {"argv": argv, "status": "new", "seconds": 0.0}
     if os.path.exists(record_path):
@@ -92,7 +92,7 @@ def train(out: str, flags: list[str], seed: int) -> dict:
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(out, "train.txt"), "a") as console:
-        code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--resume"],
+        code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--out", out, "--resume"],
                               stdout=console, stderr=subprocess.STDOUT, cwd=HERE).returncode  # fmt: skip
     record["seconds"] += time.time() - t0
     if code < 0:  # killed by a signal: an interruption, not a result; the next call resumes it
