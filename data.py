@@ -394,6 +394,11 @@ TEMPLATES = [
 ]
 NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
+# The worlds train.py --world can train in, as ShapesWorld arguments. "dense" is the world of hypothesis 1
+# in the README's study: more objects, and colours and shapes repeated within a scene ("a red circle, a
+# red star and a blue circle"), where a bag of words cannot tell a caption from its attribute swap.
+WORLDS = {"simple": {}, "dense": {"min_objects": 3, "max_objects": 5, "repeats": True}}
+
 
 @dataclass(frozen=True)
 class Obj:
@@ -425,27 +430,37 @@ def list_phrases(phrases: list[str]) -> str:
 class ShapesWorld:
     """Scenes of 2-4 objects with distinct colours and shapes; every scene is a pure function of
     (seed, split, index), so datasets need no storage and a run can resume at any step. `holdout`:
-    (colour, shape) pairs that no scene of the "train" split contains (e.g. HOLDOUT_COMBOS)."""
+    (colour, shape) pairs that no scene of the "train" split contains (e.g. HOLDOUT_COMBOS). `repeats`:
+    a colour or a shape may occur on several objects of a scene (a colour-shape pair never twice), so
+    knowing which words a caption holds no longer tells which colour goes with which shape (WORLDS)."""
 
-    def __init__(self, image_size: int = 64, min_objects: int = 2, max_objects: int = 4, p_size: float = 0.8, holdout=()):
-        assert max_objects <= min(len(COLOURS), len(SHAPES), GRID * GRID)
+    def __init__(self, image_size: int = 64, min_objects: int = 2, max_objects: int = 4, p_size: float = 0.8, holdout=(),
+                 repeats: bool = False):  # fmt: skip
+        assert max_objects <= GRID * GRID and (repeats or max_objects <= min(len(COLOURS), len(SHAPES)))
         self.image_size, self.min_objects, self.max_objects, self.p_size = image_size, min_objects, max_objects, p_size
-        self.holdout = frozenset(map(tuple, holdout))
+        self.holdout, self.repeats = frozenset(map(tuple, holdout)), repeats
 
     def scene(self, seed: int, split: str, index: int) -> Scene:
         rng = random.Random(f"shapes:{seed}:{split}:{index}")  # string seeds are hashed stably
         n = rng.randint(self.min_objects, self.max_objects)
-        colours, shapes, cells = rng.sample(list(COLOURS), n), rng.sample(SHAPES, n), rng.sample(range(GRID * GRID), n)
+        colours, shapes, cells = *self.draw_pairs(rng, n), rng.sample(range(GRID * GRID), n)
         # Redraw until no held-out pair is left; without a holdout nothing is redrawn, so every scene of
         # an existing seed stays exactly what it was.
         while split == "train" and self.holdout & set(zip(colours, shapes)):
-            colours, shapes = rng.sample(list(COLOURS), n), rng.sample(SHAPES, n)
+            colours, shapes = self.draw_pairs(rng, n)
         objects = tuple(
             Obj(c, s, rng.choice(list(SIZES)), cell, rng.random() < self.p_size)
             for c, s, cell in zip(colours, shapes, cells)
         )
         jitter = tuple((rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in objects)
         return Scene(objects, rng.randrange(len(TEMPLATES)), rng.randint(0, 40), jitter)
+
+    def draw_pairs(self, rng: random.Random, n: int) -> tuple[list[str], list[str]]:
+        """The colours and the shapes of n objects: distinct each, or n distinct colour-shape pairs with repeats."""
+        if not self.repeats:
+            return rng.sample(list(COLOURS), n), rng.sample(SHAPES, n)
+        pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+        return [c for c, _ in pairs], [s for _, s in pairs]
 
     @staticmethod
     def caption(scene: Scene, objects=None) -> str:

@@ -7,7 +7,9 @@
 A checkpoint is one of ours, OpenAI's CLIP release or an open_clip state dict (train.load_weights); each
 is evaluated with the tokenizer and pixel normalisation it was trained with.
 
-`--bench shapes` measures, on held-out scenes of the synthetic world (data.py):
+`--bench shapes` measures, on held-out scenes of the synthetic world (data.py) that the checkpoint was
+trained in (train.py --world; in the dense world an edit that names the same colour-shape pairs again,
+such as swapping the colours of two circles, is no negative, and another edit is drawn):
   compositionality  SugarCrepe's categories that fit the world, scored exactly as SugarCrepe scores
                     them: one image, a true caption and a hard negative that differs in one way; correct
                     iff cos(image, caption) > cos(image, negative) with L2-normalised global embeddings
@@ -65,6 +67,7 @@ M benchmark examples, X texts, N = g x g patches, K phrases of a picture.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -72,6 +75,7 @@ import random
 import re
 import sys
 import textwrap
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -82,7 +86,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import (COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, ImageFiles, Obj, Scene, ShapesWorld, eval_transform,
+from data import (COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, WORLDS, ImageFiles, Obj, Scene, ShapesWorld, eval_transform,
                   image_to_tensor, load_image, tokenizer_from_state_dict)  # fmt: skip
 from model import CLIP, CLIPConfig
 from pool import pooled_similarity, pooling_weights
@@ -147,14 +151,37 @@ def edited(objs: list[Obj], changes: dict[int, dict]) -> list[Obj]:
     return [replace(o, **changes.get(k, {})) for k, o in enumerate(objs)]
 
 
+def pairs_of(objs) -> Counter:
+    """The colour-shape pairs a caption of these objects claims. An edit of colours or shapes gives a false
+    caption exactly when these differ: some claimed pair is then not in the image as often as claimed."""
+    return Counter((o.colour, o.shape) for o in objs)
+
+
+def swapped(objs: list[Obj], field: str, i: int, j: int) -> list[Obj]:
+    """Objects i and j exchange their colour or their shape."""
+    return edited(objs, {i: {field: getattr(objs[j], field)}, j: {field: getattr(objs[i], field)}})
+
+
+def false_swap(objs: list[Obj], field: str, i: int, j: int, rng: random.Random) -> tuple[int, int] | None:
+    """(i, j) if swapping their `field` makes a false caption, else another pair that does (drawn from rng),
+    else None. With distinct colours and shapes every pair does, so the simple world never redraws; in
+    the dense world "a red circle and a blue circle" swapped is the same claim, and is not a negative."""
+    if pairs_of(swapped(objs, field, i, j)) != pairs_of(objs):
+        return i, j
+    good = [(a, b) for a, b in itertools.combinations(range(len(objs)), 2) if pairs_of(swapped(objs, field, a, b)) != pairs_of(objs)]
+    return rng.choice(good) if good else None
+
+
 def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
     """(true text, negative text) of each category that this scene admits, in the scene's own wording."""
     caption = ShapesWorld.caption
     objs = list(scene.objects)
     out = {}
     i, j = rng.sample(range(len(objs)), 2)  # every scene has at least two objects
-    out["swap-att"] = (caption(scene), caption(scene, edited(objs, {i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})))
-    out["swap-obj"] = (caption(scene), caption(scene, edited(objs, {i: {"shape": objs[j].shape}, j: {"shape": objs[i].shape}})))
+    for cat, field in (("swap-att", "colour"), ("swap-obj", "shape")):
+        pair = false_swap(objs, field, i, j, rng)
+        if pair:
+            out[cat] = (caption(scene), caption(scene, swapped(objs, field, *pair)))
 
     free_colours = [c for c in COLOURS if c not in {o.colour for o in objs}]
     free_shapes = [s for s in SHAPES if s not in {o.shape for o in objs}]
@@ -171,7 +198,11 @@ def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
         wrong = next(s for s in SIZES if s != objs[k].size)
         out["add-att"] = (caption(scene), caption(scene, edited(objs, {k: {"size": wrong, "said_size": True}})))
 
-    out["phrase-att"] = (objs[i].phrase(), replace(objs[i], colour=objs[j].colour).phrase())
+    # a phrase with another object's colour, unless an object of that colour and shape is in the image
+    wrong = [(a, b) for a, b in itertools.permutations(range(len(objs)), 2) if (objs[b].colour, objs[a].shape) not in pairs_of(objs)]
+    if wrong:
+        a, b = (i, j) if (i, j) in wrong else rng.choice(wrong)
+        out["phrase-att"] = (objs[a].phrase(), replace(objs[a], colour=objs[b].colour).phrase())
     return out
 
 
@@ -185,10 +216,13 @@ def heldout_negatives(scene: Scene, holdout, rng: random.Random) -> dict[str, tu
     i = rng.choice(held)
     j = rng.choice([k for k in range(len(objs)) if k != i])
     free_colours = [c for c in COLOURS if c not in {o.colour for o in objs}]
-    swapped = edited(objs, {i: {"colour": objs[j].colour}, j: {"colour": objs[i].colour}})
-    replaced = edited(objs, {i: {"colour": rng.choice(free_colours)}})
-    return {"heldout-swap-att": (caption(scene), caption(scene, swapped)),
-            "heldout-replace-att": (caption(scene), caption(scene, replaced))}
+    out = {"heldout-replace-att": (caption(scene), caption(scene, edited(objs, {i: {"colour": rng.choice(free_colours)}})))}
+    if pairs_of(swapped(objs, "colour", i, j)) == pairs_of(objs):  # the same claim (dense world): another partner
+        others = [k for k in range(len(objs)) if k != i and pairs_of(swapped(objs, "colour", i, k)) != pairs_of(objs)]
+        if not others:
+            return out
+        j = rng.choice(others)
+    return {"heldout-swap-att": (caption(scene), caption(scene, swapped(objs, "colour", i, j)))} | out
 
 
 class ShapesBenchmark:
@@ -525,11 +559,11 @@ def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dic
 CELL, GAP, TITLE, LABEL = 160, 8, 16, 40  # picture layout in pixels: cell side, gap, row title, phrase label
 
 
-def show_image(spec: str, size: int, seed: int) -> Image.Image:
-    """--show's image: a shapes test scene index (of the benchmark seed) rendered at the model's size, or an
-    image file cropped as eval_transform crops it."""
+def show_image(spec: str, size: int, seed: int, world: str = "simple") -> Image.Image:
+    """--show's image: a shapes test scene index (of the benchmark seed, in the model's world) rendered at the
+    model's size, or an image file cropped as eval_transform crops it."""
     if spec.isdigit():
-        world = ShapesWorld(image_size=size)
+        world = ShapesWorld(size, **WORLDS[world])
         return world.render(world.scene(seed, "test", int(spec)))
     if not os.path.isfile(spec):
         fail(f"--show {spec}: neither a shapes test scene index nor an image file")
@@ -582,13 +616,18 @@ def show_attention(args, device) -> str:
     for path in args.ckpt:
         model, tokenizer, ckpt = load_checkpoint(path, device, args.bpe, args.clip_act)
         tau = checkpoint_tau(args, ckpt)
-        picture = show_image(args.show, model.cfg.vision.image_size, args.bench_seed)
+        picture = show_image(args.show, model.cfg.vision.image_size, args.bench_seed, checkpoint_world(ckpt))
         image = picture if image is None else image  # the first model's copy is drawn; each model reads its own
         rows.append(attention_maps(model, tokenizer, image_to_tensor(picture, model.cfg.vision.normalise), args.concepts, tau, device))
         titles.append(f"{path}  (tau {tau:g})")
     attention_picture(image, rows, args.concepts, titles).save(args.out)
     print(f"wrote {args.out}")
     return args.out
+
+
+def checkpoint_world(ckpt: dict) -> str:
+    """The shapes world the checkpoint was trained in (train.py --world): its benchmark is drawn from it."""
+    return (ckpt.get("args") or {}).get("world", "simple")
 
 
 def checkpoint_tau(args, ckpt: dict) -> float:
@@ -684,15 +723,17 @@ def main(argv=None) -> dict | str:
         elif bench == "retrieval":
             data[bench] = load_retrieval(folder, args.ann)
 
-    results, shapes = {}, None
+    results, shapes, shapes_key = {}, None, None
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
         model, tokenizer, ckpt = load_checkpoint(path, device, args.bpe, args.clip_act)
         size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
         results[path] = {}
         for bench in args.bench:
             if bench == "shapes":
-                if shapes is None or shapes.images.shape[-1] != size or shapes.normalise != normalise:
-                    shapes = ShapesBenchmark(ShapesWorld(image_size=size), args.n, args.bench_seed, normalise=normalise)
+                key = (size, normalise, checkpoint_world(ckpt))  # a benchmark fits the models of one key
+                if key != shapes_key:
+                    world = ShapesWorld(size, **WORLDS[key[2]])
+                    shapes, shapes_key = ShapesBenchmark(world, args.n, args.bench_seed, normalise=normalise), key
                 for score in dict.fromkeys(args.score):
                     tau = checkpoint_tau(args, ckpt)
                     results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau)

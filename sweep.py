@@ -4,6 +4,7 @@ several seeds, in one command.
   python sweep.py                               # the table: trains what is missing, reuses the rest
   python sweep.py --seeds 3 4 5 --root runs/sweep_b   # the same study on other seeds
   python sweep.py --rows siglip c2lip --seeds 0 # part of it
+  python sweep.py --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip   # hypothesis 1
   python sweep.py --list                        # the rows, their flags and what each one tests
 
 Protocol, the paper's in miniature ("Training setup" in ../shared/docs/paper.md: fine-tune a pretrained
@@ -38,7 +39,7 @@ import time
 
 import torch
 
-from data import ShapesWorld
+from data import WORLDS, ShapesWorld
 from eval import BENCH_SEED, ShapesBenchmark, evaluate_shapes, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,14 +161,15 @@ def main(argv=None) -> dict:
     p.add_argument("--pretrain-steps", type=int, default=400, help="steps of the SigLIP pretraining, one per seed")
     p.add_argument("--finetune-steps", type=int, default=100, help="steps of every row's fine-tuning")
     p.add_argument("--batch-size", type=int, default=128, help="images per step, in every run")
+    p.add_argument("--world", default="simple", choices=list(WORLDS), help="the shapes world of every run and of the benchmark")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     args = p.parse_args(argv)
     for name in ("pretrain_steps", "finetune_steps", "batch_size", "n"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    batch = ["--batch-size", str(args.batch_size)]
-    pretrain = [*PRETRAIN, "--steps", str(args.pretrain_steps), *batch]
-    finetune = [*FINETUNE, "--steps", str(args.finetune_steps), *batch]
+    common = ["--batch-size", str(args.batch_size)] + (["--world", args.world] if args.world != "simple" else [])
+    pretrain = [*PRETRAIN, "--steps", str(args.pretrain_steps), *common]
+    finetune = [*FINETUNE, "--steps", str(args.finetune_steps), *common]
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         p.error(f"--rows: unknown {unknown}; the rows are {list(ROWS)}")
@@ -178,7 +180,7 @@ def main(argv=None) -> dict:
         return {}
 
     t0 = time.time()
-    bench = ShapesBenchmark(ShapesWorld(), args.n, args.bench_seed)
+    bench = ShapesBenchmark(ShapesWorld(**WORLDS[args.world]), args.n, args.bench_seed)
     rows = {name: {"flags": ROWS[name][0], "tests": ROWS[name][1], "runs": {}} for name in args.rows}
     jobs = [(name, seed) for name in args.rows for seed in args.seeds]  # row by row: a partial sweep has whole rows
     for k, (name, seed) in enumerate(jobs):
@@ -200,7 +202,7 @@ def main(argv=None) -> dict:
     print(table)
     wall = time.time() - t0
     print(f"{len(jobs)} runs in {wall / 60:.1f} min (runs reused from earlier calls take no time)")
-    result = {"pretrain": pretrain, "finetune": finetune, "seeds": args.seeds, "bench_seed": args.bench_seed, "n": args.n,
+    result = {"world": args.world, "pretrain": pretrain, "finetune": finetune, "seeds": args.seeds, "bench_seed": args.bench_seed, "n": args.n,
               "rows": rows, "markdown": table, "wall_seconds": wall}  # fmt: skip
     path = os.path.join(args.root, "results.json")
     with open(path, "w") as f:

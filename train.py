@@ -25,7 +25,8 @@ instead: OpenAI's CLIP release, an open_clip state dict of the same architecture
 OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` and `--concept-logits own` are off by default.
-`--holdout-combos` keeps data.HOLDOUT_COMBOS out of every training scene (eval.py's generalisation split).
+`--holdout-combos` keeps data.HOLDOUT_COMBOS out of every training scene (eval.py's generalisation split);
+`--world dense` trains in the shapes world where colours and shapes repeat within a scene (data.WORLDS).
 Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
 Real data (`--data cc3m` or `wds`) streams tar shards (data.WebDataset), split across DataLoader workers
 and, under torchrun, across ranks.
@@ -44,7 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import (HOLDOUT_COMBOS, SHARD_LAYOUT, BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WebDataset,
+from data import (HOLDOUT_COMBOS, SHARD_LAYOUT, WORLDS, BPETokenizer, Collate, ShapesDataset, ShapesWorld, StepBatches, WebDataset,
                   WordTokenizer, cache_dir, caption_word_counts, expand_shards, shard_sizes, tokenizer_from_state_dict,
                   train_transform)  # fmt: skip
 from losses import clip_loss, concept_loss, gather, gather_owner, pooled_concept_loss, siglip_loss
@@ -60,6 +61,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concept-key", default=None, help="cc3m/wds: concept phrases from this <key>.json field when present")
     p.add_argument("--concepts", default=None, help="cc3m/wds: phrases precomputed by `python concepts.py --data-dir ... --out FILE`")
     p.add_argument("--epochs", type=float, default=None, help="cc3m/wds: train this many passes over the shards (sets --steps)")
+    p.add_argument("--world", default="simple", choices=list(WORLDS),
+                   help="shapes: simple (2-4 objects, distinct colours and shapes) or dense (3-5 objects, colours and "
+                        "shapes repeat within a scene; data.WORLDS)")  # fmt: skip
     p.add_argument("--holdout-combos", action="store_true",
                    help="shapes: no training scene holds a colour-shape pair of data.HOLDOUT_COMBOS (eval.py's held-out columns)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="cc3m/wds: samples held in the shuffle buffer of each reader")
@@ -115,8 +119,8 @@ def get_args(argv=None) -> argparse.Namespace:
         if args.epochs is not None:
             p.error("--epochs needs --data cc3m or wds: the shapes world is an endless stream (use --steps)")
     else:
-        if args.holdout_combos:
-            p.error("--holdout-combos only applies to --data shapes")
+        if args.holdout_combos or args.world != "simple":
+            p.error("--holdout-combos and --world only apply to --data shapes")
         if args.data_dir is None:
             p.error(f"--data {args.data} needs --data-dir.\n{SHARD_LAYOUT}")
         try:
@@ -143,6 +147,10 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error(f"--init {args.init}: no such file. OpenAI's ViT-B/16 release is ViT-B-16.pt (see the README)")
     args.out = args.out or os.path.join("runs", args.method)
     return args
+
+
+def shapes_world(args, image_size: int) -> ShapesWorld:
+    return ShapesWorld(image_size, holdout=HOLDOUT_COMBOS if args.holdout_combos else (), **WORLDS[args.world])
 
 
 def log0(*text) -> None:
@@ -356,7 +364,7 @@ def main(argv=None) -> str:
     else:
         cfg = PRESETS[args.model]
         if args.data == "shapes":  # a few thousand captions hold every word of this small world
-            world = ShapesWorld(image_size=cfg.vision.image_size, holdout=HOLDOUT_COMBOS if args.holdout_combos else ())
+            world = shapes_world(args, cfg.vision.image_size)
             captions = [world.caption(world.scene(args.seed, "train", i)) for i in range(2000)]
             tokenizer = WordTokenizer.build(captions, context_length=cfg.text.context_length)
         else:  # the most frequent words of every training caption, counted once
@@ -373,7 +381,7 @@ def main(argv=None) -> str:
     size, normalise = cfg.vision.image_size, cfg.vision.normalise
     collate = Collate(tokenizer, negatives=args.method == "negclip")  # hard negatives are made in the workers
     if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (data.StepBatches)
-        world = ShapesWorld(image_size=size, holdout=HOLDOUT_COMBOS if args.holdout_combos else ())
+        world = shapes_world(args, size)
         dataset = ShapesDataset(world, args.seed, "train", args.steps * args.batch_size * world_size, normalise)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=StepBatches(args.batch_size, start, args.steps, rank, world_size),
@@ -419,7 +427,7 @@ def main(argv=None) -> str:
         [
             {"params": decay, "weight_decay": args.weight_decay, "base_lr": args.lr},
             {"params": no_decay, "weight_decay": 0.0, "base_lr": args.lr},
-            {"params": logit, "weight_decay": 0.0, "base_lr": args.logit_lr or args.lr},
+            {"params": logit, "weight_decay": 0.0, "base_lr": args.lr if args.logit_lr is None else args.logit_lr},
         ],
         lr=args.lr, betas=(0.9, 0.98), eps=1e-6,
     )  # fmt: skip

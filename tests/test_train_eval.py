@@ -10,6 +10,7 @@ from PIL import Image
 
 import eval as evaluate
 import train
+from data import Collate, ShapesDataset, ShapesWorld
 
 FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
@@ -80,3 +81,32 @@ def test_cli_errors_name_the_flag(tmp_path):
     assert bad.returncode == 2 and "--holdout-combos" in bad.stderr
     missing = subprocess.run([sys.executable, evaluate.__file__, "--ckpt", str(tmp_path / "none.pt")], capture_output=True, text=True)
     assert missing.returncode != 0 and "python train.py" in missing.stderr
+
+
+def test_concept_losses_with_their_own_logit_scale_and_bias(tmp_path):
+    """--concept-logits own: a second (t, b) pair that only the concept losses use; it sits in the logit
+    parameter group (--logit-lr 0 freezes both pairs while the encoders learn), is logged and saved, and a
+    fine-tune from weights without it starts it fresh at t = 10, b = -10."""
+    base = train.main(["--method", "siglip", "--steps", "2", "--out", str(tmp_path / "base"), *FAST])
+    own = train.main(["--method", "c2lip", "--concept-logits", "own", "--init", base, "--logit-lr", "0", "--steps", "2",
+                      "--out", str(tmp_path / "own"), *FAST])  # fmt: skip
+    before, after = torch.load(base, weights_only=False)["model"], torch.load(own, weights_only=False)["model"]
+    assert after["concept_logit_scale"].exp().item() == pytest.approx(10.0) and after["concept_logit_bias"].item() == -10.0
+    assert torch.equal(after["logit_bias"], before["logit_bias"]) and torch.equal(after["logit_scale"], before["logit_scale"])
+    assert not torch.equal(after["text.proj"], before["text.proj"])
+    record = json.loads(open(tmp_path / "own" / "log.jsonl").readlines()[-1])
+    assert record["concept_scale"] == pytest.approx(10.0) and record["concept_bias"] == -10.0
+
+    model, tokenizer, _ = evaluate.load_checkpoint(own, torch.device("cpu"))
+    scenes = ShapesDataset(ShapesWorld(), 0, "train", 4)
+    terms = train.loss_terms(model, Collate(tokenizer)([scenes[i] for i in range(4)]), train.get_args(["--method", "c2lip"]))
+    terms["caption"].backward(retain_graph=True)
+    assert model.concept_logit_scale.grad is None and model.logit_scale.grad is not None  # the caption loss keeps to its pair
+    model.zero_grad()
+    terms["concept"].backward()
+    assert model.concept_logit_scale.grad is not None and model.logit_scale.grad is None
+
+    shared = train.main(["--method", "c2lip", "--init", own, "--steps", "1", "--out", str(tmp_path / "shared"), *FAST])
+    assert "concept_logit_scale" not in torch.load(shared, weights_only=False)["model"]
+    with pytest.raises(SystemExit):
+        train.get_args(["--method", "siglip", "--concept-logits", "own"])

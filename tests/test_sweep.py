@@ -1,0 +1,49 @@
+"""sweep.py, the study's one command, end to end on a tiny protocol (2 pretraining steps, 1 fine-tuning step)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+import sweep
+
+TINY = ["--pretrain-steps", "2", "--finetune-steps", "1", "--batch-size", "4", "--n", "12", "--seeds", "0", "1"]
+
+
+def test_sweep_trains_reports_failures_and_reuses_its_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(sweep.ROWS, "broken", (["--method", "c2lip", "--tau", "-1"], "a run that cannot start"))
+    argv = [*TINY, "--root", str(tmp_path), "--rows", "pretrained", "siglip", "broken"]
+    result = sweep.main(argv)
+    rows = result["rows"]
+    for name in ("pretrained", "siglip"):  # mean and sample std over the seeds' runs
+        runs = rows[name]["runs"]
+        assert [r["status"] for r in runs.values()] == ["done", "done"]
+        a, b = (runs[seed]["metrics"]["swap-att"] for seed in (0, 1))
+        assert rows[name]["mean"]["swap-att"] == pytest.approx((a + b) / 2)
+        assert rows[name]["std"]["swap-att"] == pytest.approx(abs(a - b) / 2**0.5)
+    finetune = rows["siglip"]["runs"][0]["argv"]  # every row starts from its seed's pretrained model
+    assert finetune[finetune.index("--init") + 1] == os.path.join(str(tmp_path), "pretrain", "seed0", "ckpt.pt")
+    assert all(r["status"] == "failed" and "exited with 2" in r["error"] for r in rows["broken"]["runs"].values())
+    assert "| broken | 0/2 |" in result["markdown"] and "| siglip | 2/2 |" in result["markdown"]
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["rows"]["siglip"]["mean"] == pytest.approx(rows["siglip"]["mean"], nan_ok=True)
+
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("a finished or failed run was trained again"))
+    again = sweep.main(argv)
+    assert again["markdown"] == result["markdown"]
+    with pytest.raises(SystemExit, match="delete the folder"):  # the same folders, other flags
+        sweep.main([*argv, "--finetune-steps", "2"])
+
+
+def test_a_run_stopped_by_a_signal_is_resumed_not_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, returncode=-2))
+    with pytest.raises(SystemExit, match="run the same command again to resume"):
+        sweep.main([*TINY, "--root", str(tmp_path), "--rows", "pretrained"])
+    with open(tmp_path / "pretrain" / "seed0" / "run.json") as f:
+        assert json.load(f)["status"] == "new"
+
+
+def test_unknown_row_is_named():
+    with pytest.raises(SystemExit):
+        sweep.main(["--rows", "c2lip", "nonsense"])
