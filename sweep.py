@@ -40,7 +40,7 @@ import time
 import torch
 
 from data import WORLDS, ShapesWorld
-from eval import BENCH_SEED, ShapesBenchmark, evaluate_shapes, load_checkpoint
+from eval import BENCH_SEED, ShapesBenchmark, cos, embed_texts, evaluate_shapes, load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,9 +67,10 @@ ROWS = {
                             "hypothesis 3: a duplicate phrase in the batch is a positive, not a negative"),
 }  # fmt: skip
 
-# the table's columns: eval.py's shapes metrics, compositional categories first
+# the columns of the two tables: eval.py's shapes metrics, compositional categories first; then diagnostics()
 COLUMNS = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att",
-           "heldout-swap-att", "heldout-replace-att", "i2t-R@1", "t2i-R@1", "zeroshot-top1"]  # fmt: skip
+           "heldout-swap-att", "heldout-replace-att", "i2t-R@1", "t2i-R@1", "zeroshot-top1"]
+DIAGNOSTICS = ["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"]  # fmt: skip
 
 
 def folder(root: str, row: str, seed: int) -> str:
@@ -117,19 +118,37 @@ def finite_loss(out: str) -> bool:
 
 
 def evaluate(out: str, bench: ShapesBenchmark, bench_seed: int) -> dict:
-    """The shapes benchmark's scores of OUT/ckpt.pt (eval.py, plain scoring), cached in OUT/eval.json."""
-    path = os.path.join(out, "eval.json")
-    key = {"bench_seed": bench_seed, "n": len(bench.scenes)}
+    """The shapes benchmark's scores of OUT/ckpt.pt (eval.py, plain scoring) and the diagnostics below,
+    cached in OUT/eval.json."""
+    path, key, results = os.path.join(out, "eval.json"), {"bench_seed": bench_seed, "n": len(bench.scenes)}, {}
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
-        if cached["bench"] == key:
-            return cached["results"]
+        results = cached["results"] if cached["bench"] == key else {}
+    if "swap-text-cos" in results:
+        return results
     model, tokenizer, _ = load_checkpoint(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
-    results = {k: v["accuracy"] for k, v in evaluate_shapes(model, tokenizer, bench, torch.device("cpu")).items()}
+    if not results:
+        results = {k: v["accuracy"] for k, v in evaluate_shapes(model, tokenizer, bench, torch.device("cpu")).items()}
+    results |= diagnostics(model, tokenizer, bench, out)
     with open(path, "w") as f:
         json.dump({"bench": key, "results": results}, f, indent=1)
     return results
+
+
+@torch.no_grad()
+def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
+    """What the README's explanation rests on: the mean cosine between a caption's embedding and its
+    swap-att negative's (near 1: the text encoder does not tell the two bindings apart), and the end of
+    training from log.jsonl: each unweighted loss term, and the logit scale t and bias b (of the concept
+    losses too, when they have their own)."""
+    pos, neg = ([p[k] for p in bench.pairs["swap-att"]] for k in (1, 2))
+    swap_cos = cos(embed_texts(model, tokenizer, pos, 256, "cpu"), embed_texts(model, tokenizer, neg, 256, "cpu")).mean().item()
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = [json.loads(line) for line in f if line.strip()][-1]
+    names = {"caption": "loss/caption", "concept": "loss/concept", "pooled": "loss/pooled", "scale": "t", "bias": "b",
+             "concept_scale": "concept t", "concept_bias": "concept b"}  # fmt: skip
+    return {"swap-text-cos": swap_cos} | {names[k]: v for k, v in last.items() if k in names}
 
 
 def summarise(runs: dict[int, dict]) -> dict:
@@ -142,11 +161,12 @@ def summarise(runs: dict[int, dict]) -> dict:
     return {"mean": mean, "std": std}
 
 
-def markdown(rows: dict[str, dict]) -> str:
-    lines = ["| row | runs | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+def markdown(rows: dict[str, dict], columns: list[str]) -> str:
+    """One line per row: how many of its runs finished, and mean ± std of each column ("-" if it has none)."""
+    lines = ["| row | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for name, row in rows.items():
         done = sum(run["status"] == "done" for run in row["runs"].values())
-        cells = [f"{row['mean'][c]:.3f} ± {row['std'][c]:.3f}" if c in row["mean"] else "-" for c in COLUMNS]
+        cells = [f"{row['mean'][c]:.3f} ± {row['std'][c]:.3f}" if c in row["mean"] else "-" for c in columns]
         lines.append(f"| {name} | {done}/{len(row['runs'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -198,7 +218,7 @@ def main(argv=None) -> dict:
     for row in rows.values():
         row |= summarise(row["runs"])
 
-    table = markdown(rows)
+    table = markdown(rows, COLUMNS) + "\n\n" + markdown(rows, DIAGNOSTICS)
     print(table)
     wall = time.time() - t0
     print(f"{len(jobs)} runs in {wall / 60:.1f} min (runs reused from earlier calls take no time)")

@@ -22,6 +22,11 @@ def test_sweep_trains_reports_failures_and_reuses_its_runs(tmp_path, monkeypatch
         a, b = (runs[seed]["metrics"]["swap-att"] for seed in (0, 1))
         assert rows[name]["mean"]["swap-att"] == pytest.approx((a + b) / 2)
         assert rows[name]["std"]["swap-att"] == pytest.approx(abs(a - b) / 2**0.5)
+    metrics = rows["siglip"]["runs"][1]["metrics"]  # the diagnostics: the end of the training log ...
+    with open(tmp_path / "siglip" / "seed1" / "log.jsonl") as f:
+        last = json.loads(f.readlines()[-1])
+    assert (metrics["loss/caption"], metrics["t"], metrics["b"]) == (last["caption"], last["scale"], last["bias"])
+    assert "loss/concept" not in metrics and -1 <= metrics["swap-text-cos"] <= 1  # ... and the text encoder's binding
     finetune = rows["siglip"]["runs"][0]["argv"]  # every row starts from its seed's pretrained model
     assert finetune[finetune.index("--init") + 1] == os.path.join(str(tmp_path), "pretrain", "seed0", "ckpt.pt")
     assert all(r["status"] == "failed" and "exited with 2" in r["error"] for r in rows["broken"]["runs"].values())
