@@ -67,7 +67,9 @@ ROWS = {
                             "hypothesis 3: a duplicate phrase in the batch is a positive, not a negative"),
 }  # fmt: skip
 
-# the columns of the two tables: eval.py's shapes metrics, compositional categories first; then diagnostics()
+BASELINE = "siglip"  # the row every other is compared with, seed by seed
+
+# the columns of the tables: eval.py's shapes metrics, compositional categories first; then diagnostics()
 COLUMNS = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att",
            "heldout-swap-att", "heldout-replace-att", "i2t-R@1", "t2i-R@1", "zeroshot-top1"]
 DIAGNOSTICS = ["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"]  # fmt: skip
@@ -151,23 +153,35 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
     return {"swap-text-cos": swap_cos} | {names[k]: v for k, v in last.items() if k in names}
 
 
-def summarise(runs: dict[int, dict]) -> dict:
-    """{seed: run} -> {"mean": {metric: m}, "std": {metric: s}} over the runs that finished."""
-    scores = [run["metrics"] for run in runs.values() if run["status"] == "done"]
-    if not scores:
-        return {"mean": {}, "std": {}}
-    mean = {m: statistics.fmean(s[m] for s in scores) for m in scores[0]}
-    std = {m: statistics.stdev([s[m] for s in scores]) if len(scores) > 1 else float("nan") for m in scores[0]}
-    return {"mean": mean, "std": std}
+def mean_std(scores: list[dict]) -> dict:
+    """[{metric: value}, ...] -> {"n": how many, "mean": {metric: m}, "std": {metric: s}}, s the sample
+    standard deviation (nan for a single value)."""
+    metrics = [m for m in scores[0] if all(m in s for s in scores)] if scores else []
+    mean = {m: statistics.fmean(s[m] for s in scores) for m in metrics}
+    std = {m: statistics.stdev([s[m] for s in scores]) if len(scores) > 1 else float("nan") for m in metrics}
+    return {"n": len(scores), "mean": mean, "std": std}
 
 
-def markdown(rows: dict[str, dict], columns: list[str]) -> str:
-    """One line per row: how many of its runs finished, and mean ± std of each column ("-" if it has none)."""
+def summarise(runs: dict[int, dict], base: dict[int, dict]) -> dict:
+    """A row's runs {seed: run} -> mean_std of their scores ("mean", "std"), and "paired": mean_std of the
+    differences to the baseline's run of the same seed. Every fine-tune of a seed starts from one
+    pretrained model, so the paired difference leaves out the spread between pretrained models, which
+    dominates the plain standard deviation."""
+    done = {seed: run["metrics"] for seed, run in runs.items() if run["status"] == "done"}
+    base = {seed: run["metrics"] for seed, run in base.items() if run["status"] == "done"}
+    diffs = [{m: done[seed][m] - base[seed][m] for m in done[seed] if m in base[seed]} for seed in done if seed in base]
+    return mean_std(list(done.values())) | {"paired": mean_std(diffs)}
+
+
+def markdown(stats: dict[str, dict], columns: list[str], signed: bool = False) -> str:
+    """One line per row: how many runs it averages (of how many were made), and mean ± std of each column
+    ("-" where it has none)."""
     lines = ["| row | runs | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for name, row in rows.items():
-        done = sum(run["status"] == "done" for run in row["runs"].values())
-        cells = [f"{row['mean'][c]:.3f} ± {row['std'][c]:.3f}" if c in row["mean"] else "-" for c in columns]
-        lines.append(f"| {name} | {done}/{len(row['runs'])} | " + " | ".join(cells) + " |")
+    fmt = "{:+.3f} ± {:.3f}" if signed else "{:.3f} ± {:.3f}"
+    for name, row in stats.items():
+        cells = [fmt.format(row["mean"][c], row["std"][c]) if c in row["mean"] else "-" for c in columns]
+        runs = f"{row['n']}/{len(row['runs'])}" if "runs" in row else row["n"]  # finished of all, where known
+        lines.append(f"| {name} | {runs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -215,10 +229,16 @@ def main(argv=None) -> dict:
         rows[name]["runs"][seed] = run
         shown = f"swap-att {run['metrics']['swap-att']:.3f}" if run["metrics"] else run.get("error", "")
         print(f"[{k + 1}/{len(jobs)}] {name}, seed {seed}: {run['status']}, {run['seconds']:.0f} s train; {shown}", flush=True)
+    base = rows.get(BASELINE, {"runs": {}})["runs"]
     for row in rows.values():
-        row |= summarise(row["runs"])
+        row |= summarise(row["runs"], base)
 
-    table = markdown(rows, COLUMNS) + "\n\n" + markdown(rows, DIAGNOSTICS)
+    paired = {name: row["paired"] for name, row in rows.items() if name != BASELINE and row["paired"]["n"]}
+    table = "\n\n".join([
+        "Scores, mean ± std over seeds:", markdown(rows, COLUMNS),
+        f"Difference to {BASELINE} of the same seed (same pretrained start), mean ± std:", markdown(paired, COLUMNS, signed=True),
+        "Diagnostics (diagnostics() in sweep.py), mean ± std:", markdown(rows, DIAGNOSTICS),
+    ])  # fmt: skip
     print(table)
     wall = time.time() - t0
     print(f"{len(jobs)} runs in {wall / 60:.1f} min (runs reused from earlier calls take no time)")

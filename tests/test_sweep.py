@@ -22,6 +22,8 @@ def test_sweep_trains_reports_failures_and_reuses_its_runs(tmp_path, monkeypatch
         a, b = (runs[seed]["metrics"]["swap-att"] for seed in (0, 1))
         assert rows[name]["mean"]["swap-att"] == pytest.approx((a + b) / 2)
         assert rows[name]["std"]["swap-att"] == pytest.approx(abs(a - b) / 2**0.5)
+    pre, fine = ([rows[name]["runs"][seed]["metrics"]["i2t-R@1"] for seed in (0, 1)] for name in ("pretrained", "siglip"))
+    assert rows["pretrained"]["paired"]["mean"]["i2t-R@1"] == pytest.approx((pre[0] - fine[0] + pre[1] - fine[1]) / 2)
     metrics = rows["siglip"]["runs"][1]["metrics"]  # the diagnostics: the end of the training log ...
     with open(tmp_path / "siglip" / "seed1" / "log.jsonl") as f:
         last = json.loads(f.readlines()[-1])
