@@ -79,9 +79,12 @@ def folder(root: str, row: str, seed: int) -> str:
     return os.path.join(root, row.replace(" ", "_").replace(",", ""), f"seed{seed}")
 
 
-def train(out: str, flags: list[str], seed: int) -> dict:
-    """Run (or reuse, or resume) `python train.py FLAGS --seed SEED --out OUT`; return its run.json record."""
-    argv = [*flags, "--seed", str(seed)]  # what the run is; OUT is only where it lies
+def train(out: str, flags: list[str], seed: int, init: str | None = None) -> dict:
+    """Run (or reuse, or resume) `python train.py FLAGS --seed SEED [--init INIT] --out OUT`; return its
+    run.json record. A run is known by its flags and seed: OUT and INIT (the pretrained model of the same
+    seed, in the same root) only say where it lies."""
+    argv = [*flags, "--seed", str(seed)]
+    where = (["--init", init] if init else []) + ["--out", out, "--resume"]
     record_path = os.path.join(out, "run.json")
     record = {"argv": argv, "status": "new", "seconds": 0.0}
     if os.path.exists(record_path):
@@ -96,7 +99,7 @@ def train(out: str, flags: list[str], seed: int) -> dict:
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(out, "train.txt"), "a") as console:
-        code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, "--out", out, "--resume"],
+        code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, *where],
                               stdout=console, stderr=subprocess.STDOUT, cwd=HERE).returncode  # fmt: skip
     record["seconds"] += time.time() - t0
     if code < 0:  # killed by a signal: an interruption, not a result; the next call resumes it
@@ -198,6 +201,7 @@ def main(argv=None) -> dict:
     p.add_argument("--world", default="simple", choices=list(WORLDS), help="the shapes world of every run and of the benchmark")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     args = p.parse_args(argv)
+    args.root = os.path.abspath(args.root)  # train.py runs in this file's folder, wherever sweep.py is called from
     for name in ("pretrain_steps", "finetune_steps", "batch_size", "n"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -224,7 +228,7 @@ def main(argv=None) -> dict:
             out, run = pretrained, base
         else:
             out = folder(args.root, name, seed)
-            run = train(out, [*finetune, *ROWS[name][0], "--init", os.path.join(pretrained, "ckpt.pt")], seed)
+            run = train(out, [*finetune, *ROWS[name][0]], seed, init=os.path.join(pretrained, "ckpt.pt"))
         run = dict(run, metrics=evaluate(out, bench, args.bench_seed) if run["status"] == "done" else None)
         rows[name]["runs"][seed] = run
         shown = f"swap-att {run['metrics']['swap-att']:.3f}" if run["metrics"] else run.get("error", "")

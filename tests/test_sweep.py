@@ -5,6 +5,7 @@ import os
 import subprocess
 
 import pytest
+import torch
 
 import sweep
 
@@ -29,8 +30,8 @@ def test_sweep_trains_reports_failures_and_reuses_its_runs(tmp_path, monkeypatch
         last = json.loads(f.readlines()[-1])
     assert (metrics["loss/caption"], metrics["t"], metrics["b"]) == (last["caption"], last["scale"], last["bias"])
     assert "loss/concept" not in metrics and -1 <= metrics["swap-text-cos"] <= 1  # ... and the text encoder's binding
-    finetune = rows["siglip"]["runs"][0]["argv"]  # every row starts from its seed's pretrained model
-    assert finetune[finetune.index("--init") + 1] == os.path.join(str(tmp_path), "pretrain", "seed0", "ckpt.pt")
+    finetune = torch.load(tmp_path / "siglip" / "seed0" / "ckpt.pt", weights_only=False)["args"]
+    assert finetune["init"] == os.path.join(str(tmp_path), "pretrain", "seed0", "ckpt.pt")  # its seed's pretrained model
     assert all(r["status"] == "failed" and "exited with 2" in r["error"] for r in rows["broken"]["runs"].values())
     assert "| broken | 0/2 |" in result["markdown"] and "| siglip | 2/2 |" in result["markdown"]
     with open(tmp_path / "results.json") as f:
