@@ -9,7 +9,8 @@
   clip_loss                   the softmax (InfoNCE) form, for the CLIP baseline
 
 Every sigmoid loss has the form  -sum log sigmoid(z * (t * cos + b)) / count,  with z = +1 for a
-matching pair and -1 otherwise, t = exp(logit_scale) and b = logit_bias shared by all three losses.
+matching pair and -1 otherwise, t = exp(logit_scale) and b = logit_bias shared by all three losses
+(train.py --concept-logits own, a departure, gives the two concept losses a pair of their own).
 
 Concept labels (z for phrases): by default phrase k is positive only for its owner image o(k), as in
 the authors' code, so an identical phrase owned by another image is a negative. Passing `phrase_ids`
