@@ -116,10 +116,14 @@ def train(out: str, flags: list[str], seed: int, init: str | None = None) -> dic
     return record
 
 
-def finite_loss(out: str) -> bool:
+def last_record(out: str) -> dict:
+    """The last line of OUT/log.jsonl: the run's final losses, t and b."""
     with open(os.path.join(out, "log.jsonl")) as f:
-        last = [json.loads(line) for line in f if line.strip()][-1]
-    return math.isfinite(last["loss"])
+        return [json.loads(line) for line in f if line.strip()][-1]
+
+
+def finite_loss(out: str) -> bool:
+    return math.isfinite(last_record(out)["loss"])
 
 
 def evaluate(out: str, bench: ShapesBenchmark, bench_seed: int) -> dict:
@@ -149,8 +153,7 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
     losses too, when they have their own)."""
     pos, neg = ([p[k] for p in bench.pairs["swap-att"]] for k in (1, 2))
     swap_cos = cos(embed_texts(model, tokenizer, pos, 256, "cpu"), embed_texts(model, tokenizer, neg, 256, "cpu")).mean().item()
-    with open(os.path.join(out, "log.jsonl")) as f:
-        last = [json.loads(line) for line in f if line.strip()][-1]
+    last = last_record(out)
     names = {"caption": "loss/caption", "concept": "loss/concept", "pooled": "loss/pooled", "scale": "t", "bias": "b",
              "concept_scale": "concept t", "concept_bias": "concept b"}  # fmt: skip
     return {"swap-text-cos": swap_cos} | {names[k]: v for k, v in last.items() if k in names}
