@@ -1,6 +1,6 @@
-"""The losses of paper.md, "Losses", as pure functions of embeddings.
+"""The losses of docs/paper.md, "Losses", as pure functions of embeddings.
 
-  L = L_sig + 1.0 * L_npc + 0.01 * L_xac          (C2LIP; train.py adds them up)
+  L = L_sig + 1.0 * L_npc + 0.01 * L_xac          c2lip_loss, the total
 
   L_sig  siglip_loss          caption vs image, sigmoid form, one positive per row       (divided by B)
                               (with `negatives`: hard negative texts as extra columns, --method negclip)
@@ -19,16 +19,14 @@ with the same id: in a small world "a large red circle" appears in several image
 the owner rule turns those into false negatives. This is a departure, off by default.
 
 Multi-GPU: the paper's losses see the global batch (768 images on 8 GPUs): every phrase meets every
-image. `gather` concatenates each rank's embeddings before the loss functions run, so the functions
-above stay single-device code (see `gather` for why it must carry gradients).
+image. objective.py gathers each rank's embeddings (devices.gather) before these functions run, so they
+stay single-device code.
 
 Dimension legend: B images (= captions), K concept phrases, N patches, D joint embedding width.
 Inputs are L2-normalised embeddings; `scale` and `bias` are scalar tensors (t and b, not logit_scale).
 """
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 from pool import pooled_similarity
@@ -86,35 +84,20 @@ def pooled_concept_loss(patch_emb, concept_emb, owner, scale, bias, tau=1.0, phr
     return sigmoid_loss(logits, concept_labels(owner, len(patch_emb), phrase_ids), len(concept_emb))
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x (n_r, ...) from every rank along dim 0 -> (sum_r n_r, ...); ranks may hold different n_r.
+def c2lip_loss(image_emb, text_emb, concept_emb, patch_emb, owner, scale, bias, *, concept_weight=1.0,
+               pool_weight=0.01, tau=1.0, phrase_ids=None, concept_scale=None, concept_bias=None):
+    """L = L_sig + concept_weight * L_npc + pool_weight * L_xac  -> (L, {"caption", "concept", "pooled"}).
 
-    Why the gather must carry gradients: rank r's images are the negatives of every other rank's texts
-    and phrases. A plain all_gather returns constants, so the gradient of those terms would never reach
-    the encoder that produced them and each rank would learn only from its own slice of the batch.
-    torch.distributed.nn's all_gather is differentiable: its backward sends each rank the gradients
-    that every rank computed for its rows, summed. Every rank computes the same global loss L, so rank r
-    receives W * dL/dx_r; DistributedDataParallel then averages parameter gradients over the W ranks,
-    which leaves exactly dL/dtheta, the gradient of one process holding the whole batch (tested).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
-    sizes = [int(n) for n in sizes]
-    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])  # all_gather needs equal shapes
-    if x.is_floating_point():
-        parts = dist_fn.all_gather(padded)
-    else:  # integer labels carry no gradient
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def gather_owner(owner: torch.Tensor, num_images: int) -> torch.Tensor:
-    """Owners (K_r,) index this rank's images; in the gathered batch they are offset by the images of
-    the ranks before it."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return owner
-    counts = gather(torch.tensor([num_images], device=owner.device))  # (W,)
-    return gather(owner + counts[: dist.get_rank()].sum())
+    image_emb x (B, D), text_emb y (B, D), concept_emb c (K, D), patch_emb u (B, N, D), owner (K,). The
+    paper's weights are 1.0 and 0.01, at tau = 1. A term of weight 0 is not computed (and not returned).
+    concept_scale and concept_bias: the concept losses' own t and b (train.py --concept-logits own, a
+    departure); by default they share the caption loss's, as in the paper. The terms are returned
+    unweighted, for the log."""
+    t, b = (scale, bias) if concept_scale is None else (concept_scale, concept_bias)
+    terms = {"caption": siglip_loss(image_emb, text_emb, scale, bias)}
+    if concept_weight:
+        terms["concept"] = concept_loss(image_emb, concept_emb, owner, t, b, phrase_ids)
+    if pool_weight:
+        terms["pooled"] = pooled_concept_loss(patch_emb, concept_emb, owner, t, b, tau, phrase_ids)
+    weights = {"caption": 1.0, "concept": concept_weight, "pooled": pool_weight}
+    return sum(weights[name] * value for name, value in terms.items()), terms

@@ -1,6 +1,6 @@
 """The two encoders of a CLIP/SigLIP model, written from scratch.
 
-Paper map (../shared/docs/paper.md, "Notation"):
+Paper map (docs/paper.md, "Notation"):
   x_i   = CLIP.encode_image(images)[0]   the L2-normalised global image embedding (class token)
   u_ij  = CLIP.encode_image(images)[1]   the L2-normalised patch embeddings in the joint space
   y_i   = CLIP.encode_text(captions)     the L2-normalised caption embedding
@@ -12,16 +12,14 @@ C2LIP changes nothing here: its losses only need the patch tokens to live in the
 patch output goes through the same final LayerNorm and projection as the class token (the paper's
 recipe for a CLS-pooled ViT). Inference is the plain CLIP forward pass.
 
-Pretrained weights: `convert_openai_state_dict` maps OpenAI's CLIP release (read from its TorchScript
-archive by `read_torchscript_state_dict`, without running its code) or an open_clip state dict of the
-same architecture onto these modules; the config is inferred from the shapes. Everything those weights
-need is a config option here: QuickGELU (`activation`), the 77-token causal context, end-of-text
-pooling, the final projections, the stored logit scale, and the pixel normalisation they were trained
-with (`VisionConfig.normalise`, applied by data.py).
+Released weights are renamed onto these modules by pretrained.py. Everything OpenAI's CLIP weights need
+is a config option here: QuickGELU (`activation`), the 77-token causal context, end-of-text pooling, the
+final projections, the stored logit scale, and the pixel normalisation they were trained with
+(`VisionConfig.normalise`, applied by data.py).
 
 Departures from the paper and the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16):
   - The paper's backbone pools images with SigLIP's attention-pool head; this ViT uses a class token,
-    like OpenAI's CLIP, so the patch embeddings are the "CLS-pooled ViT" case of paper.md. The paper's
+    like OpenAI's CLIP, so the patch embeddings are the "CLS-pooled ViT" case of docs/paper.md. The paper's
     recipe starts from SigLIP; the pretrained weights this file can load are OpenAI's CLIP ViT-B/16.
   - The text feature is read at an explicit end-of-text index computed from the padding (see
     TextTransformer), never by argmax over token ids.
@@ -32,10 +30,6 @@ Dimension legend:
 """
 
 import math
-import pickle
-import re
-import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +72,7 @@ class CLIPConfig:
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float | None = -10.0
     # A departure, off by default: a second (t, b) pair for the concept losses, from SigLIP's t = 10, b = -10.
-    # The paper shares one pair; the README's study measures both (train.py --concept-logits own).
+    # The paper shares one pair; docs/study.md measures both (train.py --concept-logits own).
     concept_logits: bool = False
 
     @staticmethod
@@ -252,13 +246,15 @@ class CLIP(nn.Module):
         """tokens (B, T) -> (B, D), L2-normalised."""
         return F.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor, concepts: torch.Tensor | None = None):
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, extra_texts: torch.Tensor | None = None):
         """Every embedding the losses need, in one call (DistributedDataParallel syncs gradients only
-        through forward): x (B, D), u (B, N, D), y (B, D), and c (K, D) or None without phrases."""
+        through forward): x (B, D), u (B, N, D), y (B, D), and the embeddings (K, D) of extra_texts, a
+        second batch of texts through the same encoder (the concept phrases of C2LIP, or the hard negatives
+        of --method negclip), or None."""
         image_emb, patch_emb = self.encode_image(images)
         # Phrases run through the text encoder as their own short sequences, never inside the caption.
-        concept_emb = self.encode_text(concepts) if concepts is not None else None
-        return image_emb, patch_emb, self.encode_text(texts), concept_emb
+        extra_emb = self.encode_text(extra_texts) if extra_texts is not None else None
+        return image_emb, patch_emb, self.encode_text(texts), extra_emb
 
     def scale(self) -> torch.Tensor:
         """t = exp(logit_scale), clamped at 100 as in CLIP."""
@@ -279,174 +275,3 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------- pretrained CLIP weights
 # OpenAI's release (a TorchScript archive) and open_clip's state dicts share one naming; only the names
 # differ from ours, never the layout: nn.MultiheadAttention packs q, k, v into one in_proj matrix in that
-# order, which is exactly our qkv Linear, and OpenAI's projections are already (width, embed) matrices
-# applied as x @ proj. Every bias and LayerNorm has a counterpart; the patch convolution has no bias there
-# either. So the conversion is a rename plus a check that nothing is missing or left over.
-
-TOP_NAMES = {  # theirs -> ours, outside the residual blocks
-    "visual.conv1.weight": "visual.patchify.weight",
-    "visual.class_embedding": "visual.class_token",
-    "visual.positional_embedding": "visual.positions",
-    "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
-    "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
-    "visual.proj": "visual.proj",
-    "token_embedding.weight": "text.token_embedding.weight",
-    "positional_embedding": "text.positions",
-    "ln_final.weight": "text.ln_final.weight", "ln_final.bias": "text.ln_final.bias",
-    "text_projection": "text.proj",
-    "logit_scale": "logit_scale",
-    "logit_bias": "logit_bias",  # only in models trained with the sigmoid loss; optional
-}  # fmt: skip
-BLOCK_NAMES = {  # theirs -> ours, inside each residual block
-    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
-    "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
-    "attn.out_proj.weight": "attn.out.weight", "attn.out_proj.bias": "attn.out.bias",
-    "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
-    "mlp.c_fc.weight": "mlp.0.weight", "mlp.c_fc.bias": "mlp.0.bias",
-    "mlp.c_proj.weight": "mlp.2.weight", "mlp.c_proj.bias": "mlp.2.bias",
-}  # fmt: skip
-TOWERS = {"visual.transformer.resblocks": "visual.blocks", "transformer.resblocks": "text.blocks"}
-# Scalars OpenAI's archive keeps beside the weights, checked against the shapes; and the causal mask,
-# which open_clip builds as a buffer (kept by TorchScript) and our attention computes itself.
-OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
-
-
-def convert_openai_state_dict(state: dict, activation: str = "quick_gelu", head_width: int = 64) -> tuple[CLIPConfig, dict]:
-    """An OpenAI or open_clip CLIP state dict -> (our config, our state dict) for CLIP(cfg).load_state_dict.
-
-    The config is read off the shapes. Two things the shapes cannot tell are arguments: the activation
-    (OpenAI's weights and open_clip's "-quickgelu" models use QuickGELU, open_clip's own ViT-B-16 GELU)
-    and the head width (64 in every OpenAI and open_clip ViT, so heads = width / 64). Raises ValueError
-    listing every expected key that is missing and every key that has no place in our model.
-    """
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's prefix
-    layers = {tower: 0 for tower in TOWERS}
-    for key in state:
-        for tower in TOWERS:
-            if m := re.match(re.escape(tower) + r"\.(\d+)\.", key):
-                layers[tower] = max(layers[tower], int(m.group(1)) + 1)
-    names = {k: v for k, v in TOP_NAMES.items() if k != "logit_bias" or k in state}
-    for tower, ours in TOWERS.items():
-        for i in range(layers[tower]):
-            names.update({f"{tower}.{i}.{a}": f"{ours}.{i}.{b}" for a, b in BLOCK_NAMES.items()})
-    ignored = {k for k in state if k in OPENAI_SCALARS or k.split(".")[-1] == "attn_mask"}
-    missing = [k for k in names if k not in state]
-    unmapped = [k for k in state if k not in names and k not in ignored]
-    if missing or unmapped or not all(layers.values()):
-        raise ValueError(
-            "not a CLIP ViT state dict in OpenAI/open_clip naming that this model can hold:\n"
-            f"  missing keys ({len(missing)}): {missing}\n  keys with no place in our model ({len(unmapped)}): {unmapped}"
-        )
-
-    positions = state["visual.positional_embedding"].shape[0]
-    grid = math.isqrt(positions - 1)  # 1 class token + grid x grid patches
-    v_width, _, patch, _ = state["visual.conv1.weight"].shape
-    vocab, t_width = state["token_embedding.weight"].shape
-    if grid * grid + 1 != positions or v_width % head_width or t_width % head_width:
-        raise ValueError(f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, {head_width}-wide heads")
-    v_layers, t_layers = (layers[tower] for tower in TOWERS)
-    bias = state.get("logit_bias")
-    cfg = CLIPConfig(
-        vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=v_width, layers=v_layers,
-                            heads=v_width // head_width, activation=activation, normalise="clip"),
-        text=TextConfig(vocab_size=vocab, context_length=state["positional_embedding"].shape[0], width=t_width,
-                        layers=t_layers, heads=t_width // head_width, pad_id=0, activation=activation),
-        embed_dim=state["visual.proj"].shape[1],
-        init_logit_scale=float(state["logit_scale"]),
-        init_logit_bias=None if bias is None else float(bias),
-    )  # fmt: skip
-    expected = {"input_resolution": cfg.vision.image_size, "context_length": cfg.text.context_length, "vocab_size": vocab}
-    for key in OPENAI_SCALARS:
-        if key in state and int(state[key]) != expected[key]:
-            raise ValueError(f"the archive says {key} = {int(state[key])}, the weights' shapes say {expected[key]}")
-    # OpenAI's release stores fp16 weights; training keeps fp32 master weights (autocast does the rest).
-    return cfg, {ours: state[theirs].float() for theirs, ours in names.items()}
-
-
-# Reading OpenAI's release without running it. The file is a TorchScript archive: a zip holding
-# <root>/data.pkl (a pickle of the module tree: each module an object of a "__torch__.*" class whose state
-# is a dict of its attributes, tensors among them), <root>/data/<key> (raw tensor storages) and
-# <root>/code/ (the model's TorchScript source). torch.jit.load would compile that code; unpickling
-# data.pkl with an allow-list of the few globals a weights pickle needs reads the tensors and nothing else.
-STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}  # fmt: skip
-
-
-class _ScriptObject:
-    """Stands in for any TorchScript class while unpickling: keeps the attribute dict, runs nothing."""
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return storage.as_strided(size, stride, offset)
-
-
-# Scripted (not traced) modules also pickle typed lists and dicts through these; each returns its value.
-TYPED_CONTAINERS = {"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag"}
-
-
-class _WeightsUnpickler(pickle.Unpickler):
-    def __init__(self, archive: zipfile.ZipFile, root: str):
-        super().__init__(archive.open(root + "data.pkl"))
-        self.archive, self.root, self.storages = archive, root, {}
-
-    def find_class(self, module: str, name: str):
-        if module.startswith("__torch__"):
-            return _ScriptObject
-        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch" and name in STORAGE_DTYPES:
-            return name
-        if module == "torch.jit._pickle" and name in TYPED_CONTAINERS:
-            return lambda value, *type_tag: value
-        raise pickle.UnpicklingError(f"{module}.{name} is not on the allow-list of a weights archive")
-
-    def persistent_load(self, pid):
-        _, storage_type, key, _, numel = pid  # ("storage", type, key, device, numel)
-        if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.root}data/{key}"))
-            dtype = STORAGE_DTYPES[storage_type]
-            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
-        return self.storages[key]
-
-
-def is_torchscript(path: str) -> bool:
-    """TorchScript archives carry their code; torch.save zips (ours, open_clip's) do not."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("code/" in n for n in archive.namelist())
-
-
-def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor attribute of the module tree in a TorchScript archive, named as state_dict() names
-    them: parameters and buffers, plus any tensor kept as a plain attribute (a causal attn_mask; the
-    scalars input_resolution, context_length, vocab_size of OpenAI's release)."""
-    with zipfile.ZipFile(path) as archive:
-        root = min((n for n in archive.namelist() if n.endswith("data.pkl")), key=len)[: -len("data.pkl")]
-        if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
-            raise ValueError(f"{path}: big-endian archives are not supported")
-        try:
-            top = _WeightsUnpickler(archive, root).load()
-        except pickle.UnpicklingError as err:
-            # An archive from a torch version that pickles something this allow-list has not met. Loading
-            # it with torch compiles its TorchScript code (run by torch's interpreter, which cannot call
-            # arbitrary Python), so it is the fallback, said out loud, not the way in.
-            print(f"note: {path}: {err}; reading it with torch.jit.load instead")
-            return torch.jit.load(path, map_location="cpu").state_dict()
-
-    def walk(obj: _ScriptObject, prefix: str):
-        for name, value in (obj.state if isinstance(obj.state, dict) else {}).items():
-            if isinstance(value, torch.Tensor):
-                yield prefix + name, value
-            elif isinstance(value, _ScriptObject):
-                yield from walk(value, prefix + name + ".")
-
-    return dict(walk(top, ""))

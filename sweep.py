@@ -1,18 +1,18 @@
-"""The study in the README ("When does concept-centric learning help?"): every row of its table, over
+"""The study of docs/study.md ("When does concept-centric learning help?"): every row of its table, over
 several seeds, in one command.
 
   python sweep.py                               # the table: trains what is missing, reuses the rest
   python sweep.py --seeds 3 4 5 --root runs/sweep_b   # the same study on other seeds
   python sweep.py --rows siglip c2lip --seeds 0 # part of it
-  python sweep.py --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip   # hypothesis 1
+  python sweep.py --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip   # hypothesis 1 of docs/study.md
   python sweep.py --list                        # the rows, their flags and what each one tests
 
-Protocol, the paper's in miniature ("Training setup" in ../shared/docs/paper.md: fine-tune a pretrained
+Protocol, the paper's in miniature ("Training setup" in docs/paper.md: fine-tune a pretrained
 SigLIP model, baseline and C2LIP for the same steps): for each seed, pretrain one SigLIP model on the
 shapes world (PRETRAIN), then fine-tune a copy of it per row for the same number of steps (FINETUNE plus
-the row's flags). Every model is scored on the same held-out benchmark (eval.py's shapes benchmark, drawn
-by --bench-seed, which no training run uses). Training scenes never hold a colour-shape pair of
-data.HOLDOUT_COMBOS, so the heldout-* columns are the compositional-generalisation split.
+the row's flags). Every model is scored on the same held-out benchmark (shapes_eval.py, drawn by
+--bench-seed, which no training run uses). Training scenes never hold a colour-shape pair of
+shapes.HOLDOUT_COMBOS, so the heldout-* columns are the compositional-generalisation split.
 
 Each run is a subprocess `python train.py ...` writing ROOT/<row>/seed<k>/ (ROOT/pretrain/seed<k>/ for the
 pretraining): ckpt.pt, log.jsonl, loss.png, train.txt (its console) and run.json (its flags, wall time
@@ -39,8 +39,11 @@ import time
 
 import torch
 
-from data import WORLDS, ShapesWorld
-from eval import BENCH_SEED, ShapesBenchmark, cos, embed_texts, evaluate_shapes, load_checkpoint
+from checkpoint import read_log, write_json
+from metrics import cos, embed_texts
+from pretrained import load_model
+from shapes import WORLDS, ShapesWorld
+from shapes_eval import BENCH_SEED, ShapesBenchmark, evaluate_shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,7 +82,7 @@ def folder(root: str, row: str, seed: int) -> str:
     return os.path.join(root, row.replace(" ", "_").replace(",", ""), f"seed{seed}")
 
 
-def train(out: str, flags: list[str], seed: int, init: str | None = None) -> dict:
+def run_training(out: str, flags: list[str], seed: int, init: str | None = None) -> dict:
     """Run (or reuse, or resume) `python train.py FLAGS --seed SEED [--init INIT] --out OUT`; return its
     run.json record. A run is known by its flags and seed: OUT and INIT (the pretrained model of the same
     seed, in the same root) only say where it lies."""
@@ -103,31 +106,28 @@ def train(out: str, flags: list[str], seed: int, init: str | None = None) -> dic
                               stdout=console, stderr=subprocess.STDOUT, cwd=HERE).returncode  # fmt: skip
     record["seconds"] += time.time() - t0
     if code < 0:  # killed by a signal: an interruption, not a result; the next call resumes it
-        with open(record_path, "w") as f:
-            json.dump(record, f, indent=1)
+        write_json(record_path, record, indent=1)
         sys.exit(f"train.py was stopped by signal {-code} in {out}; run the same command again to resume")
     record["status"] = "done" if code == 0 and finite_loss(out) else "failed"
     if code != 0:
         record["error"] = f"train.py exited with {code}; see {os.path.join(out, 'train.txt')}"
     elif record["status"] == "failed":
         record["error"] = "the loss became non-finite (diverged)"
-    with open(record_path, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(record_path, record, indent=1)
     return record
 
 
 def last_record(out: str) -> dict:
     """The last line of OUT/log.jsonl: the run's final losses, t and b."""
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()][-1]
+    return read_log(os.path.join(out, "log.jsonl"))[-1]
 
 
 def finite_loss(out: str) -> bool:
     return math.isfinite(last_record(out)["loss"])
 
 
-def evaluate(out: str, bench: ShapesBenchmark, bench_seed: int) -> dict:
-    """The shapes benchmark's scores of OUT/ckpt.pt (eval.py, plain scoring) and the diagnostics below,
+def score_run(out: str, bench: ShapesBenchmark, bench_seed: int) -> dict:
+    """The shapes benchmark's scores of OUT/ckpt.pt (shapes_eval.py, plain scoring) and the diagnostics below,
     cached in OUT/eval.json."""
     path, key, results = os.path.join(out, "eval.json"), {"bench_seed": bench_seed, "n": len(bench.scenes)}, {}
     if os.path.exists(path):
@@ -136,18 +136,17 @@ def evaluate(out: str, bench: ShapesBenchmark, bench_seed: int) -> dict:
         results = cached["results"] if cached["bench"] == key else {}
     if "swap-text-cos" in results:
         return results
-    model, tokenizer, _ = load_checkpoint(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
+    model, tokenizer, _ = load_model(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
     if not results:
         results = {k: v["accuracy"] for k, v in evaluate_shapes(model, tokenizer, bench, torch.device("cpu")).items()}
     results |= diagnostics(model, tokenizer, bench, out)
-    with open(path, "w") as f:
-        json.dump({"bench": key, "results": results}, f, indent=1)
+    write_json(path, {"bench": key, "results": results}, indent=1)
     return results
 
 
 @torch.no_grad()
 def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
-    """What the README's explanation rests on: the mean cosine between a caption's embedding and its
+    """What docs/study.md's explanation rests on: the mean cosine between a caption's embedding and its
     swap-att negative's (near 1: the text encoder does not tell the two bindings apart), and the end of
     training from log.jsonl: each unweighted loss term, and the logit scale t and bias b (of the concept
     losses too, when they have their own)."""
@@ -226,13 +225,13 @@ def main(argv=None) -> dict:
     jobs = [(name, seed) for name in args.rows for seed in args.seeds]  # row by row: a partial sweep has whole rows
     for k, (name, seed) in enumerate(jobs):
         pretrained = folder(args.root, "pretrain", seed)
-        base = train(pretrained, pretrain, seed)
+        base = run_training(pretrained, pretrain, seed)
         if name == "pretrained" or base["status"] != "done":
             out, run = pretrained, base
         else:
             out = folder(args.root, name, seed)
-            run = train(out, [*finetune, *ROWS[name][0]], seed, init=os.path.join(pretrained, "ckpt.pt"))
-        run = dict(run, metrics=evaluate(out, bench, args.bench_seed) if run["status"] == "done" else None)
+            run = run_training(out, [*finetune, *ROWS[name][0]], seed, init=os.path.join(pretrained, "ckpt.pt"))
+        run = dict(run, metrics=score_run(out, bench, args.bench_seed) if run["status"] == "done" else None)
         rows[name]["runs"][seed] = run
         shown = f"swap-att {run['metrics']['swap-att']:.3f}" if run["metrics"] else run.get("error", "")
         print(f"[{k + 1}/{len(jobs)}] {name}, seed {seed}: {run['status']}, {run['seconds']:.0f} s train; {shown}", flush=True)
@@ -252,8 +251,7 @@ def main(argv=None) -> dict:
     result = {"world": args.world, "pretrain": pretrain, "finetune": finetune, "seeds": args.seeds, "bench_seed": args.bench_seed, "n": args.n,
               "rows": rows, "markdown": table, "wall_seconds": wall}  # fmt: skip
     path = os.path.join(args.root, "results.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(path, result, indent=1)
     print(f"wrote {path}")
     return result
 

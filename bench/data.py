@@ -12,15 +12,15 @@ import os
 import sys
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from concepts import _extract_cached  # noqa: E402
-from data import Collate, ShapesDataset, ShapesWorld, WordTokenizer  # noqa: E402
+from data import Collate, WordTokenizer  # noqa: E402
 from model import CLIP, PRESETS  # noqa: E402
-from train import loss_terms  # noqa: E402
+from objective import Objective, loss_terms  # noqa: E402
+from shapes import ShapesDataset, ShapesWorld  # noqa: E402
 
 
 def main():
@@ -48,11 +48,11 @@ def main():
     cfg = PRESETS["tiny"]
     model = CLIP(replace(cfg, text=replace(cfg.text, vocab_size=len(tokenizer))))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_args = SimpleNamespace(method="c2lip", concept_weight=1.0, pool_weight=0.01, tau=1.0, concept_labels="owner")
+    loss_args = Objective("c2lip")
     for i in range(args.batches + 1):  # the first step is a warm-up
         if i == 1:
             t0 = time.perf_counter()
-        loss = sum(loss_terms(model, batch, loss_args).values())
+        loss = loss_terms(model, batch, loss_args)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

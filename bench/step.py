@@ -18,15 +18,16 @@ import os
 import sys
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import Collate, ShapesDataset, ShapesWorld, WordTokenizer  # noqa: E402
+from data import Collate, WordTokenizer  # noqa: E402
 from losses import siglip_loss  # noqa: E402
 from model import CLIP, PRESETS  # noqa: E402
-from train import loss_terms, pick_device  # noqa: E402
+from objective import Objective, loss_terms  # noqa: E402
+from shapes import ShapesDataset, ShapesWorld  # noqa: E402
+from devices import pick_device  # noqa: E402
 
 
 def interleaved_timing(runs: dict, args, device) -> dict[str, float]:
@@ -57,11 +58,11 @@ def methods_and_precisions(args, device) -> dict:
     def make_run(method: str, dtype: torch.dtype):
         torch.manual_seed(0)
         model = CLIP(cfg).to(device)
-        loss_args = SimpleNamespace(method=method, concept_weight=1.0, pool_weight=0.01, tau=1.0, concept_labels="owner")
+        loss_args = Objective(method)
 
         def loss_fn():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return sum(loss_terms(model, batch, loss_args).values())
+                return loss_terms(model, batch, loss_args)[0]
 
         return loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-4)
 

@@ -14,13 +14,13 @@ import os
 import sys
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from devices import autocast_dtype, pick_device  # noqa: E402
 from model import CLIP, PRESETS  # noqa: E402
-from train import autocast_dtype, loss_terms, pick_device  # noqa: E402
+from objective import Objective, loss_terms  # noqa: E402
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
         "owner": torch.arange(B, device=device).repeat_interleave(args.phrases),
         "phrase_ids": torch.arange(K, device=device),
     }
-    loss_args = SimpleNamespace(method=args.method, concept_weight=1.0, pool_weight=0.01, tau=1.0, concept_labels="owner")
+    loss_args = Objective(args.method)
 
     model = CLIP(cfg).to(device)
     n_vision = sum(p.numel() for p in model.visual.parameters())
@@ -71,7 +71,7 @@ def main():
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = sum(loss_terms(net, batch, loss_args).values())
+                loss = loss_terms(net, batch, loss_args)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,4 +1,4 @@
-"""Tiny copies of the real data formats (../shared/docs/formats.md), written by the tests themselves:
+"""Tiny copies of the real data formats, written by the tests themselves:
 CC3M tar shards (img2dataset style and the re-hosted style), SugarCrepe, SugarCrepe++, an ImageFolder,
 a Karpathy retrieval split, and a small checkpoint in train.py's format."""
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from data import WordTokenizer
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from train import save_checkpoint
+from checkpoint import save_checkpoint
 
 COLOURS = [(200, 30, 30), (30, 160, 60), (40, 70, 220), (230, 210, 40), (240, 240, 240), (20, 20, 20)]
 

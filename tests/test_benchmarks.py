@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import eval as evaluate
+from benchmarks import ZEROSHOT_TEMPLATES
+from pretrained import load_model
 from data import eval_transform, load_image
 from fixtures import (SUGARCREPE_FILES, SUGARCREPE_PP_FILES, write_checkpoint, write_imagefolder,
                       write_karpathy, write_sugarcrepe, write_sugarcrepe_pp)  # fmt: skip
@@ -83,7 +85,7 @@ def test_scores_match_a_naive_loop(bench):
         f"sugarcrepe++={bench['scpp']}", f"zeroshot={bench['zs']}", "--images", os.path.join(bench["sc"], "val2017"),
         "--classnames", bench["classnames"], *FAST,
     ])[bench["b"]]  # fmt: skip
-    model, tok, _ = evaluate.load_checkpoint(bench["b"], torch.device("cpu"))
+    model, tok, _ = load_model(bench["b"], torch.device("cpu"))
     images = os.path.join(bench["sc"], "val2017")
     for name in SUGARCREPE_FILES:
         examples = json.load(open(os.path.join(bench["sc"], name + ".json"))).values()
@@ -103,7 +105,7 @@ def test_scores_match_a_naive_loop(bench):
     names, hits = ["cat", "dog", "red car"], []
     classes = []
     for c in names:
-        prompts = torch.stack([encode(model, tok, text=t.format(c)) for t in evaluate.ZEROSHOT_TEMPLATES])
+        prompts = torch.stack([encode(model, tok, text=t.format(c)) for t in ZEROSHOT_TEMPLATES])
         classes.append(torch.nn.functional.normalize(prompts.mean(0), dim=0))
     for label, folder in enumerate(["cat", "dog", "red_car"]):
         for f in sorted(os.listdir(os.path.join(bench["zs"], folder))):

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer (data.py): its pieces by hand, and ids identical to open_clip's tokenizer
+"""CLIP's byte-level BPE tokenizer (released_tokenizers.py): its pieces by hand, and ids identical to open_clip's tokenizer
 (a test-only dependency whose package ships the vocabulary file) on a few hundred varied strings."""
 
 import ast
@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from data import BPETokenizer, WordTokenizer, clean_text, find_bpe_vocab, pretokenize, tokenizer_from_state_dict
+from data import WordTokenizer
+from released_tokenizers import BPETokenizer, clean_text, find_bpe_vocab, pretokenize, tokenizer_from_state_dict
 
 # ----------------------------------------------------------------------------- without open_clip
 
@@ -140,7 +141,7 @@ def test_long_text_is_cut_with_the_end_token_at_position_76(tokenizers):
 
 
 def test_known_departures_from_ftfy_really_differ(tokenizers):
-    """What data.py says it does not imitate: mojibake repair, ANSI escapes, all-caps entities, and CLIP's
+    """What released_tokenizers.py says it does not imitate: mojibake repair, ANSI escapes, all-caps entities, and CLIP's
     special-token strings typed into a caption. None of them occurs in the strings compared above."""
     ours, ref = tokenizers
     for text in ["cafÃ© mojibake", "\x1b[31mred\x1b[0m", "P&EACUTE;REZ", "a <end_of_text> b"]:
@@ -159,8 +160,8 @@ def test_runs_without_open_clip_or_ftfy(tokenizers, tmp_path):
     code = (
         "import sys\n"
         "for name in ('open_clip', 'ftfy'): sys.modules[name] = None\n"
-        "import data\n"
-        f"print(data.BPETokenizer.from_file({str(path)!r}).encode('Hello, World!'))\n"
+        "import released_tokenizers\n"
+        f"print(released_tokenizers.BPETokenizer.from_file({str(path)!r}).encode('Hello, World!'))\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)

@@ -7,8 +7,9 @@ import nltk
 import pytest
 
 import concepts
+import webdata
 from concepts import extract_concepts, extract_concepts_batch, normalise_phrase
-from data import WORLDS, ShapesWorld
+from shapes import WORLDS, ShapesWorld
 
 
 @pytest.mark.parametrize("world", ["simple", "dense"])
@@ -84,15 +85,15 @@ def test_precompute_every_shard(tmp_path):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "concepts.jsonl"
-    concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "2"])  # a process pool
+    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "2"])  # a process pool
     records = read_records(out)
     assert set(records) == {"00000.tar", "00001.tar"}
     # every sample with an image member and a caption (the corrupt JPEG is not decoded here)
     assert set(records["00000.tar"]["concepts"]) == {"000000000", "000000001", "000000002", "000000005"}
     assert records["00001.tar"]["concepts"]["s0001_0002"] == ["a giraffe", "a tall tree"]
     assert records["00001.tar"]["count"] == 4 and records["00001.tar"]["caption_key"] is None
-    index = concepts.concepts_index(str(out))
-    assert concepts.shard_concepts(str(out), index["00000.tar"][0]) == records["00000.tar"]["concepts"]
+    index = webdata.concepts_index(str(out))
+    assert webdata.shard_concepts(str(out), index["00000.tar"][0]) == records["00000.tar"]["concepts"]
 
 
 def test_precompute_resumes_after_an_interruption(tmp_path, monkeypatch):
@@ -100,17 +101,17 @@ def test_precompute_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "concepts.jsonl"
-    concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     first, second = open(out).read().splitlines(keepends=True)
     out.write_text(first + second[:25])  # killed while writing the second shard's line
-    assert list(concepts.concepts_index(str(out))) == [json.loads(first)["shard"]]
+    assert list(webdata.concepts_index(str(out))) == [json.loads(first)["shard"]]
     done = []
-    real_job = concepts._shard_job
-    monkeypatch.setattr(concepts, "_shard_job", lambda job: done.append(job[0]) or real_job(job))
-    concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    real_job = webdata._shard_job
+    monkeypatch.setattr(webdata, "_shard_job", lambda job: done.append(job[0]) or real_job(job))
+    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert done == [os.path.join(shards, json.loads(second)["shard"])]  # only the unfinished shard again
     assert open(out).read() == first + second  # the torn line is gone, the file is whole
-    concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert len(done) == 1  # nothing left to do
 
 
@@ -119,13 +120,13 @@ def test_precompute_with_a_caption_key_and_cli_errors(tmp_path):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "c.jsonl"
-    concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"])
+    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"])
     records = read_records(out)
     assert records["00000.tar"]["concepts"]["000000000"] == ["a brown dog", "a red ball"]
     assert records["00001.tar"]["concepts"] == {}  # no .json in the re-hosted shard: no such caption
     for argv in (["--data-dir", shards], ["--out", str(out)], []):
-        bad = subprocess.run([sys.executable, concepts.__file__, *argv], capture_output=True, text=True)
+        bad = subprocess.run([sys.executable, webdata.__file__, *argv], capture_output=True, text=True)
         assert bad.returncode == 2 and "--data-dir" in bad.stderr
-    missing = subprocess.run([sys.executable, concepts.__file__, "--data-dir", str(tmp_path / "none"), "--out", str(out)],
+    missing = subprocess.run([sys.executable, webdata.__file__, "--data-dir", str(tmp_path / "none"), "--out", str(out)],
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and "img2dataset" in missing.stderr

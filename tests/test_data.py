@@ -4,10 +4,8 @@ import torch
 from PIL import Image
 
 from concepts import extract_concepts
-from data import (
-    CLIP_MEAN, CLIP_STD, COLOURS, SHAPES, Collate, ShapesDataset, ShapesWorld, StepBatches, WordTokenizer,
-    eval_transform, image_to_tensor,
-)  # fmt: skip
+from data import CLIP_MEAN, CLIP_STD, Collate, WordTokenizer, eval_transform, image_to_tensor
+from shapes import COLOURS, SHAPES, ShapesDataset, ShapesWorld, StepBatches
 
 
 def test_tokenizer_roundtrip_padding_and_truncation():

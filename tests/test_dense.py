@@ -1,4 +1,4 @@
-"""The dense shapes world (data.WORLDS["dense"], train.py --world dense): colours and shapes repeat within a
+"""The dense shapes world (shapes.WORLDS["dense"], train.py --world dense): colours and shapes repeat within a
 scene, and eval.py's benchmark keeps only edits that make a false caption there."""
 
 import random
@@ -8,8 +8,9 @@ import torch
 
 import eval as evaluate
 import train
-from data import HOLDOUT_COMBOS, WORLDS, ShapesWorld
-from eval import ShapesBenchmark, evaluate_shapes, false_swap, heldout_negatives, negatives
+from pretrained import load_model
+from shapes import HOLDOUT_COMBOS, WORLDS, ShapesWorld
+from shapes_eval import ShapesBenchmark, evaluate_shapes, false_swap, heldout_negatives, negatives
 
 DENSE = ShapesWorld(image_size=16, **WORLDS["dense"])
 
@@ -64,6 +65,6 @@ def test_train_and_eval_in_the_dense_world(tmp_path):
     ckpt = train.main(["--world", "dense", "--steps", "2", "--batch-size", "8", "--workers", "0", "--out", str(tmp_path)])
     assert torch.load(ckpt, weights_only=False)["args"]["world"] == "dense"
     results = evaluate.main(["--ckpt", ckpt, "--n", "40"])[ckpt]
-    model, tokenizer, _ = evaluate.load_checkpoint(ckpt, torch.device("cpu"))
+    model, tokenizer, _ = load_model(ckpt, torch.device("cpu"))
     expect = evaluate_shapes(model, tokenizer, ShapesBenchmark(ShapesWorld(**WORLDS["dense"]), n=40), torch.device("cpu"))
     assert results == expect  # eval.py scored it on the dense world's scenes, the one it was trained in

@@ -1,27 +1,27 @@
 """Two processes with the gloo backend against one process holding the whole batch: the global-batch
-losses and the gradients of one step must be the same (losses.gather, train.loss_terms)."""
+losses and the gradients of one step must be the same (devices.gather, objective.loss_terms)."""
 
 import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from data import Collate, ShapesDataset, ShapesWorld, WordTokenizer
+from data import Collate, WordTokenizer
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from train import loss_terms
+from objective import Objective, loss_terms
+from shapes import ShapesDataset, ShapesWorld
 
 CFG = CLIPConfig(
     vision=VisionConfig(image_size=64, patch_size=16, width=32, layers=1, heads=2),
     text=TextConfig(vocab_size=64, context_length=48, width=32, layers=1, heads=2),
     embed_dim=16,
 )
-ARGS = SimpleNamespace(method="c2lip", concept_weight=1.0, pool_weight=0.5, tau=0.5, concept_labels="phrase")
+OBJECTIVE = Objective("c2lip", concept_weight=1.0, pool_weight=0.5, tau=0.5, concept_labels="phrase")
 WORLD = 2
 
 
@@ -35,8 +35,8 @@ def make_batches():
 
 
 def one_step(model, batch):
-    terms = loss_terms(model, batch, ARGS)
-    loss = terms["caption"] + ARGS.concept_weight * terms["concept"] + ARGS.pool_weight * terms["pooled"]
+    loss, terms = loss_terms(model, batch, OBJECTIVE)
+    torch.testing.assert_close(loss, terms["caption"] + 1.0 * terms["concept"] + 0.5 * terms["pooled"])
     loss.backward()
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     return {k: v.item() for k, v in terms.items()}, {n: p.grad.clone() for n, p in raw.named_parameters()}

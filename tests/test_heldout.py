@@ -1,10 +1,10 @@
 """The shapes world's compositional-generalisation split: colour-shape pairs held out of training scenes
-(data.HOLDOUT_COMBOS, train.py --holdout-combos) and eval.py's held-out categories on test scenes."""
+(shapes.HOLDOUT_COMBOS, train.py --holdout-combos) and shapes_eval.py's held-out categories on test scenes."""
 
 import re
 
-from data import HOLDOUT_COMBOS, ShapesWorld
-from eval import CATEGORIES, ShapesBenchmark
+from shapes import HOLDOUT_COMBOS, ShapesWorld
+from shapes_eval import CATEGORIES, ShapesBenchmark
 
 HELD = set(HOLDOUT_COMBOS)
 

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from eval import (SUGARCREPE, group_means, itt_correct, pairwise_correct, retrieval_recall, topk_accuracy,
-                  tot_correct, zeroshot_classifier)  # fmt: skip
+from benchmarks import SUGARCREPE
+from metrics import (group_means, itt_correct, pairwise_correct, retrieval_recall, topk_accuracy, tot_correct,
+                     zeroshot_classifier)  # fmt: skip
 
 
 def test_sugarcrepe_rule_a_tie_is_wrong():

@@ -1,20 +1,20 @@
-"""The NegCLIP-style baseline: rule-made hard negatives (concepts.py), their batch (data.Collate), the loss
-with extra negative columns (losses.siglip_loss) against a naive loop, and train.loss_terms with them."""
+"""The NegCLIP-style baseline: rule-made hard negatives (negatives.py), their batch (data.Collate), the loss
+with extra negative columns (losses.siglip_loss) against a naive loop, and objective.loss_terms with them."""
 
 import math
 import random
 import re
 import subprocess
 import sys
-from argparse import Namespace
 
 import torch
 import torch.nn.functional as F
 
-import concepts
-import train
-from concepts import hard_negative, phrase_slots, slot_words
-from data import Collate, ShapesDataset, ShapesWorld, WordTokenizer
+import negatives
+from data import Collate, WordTokenizer
+from negatives import hard_negative, phrase_slots, slot_words
+from objective import Objective, loss_terms
+from shapes import ShapesDataset, ShapesWorld
 from losses import siglip_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from test_losses import naive_sigmoid
@@ -60,7 +60,7 @@ def test_real_caption_keeps_its_wording():
 
 def test_command_line_prints_negatives():
     caption = "a tiny red circle and a large blue star"
-    out = subprocess.run([sys.executable, concepts.__file__, "--negatives", caption], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, negatives.__file__, caption], capture_output=True, text=True, check=True)
     negative = out.stdout.split("negative: ")[1].strip()
     assert negative in {"a tiny blue circle and a large red star", "a large red circle and a tiny blue star"}
 
@@ -122,8 +122,8 @@ def test_negclip_loss_terms_score_the_batch_negatives():
     cfg = CLIPConfig(VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
                      TextConfig(vocab_size=len(tok), context_length=32, width=32, layers=1, heads=2), embed_dim=16)  # fmt: skip
     model = CLIP(cfg)
-    negclip = train.loss_terms(model, batch, Namespace(method="negclip"))
-    siglip = train.loss_terms(model, batch, Namespace(method="siglip"))
+    _, negclip = loss_terms(model, batch, Objective("negclip"))
+    _, siglip = loss_terms(model, batch, Objective("siglip"))
     assert set(negclip) == {"caption"}
     x, _ = model.encode_image(batch["images"])
     y, n = model.encode_text(batch["captions"]), model.encode_text(batch["negatives"])[batch["has_negative"]]

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as evaluate
-import train
+import pictures
 from data import pad_batch
 from fixtures import save_image, write_checkpoint
-from eval import CELL, GAP, LABEL, TITLE
+from pictures import CELL, GAP, LABEL, TITLE
 
 
 def pixels_of(img: np.ndarray, colour) -> np.ndarray:
@@ -25,20 +25,20 @@ def pixels_of(img: np.ndarray, colour) -> np.ndarray:
 def test_loss_curve_draws_each_term_where_its_values_are(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 0.0, "caption": 10 - 0.5 * s, "concept": 12.0}) + "\n" for s in range(1, 11)))
-    out = train.plot_losses(str(log), str(tmp_path / "loss.png"))
+    out = pictures.plot_losses(str(log), str(tmp_path / "loss.png"))
     img = np.asarray(Image.open(out).convert("RGB"))
     assert img.shape == (400, 640, 3)
     plot, legend = img[:, :540], img[:, 540:]  # the legend sits in the right 100 pixels
-    caption, concept = pixels_of(plot, train.LOSS_TERMS["caption"]), pixels_of(plot, train.LOSS_TERMS["concept"])
+    caption, concept = pixels_of(plot, pictures.LOSS_TERMS["caption"]), pixels_of(plot, pictures.LOSS_TERMS["concept"])
     assert len(caption) > 100 and len(concept) > 100
-    assert not len(pixels_of(img, train.LOSS_TERMS["pooled"]))  # a term the log lacks is not drawn
+    assert not len(pixels_of(img, pictures.LOSS_TERMS["pooled"]))  # a term the log lacks is not drawn
     assert concept[:, 0].max() < caption[:, 0].min()  # 12 lies above every caption value
     left, right = caption[caption[:, 1] < caption[:, 1].min() + 5], caption[caption[:, 1] > caption[:, 1].max() - 5]
     assert left[:, 0].mean() < right[:, 0].mean() - 200  # the falling term falls across the plot
-    assert len(pixels_of(legend, train.LOSS_TERMS["caption"])) and len(pixels_of(legend, train.LOSS_TERMS["concept"]))
+    assert len(pixels_of(legend, pictures.LOSS_TERMS["caption"])) and len(pixels_of(legend, pictures.LOSS_TERMS["concept"]))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert train.plot_losses(str(empty), str(tmp_path / "none.png")) is None
+    assert pictures.plot_losses(str(empty), str(tmp_path / "none.png")) is None
 
 
 class PatchModel:
@@ -67,11 +67,11 @@ def brightness(sheet: np.ndarray, column: int, fx: float, fy: float) -> float:
 
 def test_heat_maps_follow_the_patches_each_phrase_attends_to():
     phrases = ["a red circle", "a blue star"]
-    maps = evaluate.attention_maps(PatchModel(), red_tokenizer, torch.zeros(3, 16, 16), phrases, 0.1, "cpu")
+    maps = pictures.attention_maps(PatchModel(), red_tokenizer, torch.zeros(3, 16, 16), phrases, 0.1, "cpu")
     assert maps.shape == (2, 2, 2)
     assert maps[0, 0, 0] > 0.99 and maps[1, 0, 0] < 0.01  # red looks at the top-left patch, blue elsewhere
     grey = Image.new("RGB", (16, 16), (60, 60, 60))
-    sheet = np.asarray(evaluate.attention_picture(grey, [maps], phrases, ["hand-built"]))
+    sheet = np.asarray(pictures.attention_picture(grey, [maps], phrases, ["hand-built"]))
     assert sheet.shape == (GAP + TITLE + LABEL + CELL + GAP, GAP + 3 * (CELL + GAP), 3)
     assert brightness(sheet, 1, 0.25, 0.25) > brightness(sheet, 1, 0.75, 0.75) + 300  # red: hot top left
     assert brightness(sheet, 2, 0.25, 0.25) + 300 < brightness(sheet, 2, 0.75, 0.75)  # blue: hot elsewhere

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluate
-from data import ShapesWorld, pad_batch
-from eval import CATEGORIES, ShapesBenchmark
+import shapes_eval
+from data import pad_batch
+from shapes import ShapesWorld
+from shapes_eval import CATEGORIES, ShapesBenchmark
 from fixtures import write_checkpoint
 from pool import pooled_similarity
 
@@ -17,7 +19,7 @@ def test_paired_pooled_cos_is_the_diagonal_of_pooled_similarity():
     torch.manual_seed(0)
     c, u = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 6, 8), dim=-1)
     for tau in (1.0, 0.1):
-        torch.testing.assert_close(evaluate.paired_pooled_cos(c, u, tau), pooled_similarity(c, u, tau).diagonal())
+        torch.testing.assert_close(shapes_eval.paired_pooled_cos(c, u, tau), pooled_similarity(c, u, tau).diagonal())
 
 
 class PatchOnlyModel:
@@ -41,8 +43,8 @@ def test_pooled_scoring_reads_the_patches():
     vocab = {}
     tokenizer = lambda texts: pad_batch([[vocab.setdefault(w, len(vocab) + 1) for w in re.findall(r"\w+", t)] for t in texts])  # noqa: E731
     bench = ShapesBenchmark(ShapesWorld(image_size=16), n=30, per_class=1)
-    plain = evaluate.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64)
-    pooled = evaluate.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64, "pooled", 0.1)
+    plain = shapes_eval.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64)
+    pooled = shapes_eval.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64, "pooled", 0.1)
     assert set(pooled) == {f"pooled/{k}" for k in plain}
     assert all(v["accuracy"] == 0 for v in plain.values())  # every score ties, and ties are wrong
     assert sum(pooled[f"pooled/{k}"]["accuracy"] for k in CATEGORIES) / len(CATEGORIES) > 0.2

@@ -1,4 +1,4 @@
-"""Pretrained CLIP weights in our from-scratch model (model.py's key map, train.load_weights): parity with
+"""Pretrained CLIP weights in our from-scratch model (pretrained.py's key map and load_weights): parity with
 open_clip for a small custom configuration and for ViT-B-16, through a saved state dict, an open_clip
 training checkpoint and a TorchScript archive; the key map's errors; the logit bias chosen for the sigmoid
 loss; train.py --init and eval.py --ckpt end to end. open_clip is a test-only dependency: its models are
@@ -16,7 +16,8 @@ import torch
 
 import eval as evaluate
 import train
-from model import CLIP, convert_openai_state_dict, read_torchscript_state_dict
+from model import CLIP
+from pretrained import balanced_bias, convert_openai_state_dict, load_model, read_torchscript_state_dict
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
@@ -64,7 +65,7 @@ def as_openai_archive(reference, path, image_size: int):
 @torch.no_grad()
 def max_differences(reference, path, activation: str) -> dict[str, float]:
     """Load `path` as eval.py does, and compare embeddings and logits with the open_clip model."""
-    model, tokenizer, _ = evaluate.load_checkpoint(str(path), CPU, activation=activation)
+    model, tokenizer, _ = load_model(str(path), CPU, activation=activation)
     size = model.cfg.vision.image_size
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     ref_x = reference.encode_image(images, normalize=True)  # (2, D)
@@ -171,7 +172,7 @@ def test_balanced_bias_by_hand():
     x = torch.eye(B, D)  # image i = unit vector e_i, so cos(x_i, y_j) = component i of y_j
     y = torch.cat([0.1 * torch.ones(B, B) + 0.2 * torch.eye(B), torch.zeros(B, D - B)], 1)  # 0.3 on its image, 0.1 elsewhere
     y[:, B] = (1 - (y**2).sum(1)).sqrt()  # unit length, topped up along a direction no image has
-    assert math.isclose(train.balanced_bias(Fixed(), {"images": x, "captions": y}), -20.0, rel_tol=1e-5)
+    assert math.isclose(balanced_bias(Fixed(), {"images": x, "captions": y}), -20.0, rel_tol=1e-5)
 
 
 def test_train_init_from_clip_weights_then_resume_and_eval(tmp_path, capsys):

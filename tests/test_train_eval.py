@@ -10,7 +10,11 @@ from PIL import Image
 
 import eval as evaluate
 import train
-from data import Collate, ShapesDataset, ShapesWorld
+from data import Collate
+from objective import Objective, loss_terms
+from pretrained import load_model
+from shapes import ShapesDataset, ShapesWorld
+from shapes_eval import CATEGORIES
 
 FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
@@ -63,7 +67,7 @@ def test_eval_compares_checkpoints_and_writes_json(tmp_path):
     results = evaluate.main(["--ckpt", a, b, "--n", "40", "--json", str(out)])
     saved = json.load(open(out))["results"]
     assert set(saved) == {a, b}
-    for metric in evaluate.CATEGORIES + ["i2t-R@1", "t2i-R@5", "zeroshot-top1", "zeroshot-top5"]:
+    for metric in CATEGORIES + ["i2t-R@1", "t2i-R@5", "zeroshot-top1", "zeroshot-top5"]:
         for ckpt in (a, b):
             assert 0.0 <= saved[ckpt][metric]["accuracy"] <= 1.0
     assert saved[a]["swap-att"]["count"] == 40 and saved[a]["zeroshot-top1"]["count"] == 56 * 4
@@ -97,9 +101,9 @@ def test_concept_losses_with_their_own_logit_scale_and_bias(tmp_path):
     record = json.loads(open(tmp_path / "own" / "log.jsonl").readlines()[-1])
     assert record["concept_scale"] == pytest.approx(10.0) and record["concept_bias"] == -10.0
 
-    model, tokenizer, _ = evaluate.load_checkpoint(own, torch.device("cpu"))
+    model, tokenizer, _ = load_model(own, torch.device("cpu"))
     scenes = ShapesDataset(ShapesWorld(), 0, "train", 4)
-    terms = train.loss_terms(model, Collate(tokenizer)([scenes[i] for i in range(4)]), train.get_args(["--method", "c2lip"]))
+    _, terms = loss_terms(model, Collate(tokenizer)([scenes[i] for i in range(4)]), Objective("c2lip"))
     terms["caption"].backward(retain_graph=True)
     assert model.concept_logit_scale.grad is None and model.logit_scale.grad is not None  # the caption loss keeps to its pair
     model.zero_grad()

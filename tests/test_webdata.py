@@ -1,4 +1,4 @@
-"""The tar-shard reader (data.WebDataset and helpers) on CC3M-format fixtures, and train.py on them."""
+"""The tar-shard reader (webdata.WebDataset and helpers) on CC3M-format fixtures, and train.py on them."""
 
 import json
 import os
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import train
-from data import (Collate, WebDataset, WordTokenizer, caption_word_counts, eval_transform, expand_braces, expand_shards,
-                  image_to_tensor, shard_sizes, shuffled, train_transform)  # fmt: skip
+import webdata
+from data import Collate, WordTokenizer, eval_transform, image_to_tensor, train_transform
+from webdata import WebDataset, caption_word_counts, expand_braces, expand_shards, shard_sizes, shuffled
 from fixtures import GOOD_CAPTIONS, IMG2DATASET, write_cc3m, write_tar
 
 SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
@@ -70,7 +70,7 @@ def test_readers_split_shards_or_samples_without_overlap(cc3m, monkeypatch):
     for readers in (2, 3):  # 2 readers: a shard each; 3 readers > 2 shards: every third sample
         seen = []
         for reader in range(readers):
-            monkeypatch.setattr(data, "reader_index", lambda r=reader: (r, readers))
+            monkeypatch.setattr(webdata, "reader_index", lambda r=reader: (r, readers))
             seen += [s["caption"] for s in WebDataset(shards, eval_transform(8), shuffle_buffer=0)]
         assert sorted(seen) == sorted(GOOD_CAPTIONS), readers
 
@@ -118,7 +118,7 @@ def test_sample_counts_from_stats_sizes_json_or_counted_and_cached(cc3m, tmp_pat
     shards = expand_shards(cc3m)
     assert shard_sizes(shards, cc3m) == [5, 4]  # 00000_stats.json says 5 successes; 00001 counted
     assert json.load(open(os.path.join(cc3m, "c2lip-sizes.json")))[shards[1]][1] == 4
-    monkeypatch.setattr(data, "shard_groups", lambda *a, **k: pytest.fail("counted twice"))
+    monkeypatch.setattr(webdata, "shard_groups", lambda *a, **k: pytest.fail("counted twice"))
     assert shard_sizes(shards, cc3m) == [5, 4]
     with open(os.path.join(cc3m, "sizes.json"), "w") as f:
         json.dump({"00001.tar": 40}, f)
@@ -129,7 +129,7 @@ def test_vocabulary_streamed_once_and_cached(cc3m, monkeypatch):
     shards = expand_shards(cc3m)
     counts = caption_word_counts(shards, None, cc3m)
     assert counts["a"] == sum(WordTokenizer.split(c).count("a") for c in GOOD_CAPTIONS + ["a cat sleeping on a sofa"])
-    monkeypatch.setattr(data, "shard_captions", lambda *a, **k: pytest.fail("read twice"))
+    monkeypatch.setattr(webdata, "shard_captions", lambda *a, **k: pytest.fail("read twice"))
     assert caption_word_counts(shards, None, cc3m) == counts
     tok = WordTokenizer.from_counts(counts, context_length=16, max_size=8)
     assert len(tok) == 8 and tok.vocab[4] == "a" and tok.encode("a zebra")[2] == 1  # rare words: <unk>
@@ -162,7 +162,7 @@ def test_train_on_cc3m_shards_end_to_end(cc3m, tmp_path):
 
 def test_train_epochs_sets_the_steps_and_reads_json_fields(cc3m, tmp_path):
     out = tmp_path / "run"
-    args = ["--data", "wds", "--data-dir", os.path.join(cc3m, "{00000..00001}.tar"), "--epochs", "1",
+    args = ["--data", "cc3m", "--data-dir", os.path.join(cc3m, "{00000..00001}.tar"), "--epochs", "1",
             "--caption-key", "shortLLA_captions", "--concept-key", "nounphrases", "--out", str(out), *FAST]  # fmt: skip
     state = torch.load(train.main(args), weights_only=False)
     assert state["step"] == 5  # ceil(9 samples (5 by _stats.json + 4 counted) / batch 2)
@@ -174,7 +174,7 @@ def test_train_errors_name_the_layout(tmp_path, capsys):
         (["--data", "cc3m"], "--data-dir"),
         (["--data", "cc3m", "--data-dir", str(tmp_path / "none")], "img2dataset"),
         (["--epochs", "1"], "--epochs"),
-        (["--data", "cc3m", "--data-dir", write_cc3m(str(tmp_path / "c")), "--concepts", "nope.jsonl"], "concepts.py"),
+        (["--data", "cc3m", "--data-dir", write_cc3m(str(tmp_path / "c")), "--concepts", "nope.jsonl"], "webdata.py"),
     ]:
         with pytest.raises(SystemExit) as err:
             train.get_args(argv)
@@ -186,4 +186,4 @@ def test_a_pass_with_no_usable_sample_stops_with_a_message(tmp_path):
     folder.mkdir()
     write_tar(str(folder / "00000.tar"), [("000000000.txt", b"a caption without an image")])
     with pytest.raises(RuntimeError, match="no usable sample"):
-        train.main(["--data", "wds", "--data-dir", str(folder), "--steps", "2", "--out", str(tmp_path / "run"), *FAST])
+        train.main(["--data", "cc3m", "--data-dir", str(folder), "--steps", "2", "--out", str(tmp_path / "run"), *FAST])

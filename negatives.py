@@ -1,0 +1,128 @@
+"""Rule-made hard negatives for the NegCLIP-style baseline (train.py --method negclip).
+
+Not part of C2LIP: the paper's point is that it needs no hard negatives, and it compares against NegCLIP
+(Yuksekgonul et al., ICLR 2023), which trains with a hard negative caption per image: the same kind of
+words, bound differently. Its rules are written here over the noun phrases of concepts.py, so they
+apply to any caption. The negatives join the batch as extra texts that every image must score below
+(losses.siglip_loss, `negatives`).
+
+Departure: NegCLIP shuffles parts of COCO captions parsed with spaCy and mines hard negative images too;
+this keeps only the two rules that target binding (swap and replace), with no image negatives.
+
+  python negatives.py "a tiny red circle and a large blue star"     # print a hard negative of each caption
+"""
+
+import argparse
+import functools
+import itertools
+import random
+import re
+
+from concepts import TOKENIZER, article, collapse_spaces, noun_phrase_spans, tagged_tokens
+
+# A noun phrase has slots: slot 0 is its head noun, slot d > 0 the d-th modifier before the head ("a tiny red
+# circle": circle, red, tiny). English orders modifiers by kind (size before colour before the noun), so
+# words in one slot are mostly of one kind: in the shapes world slot 1 holds colours and slot 2 sizes.
+
+SLOT_TAGS = ("JJ", "VBN", "VBG", "NN")  # a slot word's tag; a determiner, number or 's ends the slots
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def phrase_slots(caption: str) -> tuple[str, tuple]:
+    """A caption -> (its text with whitespace collapsed, one (slots, article) per noun phrase), where slots
+    are the (start, end) character ranges of the head noun, then of each modifier going left, and article
+    that of the phrase's 'a'/'an' (None if it has none). Ranges index the returned text."""
+    text, tagged = collapse_spaces(caption), list(tagged_tokens(caption))
+    try:
+        chars = list(TOKENIZER.span_tokenize(text))  # the same tokens, as character ranges
+    except ValueError:  # quotes the aligner cannot place: no phrases, so no negative
+        return text, ()
+    if len(chars) != len(tagged):
+        return text, ()
+    phrases = []
+    for start, end in noun_phrase_spans(tagged):
+        k = end - 1
+        while k >= start and tagged[k][1].startswith(SLOT_TAGS):
+            k -= 1
+        slots = tuple(chars[j] for j in range(end - 1, k, -1))
+        a_or_an = chars[k] if k >= start and tagged[k][0].lower() in ("a", "an") else None
+        phrases.append((slots, a_or_an))
+    return text, tuple(phrases)
+
+
+def slot_words(captions: list[str]) -> dict[int, list[str]]:
+    """{slot: the distinct lower-case words seen in that slot, sorted}: the replacement pool of hard_negative.
+    Sorted, not a set: a set's order changes with each process's string hashing, and so would the negatives."""
+    pool: dict[int, set] = {}
+    for caption in captions:
+        text, phrases = phrase_slots(caption)
+        for slots, _ in phrases:
+            for d, (s, e) in enumerate(slots):
+                pool.setdefault(d, set()).add(text[s:e].lower())
+    return {d: sorted(words) for d, words in pool.items()}
+
+
+def _cased(word: str, like: str) -> str:
+    """word with the initial capital of the word it replaces ('Red' -> 'Blue', but 'red' -> 'blue')."""
+    if like[:1].isupper():
+        return word[:1].upper() + word[1:]
+    return word.lower() if word[:1].isupper() and word[1:].islower() else word
+
+
+def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] | None = None) -> str | None:
+    """A caption with the same kind of words bound differently, or None when no rule applies. A rule is
+    drawn among those that apply, then one of its edits:
+      swap     two phrases exchange their words in one modifier slot: 'a tiny red circle and a large blue
+               star' -> 'a tiny blue circle and a large red star' (an attribute swap, as in NegCLIP)
+      replace  a word becomes one seen in the same slot of `pool` (slot_words) that the caption lacks:
+               'a tiny green circle and ...' (slot 1), 'a tiny red square and ...' (slot 0, the noun)
+    An 'a'/'an' before an edited word follows the new word. Only the edited words change, so the
+    negative keeps the caption's wording and punctuation: nothing but the binding tells them apart."""
+    text, phrases = phrase_slots(caption)
+
+    def word(p: int, d: int) -> str:  # the word in slot d of phrase p
+        return text[slice(*phrases[p][0][d])]
+
+    present = set(re.findall(r"[\w']+", text.lower()))
+    pool = pool or {}
+    swaps = [
+        (a, b, d)
+        for a, b in itertools.combinations(range(len(phrases)), 2)
+        for d in range(1, min(len(phrases[a][0]), len(phrases[b][0])))
+        if word(a, d).lower() != word(b, d).lower()
+    ]  # fmt: skip
+    replaces = [(p, d) for p, (slots, _) in enumerate(phrases) for d in range(len(slots)) if set(pool.get(d, ())) - present]
+    rules = [r for r in (swaps, replaces) if r]
+    if not rules:
+        return None
+    rule = rng.choice(rules)
+    if rule is swaps:
+        a, b, d = rng.choice(swaps)
+        edits = {(a, d): word(b, d), (b, d): word(a, d)}
+    else:
+        p, d = rng.choice(replaces)
+        edits = {(p, d): rng.choice([w for w in pool[d] if w not in present])}
+    changes = []  # (start, end, new text), applied right to left so earlier ranges stay valid
+    for (p, d), new in edits.items():
+        (slots, a_or_an), old = phrases[p], word(p, d)
+        changes.append((*slots[d], _cased(new, old)))
+        if a_or_an and d == len(slots) - 1:  # the word right after 'a'/'an'
+            changes.append((*a_or_an, _cased(article(new), text[slice(*a_or_an)])))
+    negative = text
+    for start, end, new in sorted(changes, reverse=True):
+        negative = negative[:start] + new + negative[end:]
+    return negative
+
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("captions", nargs="+", help="captions; replacement words are drawn from all of them")
+    args = parser.parse_args(argv)
+    pool = slot_words(args.captions)
+    for caption in args.captions:
+        print(f"{caption}\n  negative: {hard_negative(caption, random.Random(caption), pool)}")
+
+
+if __name__ == "__main__":
+    main()
