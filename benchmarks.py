@@ -29,41 +29,61 @@ import torchvision
 from tqdm import tqdm
 
 from data import ImageFiles, eval_transform, load_image
-from metrics import (cos, embed_texts, fraction, group_means, itt_correct, pairwise_correct, retrieval_recall,
-                     topk_accuracy, tot_correct, zeroshot_classifier)  # fmt: skip
+from metrics import (
+    cos,
+    embed_texts,
+    fraction,
+    group_means,
+    itt_correct,
+    pairwise_correct,
+    retrieval_recall,
+    topk_accuracy,
+    tot_correct,
+    zeroshot_classifier,
+)
 from model import CLIP
 
-SUGARCREPE = {"add": ["add_att", "add_obj"], "replace": ["replace_att", "replace_obj", "replace_rel"], "swap": ["swap_att", "swap_obj"]}
+SUGARCREPE = {
+    "add": ["add_att", "add_obj"],
+    "replace": ["replace_att", "replace_obj", "replace_rel"],
+    "swap": ["swap_att", "swap_obj"],
+}
 SUGARCREPE_PP = {"replace": ["replace_att", "replace_obj", "replace_rel"], "swap": ["swap_att", "swap_obj"]}
 # Zero-shot prompts when --templates is not given (a short ensemble in the spirit of CLIP's; CLIP used 18
 # templates for CIFAR and 80 for ImageNet: pass those with --templates to compare with published numbers).
 ZEROSHOT_TEMPLATES = [
-    "a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a good photo of a {}.",
-    "a bad photo of a {}.", "a close-up photo of a {}.", "a photo of a small {}.", "a photo of a large {}.",
-    "a low resolution photo of a {}.", "a cropped photo of a {}.",
-]  # fmt: skip
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a photo of the {}.",
+    "a good photo of a {}.",
+    "a bad photo of a {}.",
+    "a close-up photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "a low resolution photo of a {}.",
+    "a cropped photo of a {}.",
+]
 
 COCO_VAL2017 = "the COCO val2017 images (images.cocodataset.org/zips/val2017.zip) in IMAGES, default DIR/val2017"
 LAYOUT = {
-    "sugarcrepe": "Expected DIR/{add_att,add_obj,replace_att,replace_obj,replace_rel,swap_att,swap_obj}.json, the data/ "
-                  f"folder of github.com/RAIVNLab/sugar-crepe, and {COCO_VAL2017}.",
+    "sugarcrepe": "Expected DIR/{add_att,add_obj,replace_att,replace_obj,replace_rel,swap_att,swap_obj}.json, the "
+    f"data/ folder of github.com/RAIVNLab/sugar-crepe, and {COCO_VAL2017}.",
     "sugarcrepe++": "Expected DIR/{replace_att,replace_obj,replace_rel,swap_att,swap_obj}.json, the data/ folder of "
-                    f"github.com/Sri-Harsha/scpp (also huggingface.co/datasets/Aman-J/SugarCrepe_pp), and {COCO_VAL2017}.",
+    f"github.com/Sri-Harsha/scpp (also huggingface.co/datasets/Aman-J/SugarCrepe_pp), and {COCO_VAL2017}.",
     "zeroshot": "Expected an ImageFolder, DIR/<class folder>/<images>, classes in sorted folder order, e.g. ImageNet's "
-                "validation set (image-net.org) sorted into its 1,000 WordNet-id folders (the usual valprep.sh), with "
-                "--classnames FILE giving one class name per line in that order; or --zeroshot-set cifar10 / cifar100 "
-                "with torchvision's CIFAR files in DIR.",
+    "validation set (image-net.org) sorted into its 1,000 WordNet-id folders (the usual valprep.sh), with "
+    "--classnames FILE giving one class name per line in that order; or --zeroshot-set cifar10 / cifar100 "
+    "with torchvision's CIFAR files in DIR.",
     "retrieval": 'Expected --ann FILE, a JSON list of {"image": "<path under DIR>", "caption": ["...", ...]}: the '
-                 "Karpathy test split as released with BLIP (github.com/salesforce/BLIP: coco_karpathy_test.json, "
-                 "flickr30k_test.json), and the images under DIR: COCO's val2014/ (images.cocodataset.org/zips/"
-                 "val2014.zip) or Flickr30k's flickr30k-images/ (request form at shannon.cs.illinois.edu/DenotationGraph).",
-}  # fmt: skip
+    "Karpathy test split as released with BLIP (github.com/salesforce/BLIP: coco_karpathy_test.json, "
+    "flickr30k_test.json), and the images under DIR: COCO's val2014/ (images.cocodataset.org/zips/"
+    "val2014.zip) or Flickr30k's flickr30k-images/ (request form at shannon.cs.illinois.edu/DenotationGraph).",
+}
 
 
 def fail(message: str):
     """Stop with a message the user can act on (no traceback)."""
     sys.exit(f"error: {message}")
-
 
 
 @torch.no_grad()
@@ -85,14 +105,19 @@ def embed_examples(model: CLIP, tokenizer, files: dict[str, list[tuple]], args, 
     share 1,560 images)."""
     paths = list(dict.fromkeys(ex[0] for exs in files.values() for ex in exs))
     texts = list(dict.fromkeys(t for exs in files.values() for ex in exs for t in ex[1:]))
-    images = ImageFiles(paths, eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise))  # the model's own image size
+    images = ImageFiles(
+        paths, eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise)
+    )  # the model's own image size
     image_emb = embed_image_dataset(model, images, args, device, f"{name} images")[0]  # (images, D)
     text_emb = embed_texts(model, tokenizer, texts, args.batch_size, device, f"{name} texts")  # (texts, D)
     row, col = {p: i for i, p in enumerate(paths)}, {t: i for i, t in enumerate(texts)}
     return {
-        f: (image_emb[[row[ex[0]] for ex in exs]], [text_emb[[col[ex[k]] for ex in exs]] for k in range(1, len(exs[0]))])
+        f: (
+            image_emb[[row[ex[0]] for ex in exs]],
+            [text_emb[[col[ex[k]] for ex in exs]] for k in range(1, len(exs[0]))],
+        )
         for f, exs in files.items()
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------- the real benchmarks: files
@@ -109,7 +134,10 @@ def check_images(paths: list[str], bench: str) -> None:
     """Every image a benchmark names must exist: a score on part of a benchmark is not its score."""
     missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
     if missing:
-        fail(f"--bench {bench}: {len(missing)} of {len(set(paths))} images are missing, e.g. {missing[0]}.\n{LAYOUT[bench]}")
+        fail(
+            f"--bench {bench}: {len(missing)} of {len(set(paths))} images are missing, e.g. {missing[0]}.\n"
+            + LAYOUT[bench]
+        )
 
 
 def load_sugarcrepe(data_dir: str, images: str, bench: str = "sugarcrepe") -> dict[str, list[tuple]]:
@@ -144,22 +172,31 @@ def load_zeroshot(data_dir: str, args) -> tuple[torch.utils.data.Dataset, list[s
             fail(f"--bench zeroshot: {err}\n{LAYOUT['zeroshot']}")
         names = [c.replace("_", " ") for c in dataset.classes]
         if not args.classnames and all(re.fullmatch(r"n\d{8}", c) for c in dataset.classes):
-            fail(f"--bench zeroshot: the class folders of {data_dir} are WordNet ids (ImageNet): pass --classnames FILE, "
-                 "one name per line in sorted folder order (see the README).")  # fmt: skip
+            fail(
+                f"--bench zeroshot: the class folders of {data_dir} are WordNet ids (ImageNet): pass --classnames "
+                "FILE, one name per line in sorted folder order (see docs/real-data.md)."
+            )
     else:
         cifar = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[args.zeroshot_set]
         try:
             dataset = cifar(data_dir, train=False, download=False)  # the test split; never downloads here
         except RuntimeError:
             fetch = f"torchvision.datasets.{cifar.__name__}('{data_dir}', train=False, download=True)"
-            fail(f"--bench zeroshot: torchvision's {cifar.__name__} files are not in {data_dir}. Fetch them once with\n"
-                 f"  python -c \"import torchvision; {fetch}\"")  # fmt: skip
-        names = [c.replace("_", " ") for c in dataset.classes]  # built into the dataset's files: 'maple_tree' -> 'maple tree'
+            fail(
+                f"--bench zeroshot: torchvision's {cifar.__name__} files are not in {data_dir}. Fetch them once with\n"
+                f'  python -c "import torchvision; {fetch}"'
+            )
+        names = [
+            c.replace("_", " ") for c in dataset.classes
+        ]  # built into the dataset's files: 'maple_tree' -> 'maple tree'
     if args.classnames:
         with open(args.classnames) as f:
             names = [line.strip() for line in f if line.strip()]
         if len(names) != len(dataset.classes):
-            fail(f"--classnames: {len(names)} names in {args.classnames} for {len(dataset.classes)} classes in {data_dir}")
+            fail(
+                f"--classnames: {len(names)} names in {args.classnames} "
+                f"for {len(dataset.classes)} classes in {data_dir}"
+            )
     templates = ZEROSHOT_TEMPLATES
     if args.templates:
         with open(args.templates) as f:
@@ -173,7 +210,11 @@ def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch
     """Karpathy-split JSON -> (image paths (B), captions (X), text_image (X,): the image of each caption)."""
     ann = ann if os.path.isfile(ann) else os.path.join(data_dir, ann)
     records = read_json_file(ann, "retrieval")
-    if not isinstance(records, list) or not records or not all(isinstance(r, dict) and "image" in r and "caption" in r for r in records):
+    if (
+        not isinstance(records, list)
+        or not records
+        or not all(isinstance(r, dict) and "image" in r and "caption" in r for r in records)
+    ):
         fail(f"--bench retrieval: {ann} is not in the expected format.\n{LAYOUT['retrieval']}")
     paths, texts, text_image = [], [], []
     for i, r in enumerate(records):
@@ -210,7 +251,9 @@ def evaluate_zeroshot(model: CLIP, tokenizer, data: tuple, args, device) -> dict
     dataset, names, templates = data
     dataset.transform = eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise)
     image_emb, labels = embed_image_dataset(model, dataset, args, device, "zeroshot images")  # (B, D), (B,)
-    prompts = embed_texts(model, tokenizer, [t.format(n) for n in names for t in templates], args.batch_size, device, "zeroshot prompts")
+    prompts = embed_texts(
+        model, tokenizer, [t.format(n) for n in names for t in templates], args.batch_size, device, "zeroshot prompts"
+    )
     classifier = zeroshot_classifier(prompts.view(len(names), len(templates), -1))  # (C, D)
     accuracy = topk_accuracy(image_emb @ classifier.T, labels, (1, 5))  # logits (B, C)
     return {f"zeroshot/top{k}": {"accuracy": v, "count": len(labels)} for k, v in accuracy.items()}
@@ -222,5 +265,7 @@ def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dic
     image_emb = embed_image_dataset(model, images, args, device, "retrieval images")[0]  # (B, D)
     text_emb = embed_texts(model, tokenizer, texts, args.batch_size, device, "retrieval texts")  # (X, D)
     recall = retrieval_recall(image_emb @ text_emb.T, text_image)  # sim (B, X)
-    return {f"retrieval/{k}": {"accuracy": v, "count": len(paths) if k.startswith("i2t") else len(texts)} for k, v in recall.items()}
-
+    return {
+        f"retrieval/{k}": {"accuracy": v, "count": len(paths) if k.startswith("i2t") else len(texts)}
+        for k, v in recall.items()
+    }

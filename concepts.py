@@ -36,11 +36,46 @@ GRAMMAR = r"""NP: {<DT|PRP\$|CD>*(<JJ.*|VBN|VBG>|<NN.*><JJ.*>)*<NN.*>+(<POS><JJ.
 
 # Head nouns that name a place in the frame or the picture itself rather than something in it.
 GENERIC = {
-    "left", "right", "top", "bottom", "side", "sides", "middle", "center", "centre", "front", "back",
-    "corner", "edge", "background", "foreground", "distance", "image", "images", "photo", "photos",
-    "picture", "pictures", "photograph", "illustration", "view", "shot", "close", "closeup", "stock",
-    "shape", "shapes", "object", "objects", "thing", "things", "something", "lot", "kind", "type",
-}  # fmt: skip
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "side",
+    "sides",
+    "middle",
+    "center",
+    "centre",
+    "front",
+    "back",
+    "corner",
+    "edge",
+    "background",
+    "foreground",
+    "distance",
+    "image",
+    "images",
+    "photo",
+    "photos",
+    "picture",
+    "pictures",
+    "photograph",
+    "illustration",
+    "view",
+    "shot",
+    "close",
+    "closeup",
+    "stock",
+    "shape",
+    "shapes",
+    "object",
+    "objects",
+    "thing",
+    "things",
+    "something",
+    "lot",
+    "kind",
+    "type",
+}
 ARTICLES = {"a", "an", "the", "one", "this", "that", "these", "those", "some"}
 TAGGER_DATA = "averaged_perceptron_tagger_eng"
 
@@ -146,7 +181,6 @@ def extract_concepts(caption: str) -> list[str]:
 def extract_concepts_batch(captions: list[str]) -> list[list[str]]:
     """Many captions at once (NLTK's tag_sents is itself a loop over sentences, so this is one too)."""
     return [extract_concepts(c) for c in captions]
-
 
 
 def main(argv=None) -> None:

@@ -113,10 +113,14 @@ class WordTokenizer:
     @classmethod
     def build(cls, texts, context_length: int, min_freq: int = 1, max_size: int | None = None) -> "WordTokenizer":
         """A vocabulary of every word seen at least min_freq times, most frequent first."""
-        return cls.from_counts(Counter(w for text in texts for w in cls.split(text)), context_length, min_freq, max_size)
+        return cls.from_counts(
+            Counter(w for text in texts for w in cls.split(text)), context_length, min_freq, max_size
+        )
 
     @classmethod
-    def from_counts(cls, counts: Counter, context_length: int, min_freq: int = 1, max_size: int | None = None) -> "WordTokenizer":
+    def from_counts(
+        cls, counts: Counter, context_length: int, min_freq: int = 1, max_size: int | None = None
+    ) -> "WordTokenizer":
         """The same from word counts (streamed captions, see caption_word_counts). max_size counts the four
         special tokens; rarer words read as <unk>, which keeps the embedding table of a web-scale vocabulary small."""
         words = [w for w, n in counts.most_common() if n >= min_freq and not w.startswith("<")]
@@ -143,6 +147,7 @@ class WordTokenizer:
     @classmethod
     def from_state_dict(cls, state: dict) -> "WordTokenizer":
         return cls(state["vocab"], state["context_length"])
+
 
 # ----------------------------------------------------------------------------- images
 
@@ -193,4 +198,3 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.transform(load_image(self.paths[index]))
-

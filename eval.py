@@ -46,13 +46,26 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bench", nargs="+", default=["shapes"], choices=BENCHES, help="benchmarks to run, in one table")
     p.add_argument("--n", type=int, default=1000, help="held-out scenes in the shapes benchmark")
     p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the shapes benchmark")
-    p.add_argument("--data-dir", nargs="+", default=[], metavar="[BENCH=]DIR",
-                   help="the real benchmarks' data: one DIR for all, or BENCH=DIR each; sugarcrepe(++): the JSON "
-                        "files, zeroshot: the ImageFolder (or CIFAR) root, retrieval: the images' root")  # fmt: skip
-    p.add_argument("--images", default=None, help="sugarcrepe, sugarcrepe++: the COCO val2017 folder (default DIR/val2017)")
-    p.add_argument("--zeroshot-set", default="imagefolder", choices=["imagefolder", "cifar10", "cifar100"],
-                   help="zeroshot: an ImageFolder (ImageNet val ...), or torchvision's CIFAR-10/100 test files in DIR")  # fmt: skip
-    p.add_argument("--classnames", default=None, help="zeroshot: class names, one per line, in sorted class-folder order")
+    p.add_argument(
+        "--data-dir",
+        nargs="+",
+        default=[],
+        metavar="[BENCH=]DIR",
+        help="the real benchmarks' data: one DIR for all, or BENCH=DIR each; sugarcrepe(++): the JSON "
+        "files, zeroshot: the ImageFolder (or CIFAR) root, retrieval: the images' root",
+    )
+    p.add_argument(
+        "--images", default=None, help="sugarcrepe, sugarcrepe++: the COCO val2017 folder (default DIR/val2017)"
+    )
+    p.add_argument(
+        "--zeroshot-set",
+        default="imagefolder",
+        choices=["imagefolder", "cifar10", "cifar100"],
+        help="zeroshot: an ImageFolder (ImageNet val ...), or torchvision's CIFAR-10/100 test files in DIR",
+    )
+    p.add_argument(
+        "--classnames", default=None, help="zeroshot: class names, one per line, in sorted class-folder order"
+    )
     p.add_argument("--templates", default=None, help="zeroshot: prompt templates, one per line, {} for the class name")
     p.add_argument("--ann", default=None, help="retrieval: Karpathy-split JSON list of {image, caption: [...]}")
     p.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
@@ -60,14 +73,27 @@ def get_args(argv=None) -> argparse.Namespace:
     add_device_flag(p)
     p.add_argument("--json", default=None, help="also write the results, with counts, to this JSON file")
     add_weight_flags(p)
-    p.add_argument("--score", nargs="+", default=["plain"], choices=["plain", "pooled"],
-                   help="shapes: plain (the paper's global-embedding cosine) and/or pooled (each image pooled by the text "
-                        "it is scored against, a diagnostic; its metrics are named pooled/...)")  # fmt: skip
-    p.add_argument("--tau", type=float, default=None,
-                   help="pooling temperature of --score pooled and --show (default: the checkpoint's training --tau, else 1)")
-    p.add_argument("--show", default=None, metavar="IMAGE_OR_INDEX",
-                   help="instead of benchmarks, draw where each of --concepts looks in this image (a shapes test scene "
-                        "index of --bench-seed, or an image file): the pooling weights over the patches, a row per --ckpt")
+    p.add_argument(
+        "--score",
+        nargs="+",
+        default=["plain"],
+        choices=["plain", "pooled"],
+        help="shapes: plain (the paper's global-embedding cosine) and/or pooled (each image pooled by the text "
+        "it is scored against, a diagnostic; its metrics are named pooled/...)",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="pooling temperature of --score pooled and --show (default: the checkpoint's training --tau, else 1)",
+    )
+    p.add_argument(
+        "--show",
+        default=None,
+        metavar="IMAGE_OR_INDEX",
+        help="instead of benchmarks, draw where each of --concepts looks in this image (a shapes test scene "
+        "index of --bench-seed, or an image file): the pooling weights over the patches, a row per --ckpt",
+    )
     p.add_argument("--concepts", nargs="+", default=None, metavar="PHRASE", help="--show: the phrases to draw")
     p.add_argument("--out", default="attention.png", help="--show: the PNG to write")
     args = p.parse_args(argv)

@@ -38,8 +38,13 @@ def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor, count: int) -> torc
     return -F.logsigmoid(labels * logits.float()).sum() / count
 
 
-def siglip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def siglip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
     """L_sig. image_emb (B, D), text_emb (B, D): image i matches caption i and no other.
 
     negatives (M, D), optional: texts that match no image (the hard negatives of --method negclip). They
@@ -84,8 +89,22 @@ def pooled_concept_loss(patch_emb, concept_emb, owner, scale, bias, tau=1.0, phr
     return sigmoid_loss(logits, concept_labels(owner, len(patch_emb), phrase_ids), len(concept_emb))
 
 
-def c2lip_loss(image_emb, text_emb, concept_emb, patch_emb, owner, scale, bias, *, concept_weight=1.0,
-               pool_weight=0.01, tau=1.0, phrase_ids=None, concept_scale=None, concept_bias=None):
+def c2lip_loss(
+    image_emb,
+    text_emb,
+    concept_emb,
+    patch_emb,
+    owner,
+    scale,
+    bias,
+    *,
+    concept_weight=1.0,
+    pool_weight=0.01,
+    tau=1.0,
+    phrase_ids=None,
+    concept_scale=None,
+    concept_bias=None,
+):
     """L = L_sig + concept_weight * L_npc + pool_weight * L_xac  -> (L, {"caption", "concept", "pooled"}).
 
     image_emb x (B, D), text_emb y (B, D), concept_emb c (K, D), patch_emb u (B, N, D), owner (K,). The

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from model import CLIP
 
+
 def pairwise_correct(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """SugarCrepe's rule. pos, neg (M,): cos(image, caption) and cos(image, negative) -> (M,) bool, correct iff
     pos > neg: a tie is wrong (a model that ignores the text must not score 50% or 100%)."""
@@ -66,9 +67,12 @@ def group_means(per_file: dict[str, dict], groups: dict[str, list[str]]) -> dict
     """{file: {'accuracy', 'count'}} -> each group's unweighted mean over its files, and 'mean' over all
     files, with the summed counts (SugarCrepe's add / replace / swap averages)."""
     out = {}
-    for group, names in [*groups.items(), ("mean", [n for names in groups.values() for n in names])]:
-        out[group] = {"accuracy": sum(per_file[n]["accuracy"] for n in names) / len(names),
-                      "count": sum(per_file[n]["count"] for n in names)}  # fmt: skip
+    every_file = [name for names in groups.values() for name in names]
+    for group, names in [*groups.items(), ("mean", every_file)]:
+        out[group] = {
+            "accuracy": sum(per_file[n]["accuracy"] for n in names) / len(names),
+            "count": sum(per_file[n]["count"] for n in names),
+        }
     return out
 
 
@@ -81,7 +85,10 @@ def fraction(correct: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def embed_images(model: CLIP, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    out = [model.encode_image(images[i : i + batch_size].to(device))[0].float().cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        model.encode_image(images[i : i + batch_size].to(device))[0].float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out)  # (B, D)
 
 
@@ -93,14 +100,14 @@ def embed_image_tokens(model: CLIP, images: torch.Tensor, batch_size: int, devic
 
 
 @torch.no_grad()
-def embed_texts(model: CLIP, tokenizer, texts: list[str], batch_size: int, device, desc: str | None = None) -> torch.Tensor:
+def embed_texts(
+    model: CLIP, tokenizer, texts: list[str], batch_size: int, device, desc: str | None = None
+) -> torch.Tensor:
     starts = tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=desc is None)
     out = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu() for i in starts]
     return torch.cat(out)  # (len(texts), D)
 
 
-
 def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine of L2-normalised (M, D) embeddings -> (M,)."""
     return (a * b).sum(dim=-1)
-

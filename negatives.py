@@ -90,8 +90,10 @@ def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] |
         for a, b in itertools.combinations(range(len(phrases)), 2)
         for d in range(1, min(len(phrases[a][0]), len(phrases[b][0])))
         if word(a, d).lower() != word(b, d).lower()
-    ]  # fmt: skip
-    replaces = [(p, d) for p, (slots, _) in enumerate(phrases) for d in range(len(slots)) if set(pool.get(d, ())) - present]
+    ]
+    replaces = [
+        (p, d) for p, (slots, _) in enumerate(phrases) for d in range(len(slots)) if set(pool.get(d, ())) - present
+    ]
     rules = [r for r in (swaps, replaces) if r]
     if not rules:
         return None
@@ -112,7 +114,6 @@ def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] |
     for start, end, new in sorted(changes, reverse=True):
         negative = negative[:start] + new + negative[end:]
     return negative
-
 
 
 def main(argv=None) -> None:

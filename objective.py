@@ -77,10 +77,20 @@ def objective_loss(model, emb: dict[str, torch.Tensor], objective: Objective):
     concept_t, concept_b = model.concept_scale_bias()  # t and b again, unless --concept-logits own
     ids = emb["phrase_ids"] if objective.concept_labels == "phrase" else None
     return c2lip_loss(
-        emb["image"], emb["text"], emb["concept"], emb.get("patch"), emb["owner"], t, b,
-        concept_weight=objective.concept_weight, pool_weight=objective.pool_weight, tau=objective.tau,
-        phrase_ids=ids, concept_scale=concept_t, concept_bias=concept_b,
-    )  # fmt: skip
+        emb["image"],
+        emb["text"],
+        emb["concept"],
+        emb.get("patch"),
+        emb["owner"],
+        t,
+        b,
+        concept_weight=objective.concept_weight,
+        pool_weight=objective.pool_weight,
+        tau=objective.tau,
+        phrase_ids=ids,
+        concept_scale=concept_t,
+        concept_bias=concept_b,
+    )
 
 
 def loss_terms(net, batch: dict, objective: Objective):

@@ -29,7 +29,6 @@ from model import CLIP
 from pool import pooling_weights
 from shapes import WORLDS, ShapesWorld
 
-
 LOSS_TERMS = {"caption": (31, 119, 180), "concept": (214, 39, 40), "pooled": (44, 160, 44)}  # term -> line colour
 
 
@@ -39,7 +38,9 @@ def plot_losses(log_path: str, out_path: str, size: tuple[int, int] = (640, 400)
     Returns out_path, or None for a log with no records yet."""
     records = read_log(log_path)
     # a diverged run logs nan or inf: those points are left out rather than breaking the picture (and the run)
-    lines = {term: [(r["step"], r[term]) for r in records if math.isfinite(r.get(term, math.nan))] for term in LOSS_TERMS}
+    lines = {
+        term: [(r["step"], r[term]) for r in records if math.isfinite(r.get(term, math.nan))] for term in LOSS_TERMS
+    }
     lines = {term: points for term, points in lines.items() if points}
     if not lines:
         return None
@@ -50,8 +51,10 @@ def plot_losses(log_path: str, out_path: str, size: tuple[int, int] = (640, 400)
     x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1e-6)  # a single point or a flat line still has an axis
 
     def pixel(step: float, value: float) -> tuple[float, float]:
-        return (left + (step - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom))  # fmt: skip
+        return (
+            left + (step - x0) / (x1 - x0) * (width - left - right),
+            height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom),
+        )
 
     img = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
@@ -127,7 +130,6 @@ def attention_picture(image: Image.Image, rows: list[np.ndarray], phrases: list[
             label = textwrap.wrap(phrase, 26)[:2] + [f"peak {weights.max() * weights.size:.1f}x flat"]
             draw.multiline_text((left, top + TITLE), "\n".join(label), fill="black", font=font, spacing=1)
     return sheet
-
 
 
 def contact_sheet(n: int, seed: int = 0, split: str = "train") -> Image.Image:

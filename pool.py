@@ -70,8 +70,9 @@ def pooled_similarity(concept_emb, patch_emb, tau: float = 1.0, max_elements: in
         return _similarity_chunk(concept_emb, patch_emb, gram, tau)
     recompute = torch.is_grad_enabled()
     parts = [
-        checkpoint(_similarity_chunk, c, patch_emb, gram, tau, use_reentrant=False) if recompute
+        checkpoint(_similarity_chunk, c, patch_emb, gram, tau, use_reentrant=False)
+        if recompute
         else _similarity_chunk(c, patch_emb, gram, tau)
         for c in concept_emb.split(chunk)
-    ]  # fmt: skip
+    ]
     return torch.cat(parts)  # (K, B)

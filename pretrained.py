@@ -35,31 +35,42 @@ TOP_NAMES = {  # theirs -> ours, outside the residual blocks
     "visual.conv1.weight": "visual.patchify.weight",
     "visual.class_embedding": "visual.class_token",
     "visual.positional_embedding": "visual.positions",
-    "visual.ln_pre.weight": "visual.ln_pre.weight", "visual.ln_pre.bias": "visual.ln_pre.bias",
-    "visual.ln_post.weight": "visual.ln_post.weight", "visual.ln_post.bias": "visual.ln_post.bias",
+    "visual.ln_pre.weight": "visual.ln_pre.weight",
+    "visual.ln_pre.bias": "visual.ln_pre.bias",
+    "visual.ln_post.weight": "visual.ln_post.weight",
+    "visual.ln_post.bias": "visual.ln_post.bias",
     "visual.proj": "visual.proj",
     "token_embedding.weight": "text.token_embedding.weight",
     "positional_embedding": "text.positions",
-    "ln_final.weight": "text.ln_final.weight", "ln_final.bias": "text.ln_final.bias",
+    "ln_final.weight": "text.ln_final.weight",
+    "ln_final.bias": "text.ln_final.bias",
     "text_projection": "text.proj",
     "logit_scale": "logit_scale",
     "logit_bias": "logit_bias",  # only in models trained with the sigmoid loss; optional
-}  # fmt: skip
+}
 BLOCK_NAMES = {  # theirs -> ours, inside each residual block
-    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
-    "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
-    "attn.out_proj.weight": "attn.out.weight", "attn.out_proj.bias": "attn.out.bias",
-    "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
-    "mlp.c_fc.weight": "mlp.0.weight", "mlp.c_fc.bias": "mlp.0.bias",
-    "mlp.c_proj.weight": "mlp.2.weight", "mlp.c_proj.bias": "mlp.2.bias",
-}  # fmt: skip
+    "ln_1.weight": "ln_1.weight",
+    "ln_1.bias": "ln_1.bias",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.out.weight",
+    "attn.out_proj.bias": "attn.out.bias",
+    "ln_2.weight": "ln_2.weight",
+    "ln_2.bias": "ln_2.bias",
+    "mlp.c_fc.weight": "mlp.0.weight",
+    "mlp.c_fc.bias": "mlp.0.bias",
+    "mlp.c_proj.weight": "mlp.2.weight",
+    "mlp.c_proj.bias": "mlp.2.bias",
+}
 TOWERS = {"visual.transformer.resblocks": "visual.blocks", "transformer.resblocks": "text.blocks"}
 # Scalars OpenAI's archive keeps beside the weights, checked against the shapes; and the causal mask,
 # which open_clip builds as a buffer (kept by TorchScript) and our attention computes itself.
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 
 
-def convert_openai_state_dict(state: dict, activation: str = "quick_gelu", head_width: int = 64) -> tuple[CLIPConfig, dict]:
+def convert_openai_state_dict(
+    state: dict, activation: str = "quick_gelu", head_width: int = 64
+) -> tuple[CLIPConfig, dict]:
     """An OpenAI or open_clip CLIP state dict -> (our config, our state dict) for CLIP(cfg).load_state_dict.
 
     The config is read off the shapes. Two things the shapes cannot tell are arguments: the activation
@@ -83,7 +94,8 @@ def convert_openai_state_dict(state: dict, activation: str = "quick_gelu", head_
     if missing or unmapped or not all(layers.values()):
         raise ValueError(
             "not a CLIP ViT state dict in OpenAI/open_clip naming that this model can hold:\n"
-            f"  missing keys ({len(missing)}): {missing}\n  keys with no place in our model ({len(unmapped)}): {unmapped}"
+            f"  missing keys ({len(missing)}): {missing}\n"
+            f"  keys with no place in our model ({len(unmapped)}): {unmapped}"
         )
 
     positions = state["visual.positional_embedding"].shape[0]
@@ -91,19 +103,39 @@ def convert_openai_state_dict(state: dict, activation: str = "quick_gelu", head_
     v_width, _, patch, _ = state["visual.conv1.weight"].shape
     vocab, t_width = state["token_embedding.weight"].shape
     if grid * grid + 1 != positions or v_width % head_width or t_width % head_width:
-        raise ValueError(f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, {head_width}-wide heads")
+        raise ValueError(
+            f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, {head_width}-wide heads"
+        )
     v_layers, t_layers = (layers[tower] for tower in TOWERS)
     bias = state.get("logit_bias")
     cfg = CLIPConfig(
-        vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=v_width, layers=v_layers,
-                            heads=v_width // head_width, activation=activation, normalise="clip"),
-        text=TextConfig(vocab_size=vocab, context_length=state["positional_embedding"].shape[0], width=t_width,
-                        layers=t_layers, heads=t_width // head_width, pad_id=0, activation=activation),
+        vision=VisionConfig(
+            image_size=grid * patch,
+            patch_size=patch,
+            width=v_width,
+            layers=v_layers,
+            heads=v_width // head_width,
+            activation=activation,
+            normalise="clip",
+        ),
+        text=TextConfig(
+            vocab_size=vocab,
+            context_length=state["positional_embedding"].shape[0],
+            width=t_width,
+            layers=t_layers,
+            heads=t_width // head_width,
+            pad_id=0,
+            activation=activation,
+        ),
         embed_dim=state["visual.proj"].shape[1],
         init_logit_scale=float(state["logit_scale"]),
         init_logit_bias=None if bias is None else float(bias),
-    )  # fmt: skip
-    expected = {"input_resolution": cfg.vision.image_size, "context_length": cfg.text.context_length, "vocab_size": vocab}
+    )
+    expected = {
+        "input_resolution": cfg.vision.image_size,
+        "context_length": cfg.text.context_length,
+        "vocab_size": vocab,
+    }
     for key in OPENAI_SCALARS:
         if key in state and int(state[key]) != expected[key]:
             raise ValueError(f"the archive says {key} = {int(state[key])}, the weights' shapes say {expected[key]}")
@@ -117,10 +149,17 @@ def convert_openai_state_dict(state: dict, activation: str = "quick_gelu", head_
 # <root>/code/ (the model's TorchScript source). torch.jit.load would compile that code; unpickling
 # data.pkl with an allow-list of the few globals a weights pickle needs reads the tensors and nothing else.
 STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}  # fmt: skip
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
 
 
 class _ScriptObject:
@@ -200,7 +239,6 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     return dict(walk(top, ""))
 
 
-
 def load_weights(path: str, bpe: str | None = None, activation: str = "quick_gelu") -> dict:
     """A checkpoint in our format ({"config", "model", "tokenizer", ...}) from any of:
       - a checkpoint of ours, returned as it is;
@@ -240,20 +278,30 @@ def balanced_bias(model: CLIP, batch: dict) -> float:
 
 def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that say how to read released CLIP weights; train.py (--init) and eval.py (--ckpt) share them."""
-    parser.add_argument("--bpe", default=None, metavar="PATH",
-                        help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for CLIP weights (default: the copy "
-                             "inside an installed open_clip_torch; our checkpoints carry their tokenizer)")
-    parser.add_argument("--clip-act", default="quick_gelu", choices=["quick_gelu", "gelu"],
-                        help="activation of CLIP weights, which their shapes cannot tell: quick_gelu for OpenAI's "
-                             "(and open_clip's *-quickgelu) models, gelu for open_clip's own ViT-B-16 trainings")
+    parser.add_argument(
+        "--bpe",
+        default=None,
+        metavar="PATH",
+        help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for CLIP weights (default: the copy "
+        "inside an installed open_clip_torch; our checkpoints carry their tokenizer)",
+    )
+    parser.add_argument(
+        "--clip-act",
+        default="quick_gelu",
+        choices=["quick_gelu", "gelu"],
+        help="activation of CLIP weights, which their shapes cannot tell: quick_gelu for OpenAI's "
+        "(and open_clip's *-quickgelu) models, gelu for open_clip's own ViT-B-16 trainings",
+    )
 
 
 def load_model(path: str, device: torch.device, bpe: str | None = None, activation: str = "quick_gelu"):
     """(model in eval mode, its tokenizer, the checkpoint in our format) of any file load_weights reads;
     exits with a message the user can act on when the file is missing or not weights this model can hold."""
     if not os.path.exists(path):
-        sys.exit(f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
-                 " (or pass CLIP weights, e.g. OpenAI's ViT-B-16.pt)")
+        sys.exit(
+            f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
+            " (or pass CLIP weights, e.g. OpenAI's ViT-B-16.pt)"
+        )
     try:
         ckpt = load_weights(path, bpe, activation)
     except (FileNotFoundError, ValueError) as err:  # no BPE vocabulary; weights of another architecture

@@ -60,7 +60,15 @@ SYMBOL_BYTES = {c: b for b, c in BYTE_SYMBOLS.items()}
 def _ftfy_table() -> dict[int, str | None]:
     """The character fixes of ftfy.fix_text that CLIP's cleaning relies on, as one str.translate table."""
     quotes = {0x2BC: "'", **{c: "'" for c in range(0x2018, 0x201C)}, **{c: '"' for c in range(0x201C, 0x2020)}}
-    controls = [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), *range(0xFFF9, 0xFFFD), 0xFEFF]
+    controls = [
+        *range(0x00, 0x09),
+        0x0B,
+        *range(0x0E, 0x20),
+        0x7F,
+        *range(0x206A, 0x2070),
+        *range(0xFFF9, 0xFFFD),
+        0xFEFF,
+    ]
     table: dict[int, str | None] = {c: None for c in controls}
     for c in range(0x80, 0xA0):  # C1 controls are almost always Windows-1252 bytes decoded as Latin-1
         if c not in (0x81, 0x8D, 0x8F, 0x90, 0x9D):  # the five bytes Windows-1252 leaves undefined
@@ -124,7 +132,8 @@ def find_bpe_vocab(path: str | None = None) -> str:
     if path is None or not os.path.exists(path):
         raise FileNotFoundError(
             f"CLIP's BPE vocabulary {path or BPE_FILE} was not found. It is needed to tokenize text for CLIP "
-            f"weights: download it from {BPE_URL} and pass --bpe PATH (or pip install open_clip_torch, which ships a copy)."
+            f"weights: download it from {BPE_URL} and pass --bpe PATH "
+            "(or pip install open_clip_torch, which ships a copy)."
         )
     return path
 
@@ -186,7 +195,9 @@ class BPETokenizer:
 
     def decode(self, ids) -> str:
         pieces = [self.vocab[i] for i in ids if i not in (self.start_id, self.end_id)]
-        data = b"".join(bytes(SYMBOL_BYTES[c] for c in p.removesuffix("</w>")) + b" " * p.endswith("</w>") for p in pieces)
+        data = b"".join(
+            bytes(SYMBOL_BYTES[c] for c in p.removesuffix("</w>")) + b" " * p.endswith("</w>") for p in pieces
+        )
         return data.decode("utf-8", errors="replace").strip()
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
@@ -209,4 +220,3 @@ def tokenizer_from_state_dict(state: dict):
     if state.get("kind") == "clip_bpe":
         return BPETokenizer.from_state_dict(state)
     raise ValueError(f"unknown tokenizer kind {state.get('kind')!r} in the checkpoint")
-

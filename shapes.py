@@ -25,9 +25,15 @@ from concepts import article, extract_concepts
 from data import image_to_tensor
 
 COLOURS = {
-    "red": (230, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
-    "purple": (150, 60, 200), "orange": (245, 140, 20), "white": (245, 245, 245), "pink": (250, 130, 190),
-}  # fmt: skip
+    "red": (230, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "pink": (250, 130, 190),
+}
 SHAPES = ["circle", "square", "triangle", "star", "diamond", "hexagon", "pentagon"]
 SIZES = {"large": 0.42, "tiny": 0.22}  # radius as a fraction of a grid cell's side
 # The size words were chosen with NLTK's tagger: it reads "small red star" as small/JJ red/VBD star/NN,
@@ -38,8 +44,16 @@ GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so they never
 # Colour-shape pairs that ShapesWorld(holdout=HOLDOUT_COMBOS) (train.py --holdout-combos) keeps out of every
 # training scene: one per colour, no shape more than twice, so each colour and each shape is still seen in
 # training, only never together. shapes_eval.py scores binding on test scenes holding one (the generalisation split).
-HOLDOUT_COMBOS = (("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "star"),
-                  ("purple", "diamond"), ("orange", "hexagon"), ("white", "pentagon"), ("pink", "circle"))  # fmt: skip
+HOLDOUT_COMBOS = (
+    ("red", "circle"),
+    ("green", "square"),
+    ("blue", "triangle"),
+    ("yellow", "star"),
+    ("purple", "diamond"),
+    ("orange", "hexagon"),
+    ("white", "pentagon"),
+    ("pink", "circle"),
+)
 
 # Wordings of a whole scene. {objects} is the list "A, B and C"; {n} the number of objects in words.
 TEMPLATES = [
@@ -93,8 +107,15 @@ class ShapesWorld:
     a colour or a shape may occur on several objects of a scene (a colour-shape pair never twice), so
     knowing which words a caption holds no longer tells which colour goes with which shape (WORLDS)."""
 
-    def __init__(self, image_size: int = 64, min_objects: int = 2, max_objects: int = 4, p_size: float = 0.8, holdout=(),
-                 repeats: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        image_size: int = 64,
+        min_objects: int = 2,
+        max_objects: int = 4,
+        p_size: float = 0.8,
+        holdout=(),
+        repeats: bool = False,
+    ):
         assert max_objects <= GRID * GRID and (repeats or max_objects <= min(len(COLOURS), len(SHAPES)))
         self.image_size, self.min_objects, self.max_objects, self.p_size = image_size, min_objects, max_objects, p_size
         self.holdout, self.repeats = frozenset(map(tuple, holdout)), repeats
@@ -203,7 +224,13 @@ class StepBatches(torch.utils.data.Sampler):
     exactly the batches an uninterrupted run would have seen."""
 
     def __init__(self, batch_size: int, start_step: int, steps: int, rank: int = 0, world_size: int = 1):
-        self.batch_size, self.start_step, self.steps, self.rank, self.world_size = batch_size, start_step, steps, rank, world_size
+        self.batch_size, self.start_step, self.steps, self.rank, self.world_size = (
+            batch_size,
+            start_step,
+            steps,
+            rank,
+            world_size,
+        )
 
     def __len__(self) -> int:
         return self.steps - self.start_step
@@ -213,4 +240,3 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start_step, self.steps):
             first = step * B * self.world_size + self.rank * B
             yield list(range(first, first + B))
-

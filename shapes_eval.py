@@ -41,15 +41,33 @@ from dataclasses import replace
 import torch
 
 from data import image_to_tensor
-from metrics import (cos, embed_image_tokens, embed_images, embed_texts, fraction, pairwise_correct,
-                     retrieval_recall, topk_accuracy, zeroshot_classifier)  # fmt: skip
+from metrics import (
+    cos,
+    embed_image_tokens,
+    embed_images,
+    embed_texts,
+    fraction,
+    pairwise_correct,
+    retrieval_recall,
+    topk_accuracy,
+    zeroshot_classifier,
+)
 from model import CLIP
 from pool import pooled_similarity
 from shapes import COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, Obj, Scene, ShapesWorld
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
-CATEGORIES = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att",
-              "heldout-swap-att", "heldout-replace-att"]  # fmt: skip
+CATEGORIES = [
+    "swap-att",
+    "swap-obj",
+    "replace-att",
+    "replace-obj",
+    "add-obj",
+    "add-att",
+    "phrase-att",
+    "heldout-swap-att",
+    "heldout-replace-att",
+]
 TEMPLATES = ["a photo of {}.", "{}.", "there is {}.", "an image showing {}."]
 
 
@@ -75,7 +93,11 @@ def false_swap(objs: list[Obj], field: str, i: int, j: int, rng: random.Random) 
     the dense world "a red circle and a blue circle" swapped is the same claim, and is not a negative."""
     if pairs_of(swapped(objs, field, i, j)) != pairs_of(objs):
         return i, j
-    good = [(a, b) for a, b in itertools.combinations(range(len(objs)), 2) if pairs_of(swapped(objs, field, a, b)) != pairs_of(objs)]
+    good = [
+        (a, b)
+        for a, b in itertools.combinations(range(len(objs)), 2)
+        if pairs_of(swapped(objs, field, a, b)) != pairs_of(objs)
+    ]
     return rng.choice(good) if good else None
 
 
@@ -106,7 +128,11 @@ def negatives(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
         out["add-att"] = (caption(scene), caption(scene, edited(objs, {k: {"size": wrong, "said_size": True}})))
 
     # a phrase with another object's colour, unless an object of that colour and shape is in the image
-    wrong = [(a, b) for a, b in itertools.permutations(range(len(objs)), 2) if (objs[b].colour, objs[a].shape) not in pairs_of(objs)]
+    wrong = [
+        (a, b)
+        for a, b in itertools.permutations(range(len(objs)), 2)
+        if (objs[b].colour, objs[a].shape) not in pairs_of(objs)
+    ]
     if wrong:
         a, b = (i, j) if (i, j) in wrong else rng.choice(wrong)
         out["phrase-att"] = (objs[a].phrase(), replace(objs[a], colour=objs[b].colour).phrase())
@@ -123,7 +149,9 @@ def heldout_negatives(scene: Scene, holdout, rng: random.Random) -> dict[str, tu
     i = rng.choice(held)
     j = rng.choice([k for k in range(len(objs)) if k != i])
     free_colours = [c for c in COLOURS if c not in {o.colour for o in objs}]
-    out = {"heldout-replace-att": (caption(scene), caption(scene, edited(objs, {i: {"colour": rng.choice(free_colours)}})))}
+    out = {
+        "heldout-replace-att": (caption(scene), caption(scene, edited(objs, {i: {"colour": rng.choice(free_colours)}})))
+    }
     if pairs_of(swapped(objs, "colour", i, j)) == pairs_of(objs):  # the same claim (dense world): another partner
         others = [k for k in range(len(objs)) if k != i and pairs_of(swapped(objs, "colour", i, k)) != pairs_of(objs)]
         if not others:
@@ -135,8 +163,15 @@ def heldout_negatives(scene: Scene, holdout, rng: random.Random) -> dict[str, tu
 class ShapesBenchmark:
     """Everything the shapes benchmark scores, generated once from (world, n, seed)."""
 
-    def __init__(self, world: ShapesWorld, n: int = 1000, seed: int = BENCH_SEED, per_class: int = 4, normalise: str = "symmetric",
-                 holdout=HOLDOUT_COMBOS):  # fmt: skip
+    def __init__(
+        self,
+        world: ShapesWorld,
+        n: int = 1000,
+        seed: int = BENCH_SEED,
+        per_class: int = 4,
+        normalise: str = "symmetric",
+        holdout=HOLDOUT_COMBOS,
+    ):
         rng, held_rng, holdout = random.Random(seed), random.Random(f"heldout:{seed}"), set(map(tuple, holdout))
         self.normalise = normalise  # the pixel normalisation of the models this benchmark can score
         self.scenes = [world.scene(seed, "test", i) for i in range(n)]
@@ -166,8 +201,15 @@ def paired_pooled_cos(text_emb: torch.Tensor, patch_emb: torch.Tensor, tau: floa
     return torch.vmap(lambda c, u: pooled_similarity(c[None], u[None], tau)[0, 0])(text_emb, patch_emb)
 
 
-def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batch_size: int = 256,
-                    score: str = "plain", tau: float = 1.0) -> dict:  # fmt: skip
+def evaluate_shapes(
+    model: CLIP,
+    tokenizer,
+    bench: ShapesBenchmark,
+    device,
+    batch_size: int = 256,
+    score: str = "plain",
+    tau: float = 1.0,
+) -> dict:
     """Every category, retrieval and zero-shot on the shapes benchmark. score="plain" (the paper's, the
     default): cos(x_i, y) of the global image embedding, inference unchanged. score="pooled" (a diagnostic,
     as in the authors' optional evaluation wrapper): every image-text score, in every metric, becomes
@@ -208,7 +250,6 @@ def evaluate_shapes(model: CLIP, tokenizer, bench: ShapesBenchmark, device, batc
     for k, value in topk_accuracy(logits, bench.labels, (1, 5)).items():
         results[f"zeroshot-top{k}"] = {"accuracy": value, "count": len(logits)}
     return {f"pooled/{k}" if pooled else k: v for k, v in results.items()}
-
 
 
 def checkpoint_world(ckpt: dict) -> str:

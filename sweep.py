@@ -4,7 +4,7 @@ several seeds, in one command.
   python sweep.py                               # the table: trains what is missing, reuses the rest
   python sweep.py --seeds 3 4 5 --root runs/sweep_b   # the same study on other seeds
   python sweep.py --rows siglip c2lip --seeds 0 # part of it
-  python sweep.py --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip   # hypothesis 1 of docs/study.md
+  python sweep.py --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip  # docs/study.md, H1
   python sweep.py --list                        # the rows, their flags and what each one tests
 
 Protocol, the paper's in miniature ("Training setup" in docs/paper.md: fine-tune a pretrained
@@ -16,11 +16,11 @@ shapes.HOLDOUT_COMBOS, so the heldout-* columns are the compositional-generalisa
 
 Each run is a subprocess `python train.py ...` writing ROOT/<row>/seed<k>/ (ROOT/pretrain/seed<k>/ for the
 pretraining): ckpt.pt, log.jsonl, loss.png, train.txt (its console) and run.json (its flags, wall time
-and status), then eval.json (its benchmark scores). A finished run is reused, an interrupted one (a signal stops the sweep) resumed,
-a run whose folder was made with other flags is refused (delete the folder to redo it), and a failed one
-(non-zero exit or a non-finite loss) is reported as failed while the sweep goes on. The table shows the
-mean ± sample standard deviation over seeds; ROOT/results.json holds every run's scores, wall time and
-status.
+and status), then eval.json (its benchmark scores). A finished run is reused, an interrupted one (a
+signal stops the sweep) resumed, a run whose folder was made with other flags is refused (delete the
+folder to redo it), and a failed one (non-zero exit or a non-finite loss) is reported as failed while the
+sweep goes on. The table shows the mean ± sample standard deviation over seeds; ROOT/results.json holds
+every run's scores, wall time and status.
 
 Departure: the paper fine-tunes at lr 1e-5 for 5 epochs of CC3M; here fine-tuning is 100 steps at 1e-4,
 and the logit scale and bias learn at their own rate (--logit-lr) in every run, pretraining included:
@@ -59,23 +59,44 @@ ROWS = {
     "c2lip": (["--method", "c2lip"], "C2LIP with the paper's weights: concept 1.0, pooled 0.01, tau 1"),
     "c2lip -concept": (["--method", "c2lip", "--concept-weight", "0"], "ablation: without the concept loss"),
     "c2lip -pooled": (["--method", "c2lip", "--pool-weight", "0"], "ablation: without the pooled loss"),
-    "c2lip pooled 1": (["--method", "c2lip", "--pool-weight", "1"], "the pooled loss weighted as much as the concept loss"),
+    "c2lip pooled 1": (
+        ["--method", "c2lip", "--pool-weight", "1"],
+        "the pooled loss weighted as much as the concept loss",
+    ),
     "c2lip tau 0.1": (["--method", "c2lip", "--tau", "0.1"], "hypothesis 5: a sharper pooling"),
-    "c2lip pooled 1 tau 0.1": (["--method", "c2lip", "--pool-weight", "1", "--tau", "0.1"],
-                               "hypothesis 5: a sharper pooling that carries weight"),
-    "c2lip own t,b": (["--method", "c2lip", "--concept-logits", "own"],
-                      "hypothesis 2: the concept losses get their own logit scale and bias"),
+    "c2lip pooled 1 tau 0.1": (
+        ["--method", "c2lip", "--pool-weight", "1", "--tau", "0.1"],
+        "hypothesis 5: a sharper pooling that carries weight",
+    ),
+    "c2lip own t,b": (
+        ["--method", "c2lip", "--concept-logits", "own"],
+        "hypothesis 2: the concept losses get their own logit scale and bias",
+    ),
     "c2lip concept 0.1": (["--method", "c2lip", "--concept-weight", "0.1"], "hypothesis 2: a lighter concept loss"),
-    "c2lip phrase labels": (["--method", "c2lip", "--concept-labels", "phrase"],
-                            "hypothesis 3: a duplicate phrase in the batch is a positive, not a negative"),
-}  # fmt: skip
+    "c2lip phrase labels": (
+        ["--method", "c2lip", "--concept-labels", "phrase"],
+        "hypothesis 3: a duplicate phrase in the batch is a positive, not a negative",
+    ),
+}
 
 BASELINE = "siglip"  # the row every other is compared with, seed by seed
 
 # the columns of the tables: eval.py's shapes metrics, compositional categories first; then diagnostics()
-COLUMNS = ["swap-att", "swap-obj", "replace-att", "replace-obj", "add-obj", "add-att", "phrase-att",
-           "heldout-swap-att", "heldout-replace-att", "i2t-R@1", "t2i-R@1", "zeroshot-top1"]
-DIAGNOSTICS = ["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"]  # fmt: skip
+COLUMNS = [
+    "swap-att",
+    "swap-obj",
+    "replace-att",
+    "replace-obj",
+    "add-obj",
+    "add-att",
+    "phrase-att",
+    "heldout-swap-att",
+    "heldout-replace-att",
+    "i2t-R@1",
+    "t2i-R@1",
+    "zeroshot-top1",
+]
+DIAGNOSTICS = ["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"]
 
 
 def folder(root: str, row: str, seed: int) -> str:
@@ -94,16 +115,22 @@ def run_training(out: str, flags: list[str], seed: int, init: str | None = None)
         with open(record_path) as f:
             old = json.load(f)
         if old["argv"] != argv:
-            sys.exit(f"error: {out} was trained with `train.py {' '.join(old['argv'])}`, not `train.py {' '.join(argv)}`; "
-                     f"delete the folder to redo it, or pass another --root")  # fmt: skip
+            sys.exit(
+                f"error: {out} was trained with `train.py {' '.join(old['argv'])}`, not `train.py {' '.join(argv)}`; "
+                f"delete the folder to redo it, or pass another --root"
+            )
         if old["status"] in ("done", "failed"):
             return old
         record = old  # interrupted: resume it
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(out, "train.txt"), "a") as console:
-        code = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv, *where],
-                              stdout=console, stderr=subprocess.STDOUT, cwd=HERE).returncode  # fmt: skip
+        code = subprocess.run(
+            [sys.executable, os.path.join(HERE, "train.py"), *argv, *where],
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            cwd=HERE,
+        ).returncode
     record["seconds"] += time.time() - t0
     if code < 0:  # killed by a signal: an interruption, not a result; the next call resumes it
         write_json(record_path, record, indent=1)
@@ -151,10 +178,21 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
     training from log.jsonl: each unweighted loss term, and the logit scale t and bias b (of the concept
     losses too, when they have their own)."""
     pos, neg = ([p[k] for p in bench.pairs["swap-att"]] for k in (1, 2))
-    swap_cos = cos(embed_texts(model, tokenizer, pos, 256, "cpu"), embed_texts(model, tokenizer, neg, 256, "cpu")).mean().item()
+    swap_cos = (
+        cos(embed_texts(model, tokenizer, pos, 256, "cpu"), embed_texts(model, tokenizer, neg, 256, "cpu"))
+        .mean()
+        .item()
+    )
     last = last_record(out)
-    names = {"caption": "loss/caption", "concept": "loss/concept", "pooled": "loss/pooled", "scale": "t", "bias": "b",
-             "concept_scale": "concept t", "concept_bias": "concept b"}  # fmt: skip
+    names = {
+        "caption": "loss/caption",
+        "concept": "loss/concept",
+        "pooled": "loss/pooled",
+        "scale": "t",
+        "bias": "b",
+        "concept_scale": "concept t",
+        "concept_bias": "concept b",
+    }
     return {"swap-text-cos": swap_cos} | {names[k]: v for k, v in last.items() if k in names}
 
 
@@ -192,7 +230,9 @@ def markdown(stats: dict[str, dict], columns: list[str], signed: bool = False) -
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), metavar="ROW", help="rows to run, by name (default: all; see --list)")
+    p.add_argument(
+        "--rows", nargs="+", default=list(ROWS), metavar="ROW", help="rows to run, by name (default: all; see --list)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds, one run per row each")
     p.add_argument("--root", default="runs/sweep", help="folder of every run, and of results.json")
     p.add_argument("--n", type=int, default=1000, help="held-out scenes in the benchmark")
@@ -200,7 +240,9 @@ def main(argv=None) -> dict:
     p.add_argument("--pretrain-steps", type=int, default=400, help="steps of the SigLIP pretraining, one per seed")
     p.add_argument("--finetune-steps", type=int, default=100, help="steps of every row's fine-tuning")
     p.add_argument("--batch-size", type=int, default=128, help="images per step, in every run")
-    p.add_argument("--world", default="simple", choices=list(WORLDS), help="the shapes world of every run and of the benchmark")
+    p.add_argument(
+        "--world", default="simple", choices=list(WORLDS), help="the shapes world of every run and of the benchmark"
+    )
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     args = p.parse_args(argv)
     args.root = os.path.abspath(args.root)  # train.py runs in this file's folder, wherever sweep.py is called from
@@ -214,7 +256,10 @@ def main(argv=None) -> dict:
     if unknown:
         p.error(f"--rows: unknown {unknown}; the rows are {list(ROWS)}")
     if args.list:
-        print(f"pretraining: train.py {' '.join(pretrain)}\nfine-tuning: train.py {' '.join(finetune)} --init PRETRAINED + the row's flags")
+        print(
+            f"pretraining: train.py {' '.join(pretrain)}\n"
+            f"fine-tuning: train.py {' '.join(finetune)} --init PRETRAINED + the row's flags"
+        )
         for name, (flags, what) in ROWS.items():
             print(f"  {name:24s} {' '.join(flags) if flags is not None else '(none)':48s} {what}")
         return {}
@@ -234,22 +279,39 @@ def main(argv=None) -> dict:
         run = dict(run, metrics=score_run(out, bench, args.bench_seed) if run["status"] == "done" else None)
         rows[name]["runs"][seed] = run
         shown = f"swap-att {run['metrics']['swap-att']:.3f}" if run["metrics"] else run.get("error", "")
-        print(f"[{k + 1}/{len(jobs)}] {name}, seed {seed}: {run['status']}, {run['seconds']:.0f} s train; {shown}", flush=True)
+        print(
+            f"[{k + 1}/{len(jobs)}] {name}, seed {seed}: {run['status']}, {run['seconds']:.0f} s train; {shown}",
+            flush=True,
+        )
     base = rows.get(BASELINE, {"runs": {}})["runs"]
     for row in rows.values():
         row |= summarise(row["runs"], base)
 
     paired = {name: row["paired"] for name, row in rows.items() if name != BASELINE and row["paired"]["n"]}
-    table = "\n\n".join([
-        "Scores, mean ± std over seeds:", markdown(rows, COLUMNS),
-        f"Difference to {BASELINE} of the same seed (same pretrained start), mean ± std:", markdown(paired, COLUMNS, signed=True),
-        "Diagnostics (diagnostics() in sweep.py), mean ± std:", markdown(rows, DIAGNOSTICS),
-    ])  # fmt: skip
+    table = "\n\n".join(
+        [
+            "Scores, mean ± std over seeds:",
+            markdown(rows, COLUMNS),
+            f"Difference to {BASELINE} of the same seed (same pretrained start), mean ± std:",
+            markdown(paired, COLUMNS, signed=True),
+            "Diagnostics (diagnostics() in sweep.py), mean ± std:",
+            markdown(rows, DIAGNOSTICS),
+        ]
+    )
     print(table)
     wall = time.time() - t0
     print(f"{len(jobs)} runs in {wall / 60:.1f} min (runs reused from earlier calls take no time)")
-    result = {"world": args.world, "pretrain": pretrain, "finetune": finetune, "seeds": args.seeds, "bench_seed": args.bench_seed, "n": args.n,
-              "rows": rows, "markdown": table, "wall_seconds": wall}  # fmt: skip
+    result = {
+        "world": args.world,
+        "pretrain": pretrain,
+        "finetune": finetune,
+        "seeds": args.seeds,
+        "bench_seed": args.bench_seed,
+        "n": args.n,
+        "rows": rows,
+        "markdown": table,
+        "wall_seconds": wall,
+    }
     path = os.path.join(args.root, "results.json")
     write_json(path, result, indent=1)
     print(f"wrote {path}")

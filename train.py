@@ -55,41 +55,87 @@ from webdata import SHARD_LAYOUT, WebDataset, cache_dir, caption_word_counts, ex
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="shapes", choices=["shapes", "cc3m"],
-                   help="shapes: the embedded synthetic world; cc3m: image-text tar shards in --data-dir (CC3M's, or "
-                        "any webdataset's)")  # fmt: skip
+    p.add_argument(
+        "--data",
+        default="shapes",
+        choices=["shapes", "cc3m"],
+        help="shapes: the embedded synthetic world; cc3m: image-text tar shards in --data-dir (CC3M's, or "
+        "any webdataset's)",
+    )
     p.add_argument("--data-dir", default=None, help="cc3m: a folder of .tar shards, a glob, or DIR/{00000..00331}.tar")
     p.add_argument("--caption-key", default=None, help="cc3m: caption from this <key>.json field (default: <key>.txt)")
     p.add_argument("--concept-key", default=None, help="cc3m: concept phrases from this <key>.json field when present")
-    p.add_argument("--concepts", default=None, help="cc3m: phrases precomputed by `python webdata.py --data-dir ... --out FILE`")
-    p.add_argument("--epochs", type=float, default=None, help="cc3m: train this many passes over the shards (sets --steps)")
-    p.add_argument("--world", default="simple", choices=list(WORLDS),
-                   help="shapes: simple (2-4 objects, distinct colours and shapes) or dense (3-5 objects, colours and "
-                        "shapes repeat within a scene; shapes.WORLDS)")  # fmt: skip
-    p.add_argument("--holdout-combos", action="store_true",
-                   help="shapes: no training scene holds a colour-shape pair of shapes.HOLDOUT_COMBOS (eval.py's held-out columns)")
-    p.add_argument("--shuffle-buffer", type=int, default=1000, help="cc3m: samples held in the shuffle buffer of each reader")
+    p.add_argument(
+        "--concepts", default=None, help="cc3m: phrases precomputed by `python webdata.py --data-dir ... --out FILE`"
+    )
+    p.add_argument(
+        "--epochs", type=float, default=None, help="cc3m: train this many passes over the shards (sets --steps)"
+    )
+    p.add_argument(
+        "--world",
+        default="simple",
+        choices=list(WORLDS),
+        help="shapes: simple (2-4 objects, distinct colours and shapes) or dense (3-5 objects, colours and "
+        "shapes repeat within a scene; shapes.WORLDS)",
+    )
+    p.add_argument(
+        "--holdout-combos",
+        action="store_true",
+        help="shapes: no training scene holds a colour-shape pair of shapes.HOLDOUT_COMBOS (eval's heldout-* scores)",
+    )
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=1000, help="cc3m: samples held in the shuffle buffer of each reader"
+    )
     p.add_argument("--vocab-size", type=int, default=32000, help="cc3m: most frequent caption words kept (rest: <unk>)")
-    p.add_argument("--method", default="c2lip", choices=METHODS,
-                   help="loss: C2LIP or a baseline (negclip: siglip plus a rule-made hard negative per caption)")
+    p.add_argument(
+        "--method",
+        default="c2lip",
+        choices=METHODS,
+        help="loss: C2LIP or a baseline (negclip: siglip plus a rule-made hard negative per caption)",
+    )
     p.add_argument("--concept-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
     p.add_argument("--pool-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature of the cross-modal pooling (paper: 1)")
-    p.add_argument("--concept-labels", default="owner", choices=["owner", "phrase"],
-                   help="owner: a phrase is positive only for its own image (authors); "
-                        "phrase: for every image with the same normalised phrase")  # fmt: skip
-    p.add_argument("--concept-logits", default="shared", choices=["shared", "own"],
-                   help="shared: the concept losses use the caption loss's t and b (paper); own: a pair of their own "
-                        "(CLIPConfig.concept_logits, started at t = 10, b = -10)")  # fmt: skip
-    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="model size preset (model.py), when training from scratch")
-    p.add_argument("--init", default=None, metavar="PATH",
-                   help="start from these weights: OpenAI's CLIP release (ViT-B-16.pt), an open_clip state dict, "
-                        "or a checkpoint of ours; the model shape, tokenizer and normalisation come from the file")
+    p.add_argument(
+        "--concept-labels",
+        default="owner",
+        choices=["owner", "phrase"],
+        help="owner: a phrase is positive only for its own image (authors); "
+        "phrase: for every image with the same normalised phrase",
+    )
+    p.add_argument(
+        "--concept-logits",
+        default="shared",
+        choices=["shared", "own"],
+        help="shared: the concept losses use the caption loss's t and b (paper); own: a pair of their own "
+        "(CLIPConfig.concept_logits, started at t = 10, b = -10)",
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        choices=list(PRESETS),
+        help="model size preset (model.py), when training from scratch",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="PATH",
+        help="start from these weights: OpenAI's CLIP release (ViT-B-16.pt), an open_clip state dict, "
+        "or a checkpoint of ours; the model shape, tokenizer and normalisation come from the file",
+    )
     add_weight_flags(p)
-    p.add_argument("--init-bias", default="auto",
-                   help="logit bias for --init weights that have none (OpenAI's CLIP) under a sigmoid loss: auto "
-                        "(midway between matched and unmatched logits of the first batch) or a number")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps in total, default 600 (a resumed run continues to this)")
+    p.add_argument(
+        "--init-bias",
+        default="auto",
+        help="logit bias for --init weights that have none (OpenAI's CLIP) under a sigmoid loss: auto "
+        "(midway between matched and unmatched logits of the first batch) or a number",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps in total, default 600 (a resumed run continues to this)",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="images per step (per GPU under torchrun)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--logit-lr", type=float, default=None, help="learning rate of logit scale and bias (default: --lr)")
@@ -98,16 +144,29 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training scenes")
     add_device_flag(p)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU and MPS")  # fmt: skip
-    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (render or decode + NLTK chunking)")
-    p.add_argument("--out", default=None, help="output folder for ckpt.pt, log.jsonl and loss.png (default: runs/<method>)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU and MPS",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="DataLoader worker processes (render or decode + NLTK chunking)"
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder for ckpt.pt, log.jsonl and loss.png (default: runs/<method>)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on GPU)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each transformer block in the backward pass: less memory, ~30%% more compute")  # fmt: skip
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute each transformer block in the backward pass: less memory, ~30%% more compute",
+    )
     p.add_argument("--ckpt-every", type=int, default=100, help="write the checkpoint every this many steps")
-    p.add_argument("--log-every", type=int, default=10, help="append to log.jsonl (and show on the bar) every this many steps")
+    p.add_argument(
+        "--log-every", type=int, default=10, help="append to log.jsonl (and show on the bar) every this many steps"
+    )
     return p
 
 
@@ -129,7 +188,10 @@ def get_args(argv=None) -> argparse.Namespace:
         except FileNotFoundError as err:
             p.error(f"--data-dir: {err}")
         if args.concepts and not os.path.isfile(args.concepts):
-            p.error(f"--concepts: no file {args.concepts}; write it with: python webdata.py --data-dir {args.data_dir} --out {args.concepts}")
+            p.error(
+                f"--concepts: no file {args.concepts}; write it with: "
+                f"python webdata.py --data-dir {args.data_dir} --out {args.concepts}"
+            )
     if args.epochs is not None and (args.epochs <= 0 or args.steps is not None):
         p.error("--epochs must be positive, and goes without --steps")
     args.steps = args.steps or 600  # with --epochs, shard_plan() sets it from the number of samples
@@ -197,7 +259,10 @@ def shard_plan(args, world_size: int) -> ShardPlan:
     steps_per_epoch = max(1, math.ceil(samples / (args.batch_size * world_size)))
     if args.epochs is not None:
         args.steps = max(1, round(args.epochs * steps_per_epoch))
-    log0(f"{len(shards)} shards, {samples} samples: {steps_per_epoch} steps per epoch, {args.steps / steps_per_epoch:.2f} epochs")
+    log0(
+        f"{len(shards)} shards, {samples} samples: {steps_per_epoch} steps per epoch, "
+        f"{args.steps / steps_per_epoch:.2f} epochs"
+    )
     return ShardPlan(shards, cache, steps_per_epoch)
 
 
@@ -233,13 +298,26 @@ def batches(args, cfg: CLIPConfig, tokenizer, start: int, rank: int, world_size:
     collate = Collate(tokenizer, negatives=args.method == "negclip")
     pin = device.type == "cuda"  # page-locked batches make the copy to the GPU asynchronous (non_blocking)
     if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (shapes.StepBatches)
-        dataset = ShapesDataset(shapes_world(args, size), args.seed, "train", args.steps * args.batch_size * world_size, normalise)
+        dataset = ShapesDataset(
+            shapes_world(args, size), args.seed, "train", args.steps * args.batch_size * world_size, normalise
+        )
         sampler = StepBatches(args.batch_size, start, args.steps, rank, world_size)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers, pin_memory=pin)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers, pin_memory=pin
+        )
         return dataset, loader
-    dataset = WebDataset(shards.paths, train_transform(size, normalise), args.caption_key, args.concept_key, args.concepts,
-                         args.shuffle_buffer, args.seed)  # fmt: skip
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, collate_fn=collate, num_workers=args.workers, pin_memory=pin)
+    dataset = WebDataset(
+        shards.paths,
+        train_transform(size, normalise),
+        args.caption_key,
+        args.concept_key,
+        args.concepts,
+        args.shuffle_buffer,
+        args.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, args.batch_size, collate_fn=collate, num_workers=args.workers, pin_memory=pin
+    )
     return dataset, endless(loader, dataset, first_epoch=start // shards.steps_per_epoch)
 
 
@@ -254,8 +332,10 @@ def endless(loader, dataset: WebDataset, first_epoch: int):
             empty = False
             yield batch
         if empty:
-            raise RuntimeError(f"a pass over {len(dataset.shards)} shards gave no usable sample (skipped: "
-                               f"{dataset.skipped}); check the shards and --caption-key")  # fmt: skip
+            raise RuntimeError(
+                f"a pass over {len(dataset.shards)} shards gave no usable sample (skipped: "
+                f"{dataset.skipped}); check the shards and --caption-key"
+            )
         epoch += 1
 
 
@@ -293,8 +373,13 @@ def fit_bias(model: CLIP, cfg: CLIPConfig, stream, device) -> tuple[CLIPConfig, 
 def log_record(step: int, loss, terms: dict, model: CLIP, lr: float, seconds: float, dataset) -> dict:
     """One line of log.jsonl: the loss and its unweighted terms, t and b (and the concept losses' own pair),
     the learning rate, the wall time and, for shards, the epoch and the samples skipped so far."""
-    record = {"step": step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
-              "scale": model.scale().item(), "bias": model.bias().item()}  # fmt: skip
+    record = {
+        "step": step,
+        "loss": loss.item(),
+        **{k: v.item() for k, v in terms.items()},
+        "scale": model.scale().item(),
+        "bias": model.bias().item(),
+    }
     if model.cfg.concept_logits:
         record |= dict(zip(("concept_scale", "concept_bias"), (v.item() for v in model.concept_scale_bias())))
     record |= {"lr": lr, "seconds": round(seconds, 2)}
@@ -311,7 +396,11 @@ def main(argv=None) -> str:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if args.resume and os.path.exists(ckpt_path) else None
+    resume = (
+        torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if args.resume and os.path.exists(ckpt_path)
+        else None
+    )
     if args.resume and resume is None:
         log0(f"--resume: no checkpoint at {ckpt_path} yet, starting from step 0")
     start = resume["step"] if resume else 0
@@ -327,13 +416,16 @@ def main(argv=None) -> str:
     if init is not None:
         bias = "no bias" if model.logit_bias is None else f"b = {model.logit_bias.item():.2f}"
         log0(f"initialised from {args.init}: t = {model.scale().item():.1f}, {bias}")
-    log0(f"model {args.init or args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-         f"{world_size} x {device}, autocast {dtype}")  # fmt: skip
+    log0(
+        f"model {args.init or args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{world_size} x {device}, autocast {dtype}"
+    )
     log0("config:", json.dumps({"model": asdict(cfg), "args": vars(args)}))
 
     # ---- optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.logit_lr, args.weight_decay),
-                                  lr=args.lr, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr, args.logit_lr, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -347,8 +439,16 @@ def main(argv=None) -> str:
 
     def checkpoint(step: int) -> None:
         if rank == 0:  # one writer; every rank holds the same weights
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                            config=asdict(cfg), args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed)  # fmt: skip
+            save_checkpoint(
+                ckpt_path,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                step=step,
+                config=asdict(cfg),
+                args=vars(args),
+                tokenizer=tokenizer.state_dict(),
+                seed=args.seed,
+            )
             plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
     # ---- loop
@@ -372,8 +472,11 @@ def main(argv=None) -> str:
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 lr = optimizer.param_groups[0]["lr"]
                 record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, dataset)
-                bar.set_postfix({k: f"{record[k]:.3f}" for k in terms} | {"t": f"{record['scale']:.1f}"}
-                                | ({"skipped": sum(record["skipped"].values())} if record.get("skipped") else {}))  # fmt: skip
+                bar.set_postfix(
+                    {k: f"{record[k]:.3f}" for k in terms}
+                    | {"t": f"{record['scale']:.1f}"}
+                    | ({"skipped": sum(record["skipped"].values())} if record.get("skipped") else {})
+                )
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if (step + 1) % args.ckpt_every == 0:

@@ -61,7 +61,11 @@ def expand_braces(spec: str) -> list[str]:
     if not m:
         return [spec]
     r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
-    items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r else m.group(1).split(",")
+    items = (
+        [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)]
+        if r
+        else m.group(1).split(",")
+    )
     return [out for item in items for out in expand_braces(spec[: m.start()] + item + spec[m.end() :])]
 
 
@@ -71,7 +75,9 @@ def expand_shards(spec: str) -> list[str]:
     if os.path.isdir(spec):
         paths = glob.glob(os.path.join(spec, "*.tar"))
     else:
-        paths = [p for s in expand_braces(spec) for p in (glob.glob(s) if glob.has_magic(s) else [s]) if os.path.isfile(p)]
+        paths = [
+            p for s in expand_braces(spec) for p in (glob.glob(s) if glob.has_magic(s) else [s]) if os.path.isfile(p)
+        ]
     if not paths:
         raise FileNotFoundError(f"no tar shards at {spec!r}.\n{SHARD_LAYOUT}")
     return sorted(set(paths))
@@ -226,8 +232,16 @@ class WebDataset(torch.utils.data.IterableDataset):
     again). Set .epoch before each pass: it seeds the shuffles.
     """
 
-    def __init__(self, shards: list[str], transform, caption_key: str | None = None, concept_key: str | None = None,
-                 concepts_file: str | None = None, shuffle_buffer: int = 1000, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        shards: list[str],
+        transform,
+        caption_key: str | None = None,
+        concept_key: str | None = None,
+        concepts_file: str | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
         self.shards, self.transform, self.caption_key, self.concept_key = shards, transform, caption_key, concept_key
         self.concepts_file, self.shuffle_buffer, self.seed, self.epoch = concepts_file, shuffle_buffer, seed, 0
         self.concepts_index = concepts_index(concepts_file) if concepts_file else {}
@@ -247,7 +261,9 @@ class WebDataset(torch.utils.data.IterableDataset):
         index = 0
         for shard in shards:
             name = os.path.basename(shard)
-            table = shard_concepts(self.concepts_file, self.concepts_index[name][0]) if name in self.concepts_index else {}
+            table = (
+                shard_concepts(self.concepts_file, self.concepts_index[name][0]) if name in self.concepts_index else {}
+            )
             try:
                 for key, group in shard_groups(shard):
                     index += 1
@@ -290,9 +306,7 @@ class WebDataset(torch.utils.data.IterableDataset):
                 yield sample
 
 
-
 # ----------------------------------------------------------------------------- precomputed concepts
-
 
 
 def concepts_index(path: str) -> dict[str, tuple[int, int]]:
@@ -327,14 +341,21 @@ def precompute(shards: list[str], out: str, workers: int, caption_key: str | Non
     if os.path.exists(out):  # cut a line torn by an interruption, so that appending starts clean
         os.truncate(out, max((o + n for o, n in done.values()), default=0))
     todo = [(s, caption_key) for s in shards if os.path.basename(s) not in done]
-    print(f"{out}: {len(shards) - len(todo)} of {len(shards)} shards already done, {len(todo)} to do, {workers} processes")
+    print(
+        f"{out}: {len(shards) - len(todo)} of {len(shards)} shards already done, {len(todo)} to do, {workers} processes"
+    )
     # Ctrl-C reaches every process of the group: the pool ignores it, this process stops the pool.
-    pool = multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
+    pool = (
+        multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
+    )
     captions, t0 = 0, time.time()
     try:
         with open(out, "a") as f, tqdm(total=len(todo), desc="concepts", unit="shard") as bar:
             for name, table in pool.imap_unordered(_shard_job, todo) if pool else map(_shard_job, todo):
-                f.write(json.dumps({"shard": name, "caption_key": caption_key, "count": len(table), "concepts": table}) + "\n")
+                f.write(
+                    json.dumps({"shard": name, "caption_key": caption_key, "count": len(table), "concepts": table})
+                    + "\n"
+                )
                 f.flush()  # a finished shard survives an interruption
                 captions += len(table)
                 bar.update()
@@ -348,12 +369,15 @@ def precompute(shards: list[str], out: str, workers: int, caption_key: str | Non
     return rate
 
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, help="the tar shards: a folder, a glob or a brace range")
-    parser.add_argument("--out", required=True, help="the JSON-lines file to write; shards already in it are skipped (resume)")
-    parser.add_argument("--caption-key", default=None, help="read captions from this <key>.json field, as train.py does")
+    parser.add_argument(
+        "--out", required=True, help="the JSON-lines file to write; shards already in it are skipped (resume)"
+    )
+    parser.add_argument(
+        "--caption-key", default=None, help="read captions from this <key>.json field, as train.py does"
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (0: all in this process)")
     args = parser.parse_args(argv)
     if args.workers < 0:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from losses import pooled_concept_loss, sigmoid_loss, concept_labels  # noqa: E402
+from losses import concept_labels, pooled_concept_loss, sigmoid_loss  # noqa: E402
 
 
 def per_phrase_loop(patch_emb, concept_emb, owner, scale, bias, tau=1.0):
@@ -74,10 +74,22 @@ def peak_memory_child(B, K, N, D):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, nargs=4, default=[96, 300, 196, 768], metavar=("B", "K", "N", "D"),
-                   help="images, phrases, patches, width for the speed comparison")  # fmt: skip
-    p.add_argument("--paper-size", type=int, nargs=4, default=[768, 3000, 196, 768], metavar=("B", "K", "N", "D"),
-                   help="sizes for the peak-memory measurement")  # fmt: skip
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=4,
+        default=[96, 300, 196, 768],
+        metavar=("B", "K", "N", "D"),
+        help="images, phrases, patches, width for the speed comparison",
+    )
+    p.add_argument(
+        "--paper-size",
+        type=int,
+        nargs=4,
+        default=[768, 3000, 196, 768],
+        metavar=("B", "K", "N", "D"),
+        help="sizes for the peak-memory measurement",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (the minimum is reported)")
     p.add_argument("--skip-memory", action="store_true", help="skip the paper-size memory measurement")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -91,26 +103,37 @@ def main():
     loop = time_fwd_bwd(per_phrase_loop, u, c, owner, args.repeats)
     result = {
         "size": dict(zip("BKND", args.size)),
-        "ours_seconds": ours[0], "loop_seconds": loop[0], "speedup": loop[0] / ours[0],
+        "ours_seconds": ours[0],
+        "loop_seconds": loop[0],
+        "speedup": loop[0] / ours[0],
         "loss_abs_diff": abs(ours[1] - loop[1]),
         "grad_max_abs_diff": max((ours[2] - loop[2]).abs().max().item(), (ours[3] - loop[3]).abs().max().item()),
-    }  # fmt: skip
+    }
     B, K, N, D = args.size
     print(f"pooled concept loss, forward + backward, B {B} K {K} N {N} D {D}, {torch.get_num_threads()} threads")
     print(f"  per-phrase loop  {loop[0] * 1000:9.1f} ms")
     print(f"  ours (batched)   {ours[0] * 1000:9.1f} ms   {result['speedup']:.1f}x faster")
-    print(f"  |loss difference| {result['loss_abs_diff']:.2e}, max |gradient difference| {result['grad_max_abs_diff']:.2e}")
+    print(
+        f"  |loss difference| {result['loss_abs_diff']:.2e}, "
+        f"max |gradient difference| {result['grad_max_abs_diff']:.2e}"
+    )
 
     if not args.skip_memory:
-        child = subprocess.run([sys.executable, __file__, "--memory-child", "--paper-size", *map(str, args.paper_size)],
-                               capture_output=True, text=True, check=True)  # fmt: skip
+        child = subprocess.run(
+            [sys.executable, __file__, "--memory-child", "--paper-size", *map(str, args.paper_size)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         mem = json.loads(child.stdout.strip().splitlines()[-1])
         result["paper_size"] = dict(zip("BKND", args.paper_size))
         result["paper_size_extra_gb"] = mem["extra_bytes"] / 1e9
         result["paper_size_seconds"] = mem["seconds"]
         B, K, N, D = args.paper_size
-        print(f"paper size B {B} K {K} N {N} D {D}: peak extra memory {mem['extra_bytes'] / 1e9:.2f} GB "
-              f"(the (K, B, D) pooled tensor alone would be {K * B * D * 4 / 1e9:.1f} GB), {mem['seconds']:.0f} s")  # fmt: skip
+        print(
+            f"paper size B {B} K {K} N {N} D {D}: peak extra memory {mem['extra_bytes'] / 1e9:.2f} GB "
+            f"(the (K, B, D) pooled tensor alone would be {K * B * D * 4 / 1e9:.1f} GB), {mem['seconds']:.0f} s"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

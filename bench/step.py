@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import Collate, WordTokenizer  # noqa: E402
+from devices import pick_device  # noqa: E402
 from losses import siglip_loss  # noqa: E402
 from model import CLIP, PRESETS  # noqa: E402
 from objective import Objective, loss_terms  # noqa: E402
 from shapes import ShapesDataset, ShapesWorld  # noqa: E402
-from devices import pick_device  # noqa: E402
 
 
 def interleaved_timing(runs: dict, args, device) -> dict[str, float]:
@@ -66,9 +66,15 @@ def methods_and_precisions(args, device) -> dict:
 
         return loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    runs = {f"{m} {d}": make_run(m, dt) for m in ("siglip", "c2lip") for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    runs = {
+        f"{m} {d}": make_run(m, dt)
+        for m in ("siglip", "c2lip")
+        for d, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
     per_step = interleaved_timing(runs, args, device)
-    print(f"{args.model}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, {args.steps} steps each")
+    print(
+        f"{args.model}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, {args.steps} steps each"
+    )
     for name, sec in per_step.items():
         print(f"  {name:12s} {sec * 1000:8.1f} ms/step")
     ratios = {
@@ -100,10 +106,15 @@ def against_open_clip(args, device) -> dict:
     def theirs_loss():
         return siglip_loss(theirs.encode_image(images, normalize=True), theirs.encode_text(texts, normalize=True), t, b)
 
-    runs = {"ours B/16": (ours_loss, torch.optim.AdamW(ours.parameters(), lr=1e-5)),
-            "open_clip ViT-B-16": (theirs_loss, torch.optim.AdamW(theirs.parameters(), lr=1e-5))}  # fmt: skip
+    runs = {
+        "ours B/16": (ours_loss, torch.optim.AdamW(ours.parameters(), lr=1e-5)),
+        "open_clip ViT-B-16": (theirs_loss, torch.optim.AdamW(theirs.parameters(), lr=1e-5)),
+    }
     per_step = interleaved_timing(runs, args, device)
-    print(f"B/16 training step, batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, {args.steps} steps each")
+    print(
+        f"B/16 training step, batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, "
+        f"{args.steps} steps each"
+    )
     for (name, sec), model in zip(per_step.items(), (ours, theirs)):
         print(f"  {name:20s} {sec:7.2f} s/step   {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     ratio = per_step["ours B/16"] / per_step["open_clip ViT-B-16"]

@@ -57,8 +57,10 @@ def main():
     n_patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
     text_tokens = T + (args.phrases * Tc if args.method == "c2lip" else 0)
     flops_per_image = 6 * (n_vision * (n_patches + 1) + n_text * text_tokens)
-    print(f"{args.model} ({(n_vision + n_text) / 1e6:.0f}M parameters), batch {B}, {args.method}, {device}, {dtype}, "
-          f"{flops_per_image * B / 1e12:.2f} TFLOP per step")  # fmt: skip
+    print(
+        f"{args.model} ({(n_vision + n_text) / 1e6:.0f}M parameters), batch {B}, {args.method}, {device}, {dtype}, "
+        f"{flops_per_image * B / 1e12:.2f} TFLOP per step"
+    )
 
     for compiled in (False,) if args.no_compile else (False, True):
         torch.manual_seed(0)
@@ -80,7 +82,10 @@ def main():
         seconds = (time.perf_counter() - t0) / args.steps
         mfu = flops_per_image * B / seconds / (args.peak_tflops * 1e12)
         memory = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        print(f"  {'compiled' if compiled else 'eager':8s} {B / seconds:9.1f} images/s  {seconds * 1000:8.1f} ms/step  MFU {mfu:.1%}{memory}")
+        print(
+            f"  {'compiled' if compiled else 'eager':8s} {B / seconds:9.1f} images/s  {seconds * 1000:8.1f} ms/step  "
+            f"MFU {mfu:.1%}{memory}"
+        )
 
 
 if __name__ == "__main__":
