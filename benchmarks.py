@@ -91,11 +91,14 @@ def embed_image_dataset(model: CLIP, dataset, args, device, desc: str) -> tuple[
     """Items image (C, H, W) or (image, label), decoded in DataLoader workers -> (B, D) embeddings, labels or None."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     embs, labels = [], []
-    for batch in tqdm(loader, desc=desc, unit="batch"):
-        if isinstance(batch, (list, tuple)):
-            batch, label = batch
-            labels.append(label)
-        embs.append(model.encode_image(batch.to(device))[0].float().cpu())
+    try:
+        for batch in tqdm(loader, desc=desc, unit="batch"):
+            if isinstance(batch, (list, tuple)):
+                batch, label = batch
+                labels.append(label)
+            embs.append(model.encode_image(batch.to(device))[0].float().cpu())
+    except OSError as err:  # a worker's error arrives with its traceback in the message: its last line says it
+        fail(f"{desc}: {str(err).strip().splitlines()[-1]}; a benchmark is scored on all of its images or not at all")
     return torch.cat(embs), (torch.cat(labels) if labels else None)  # (B, D), (B,)
 
 
@@ -126,8 +129,11 @@ def embed_examples(model: CLIP, tokenizer, files: dict[str, list[tuple]], args, 
 def read_json_file(path: str, bench: str):
     if not os.path.isfile(path):
         fail(f"--bench {bench}: no file {path}.\n{LAYOUT[bench]}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as err:  # empty, truncated, not JSON, not UTF-8
+        fail(f"--bench {bench}: {path} is not valid JSON ({err}).\n{LAYOUT[bench]}")
 
 
 def check_images(paths: list[str], bench: str) -> None:
@@ -152,13 +158,16 @@ def load_sugarcrepe(data_dir: str, images: str, bench: str = "sugarcrepe") -> di
     for name in [n for names in groups.values() for n in names]:
         path = os.path.join(data_dir, name + ".json")
         data = read_json_file(path, bench)
-        records = list(data.values()) if bench == "sugarcrepe" and isinstance(data, dict) else data
-        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        if not isinstance(data, dict if bench == "sugarcrepe" else list) or not data:
             fail(f"--bench {bench}: {path} is not in the official format.\n{LAYOUT[bench]}")
-        try:
-            files[name] = [(os.path.join(images, r["filename"]), *(r[k] for k in fields)) for r in records]
-        except KeyError as err:
-            fail(f"--bench {bench}: a record of {path} has no field {err}; expected filename, {', '.join(fields)}")
+        records = data.items() if bench == "sugarcrepe" else enumerate(data)
+        files[name] = []
+        for key, r in records:
+            texts = [r.get(k) for k in ["filename", *fields]] if isinstance(r, dict) else [None]
+            if not all(isinstance(t, str) and t.strip() for t in texts):  # a record is scored whole, or not at all
+                needs = ", ".join(["filename", *fields])
+                fail(f"--bench {bench}: record {key!r} of {path} needs non-empty {needs}.\n{LAYOUT[bench]}")
+            files[name].append((os.path.join(images, texts[0]), *texts[1:]))
     check_images([ex[0] for exs in files.values() for ex in exs], bench)
     return files
 
@@ -186,9 +195,7 @@ def load_zeroshot(data_dir: str, args) -> tuple[torch.utils.data.Dataset, list[s
                 f"--bench zeroshot: torchvision's {cifar.__name__} files are not in {data_dir}. Fetch them once with\n"
                 f'  python -c "import torchvision; {fetch}"'
             )
-        names = [
-            c.replace("_", " ") for c in dataset.classes
-        ]  # built into the dataset's files: 'maple_tree' -> 'maple tree'
+        names = [c.replace("_", " ") for c in dataset.classes]  # built in: 'maple_tree' -> 'maple tree'
     if args.classnames:
         with open(args.classnames) as f:
             names = [line.strip() for line in f if line.strip()]
@@ -219,6 +226,8 @@ def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch
     paths, texts, text_image = [], [], []
     for i, r in enumerate(records):
         captions = [r["caption"]] if isinstance(r["caption"], str) else r["caption"]
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
+            fail(f"--bench retrieval: record {i} of {ann} ({r['image']}) needs a non-empty list of captions")
         paths.append(os.path.join(data_dir, r["image"]))
         texts += captions
         text_image += [i] * len(captions)

@@ -1,22 +1,35 @@
-"""The files a training run leaves: atomic writes, the checkpoint, and its log.
+"""The files a training run leaves, written so that a run is never lost: atomic writes, the checkpoint,
+its log, and a lock on the run's folder.
 
 Not part of the paper. A run writes OUT/ckpt.pt (the unwrapped, uncompiled model's state_dict with the
-optimizer, config, step, tokenizer and seed) and OUT/log.jsonl (a JSON record every --log-every steps).
-Every file is written atomically, to a temporary name and then renamed, so that an interrupted write
-never leaves a half file where a whole one was.
+optimizer, config, step, tokenizer and seed), keeps the checkpoint before it as OUT/ckpt-prev.pt, and
+appends a JSON record to OUT/log.jsonl every --log-every steps. Every file is written to a temporary
+name and then renamed, so an interrupted write never leaves a half file where a whole one was; a
+checkpoint is only ever written from finite weights (train.py checks them), and it is read back with
+torch.load(weights_only=True): tensors and plain data, never code.
 """
 
 import contextlib
 import json
 import os
+import signal
+import sys
 
 import torch
+
+from devices import log0
+
+try:
+    import fcntl  # POSIX; on Windows the lock below is skipped
+except ImportError:
+    fcntl = None
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w"):
     """with atomic_write(path) as f: ...  writes to a temporary file renamed to `path` when the block ends
-    without an exception; readers see the old file or the new one, never a part."""
+    without an exception; readers see the old file or the new one, never a part. The temporary name holds
+    the process id, so two writers never share one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -42,11 +55,175 @@ def read_json(path: str):
 
 
 def save_checkpoint(path: str, **state) -> None:
+    """Write the checkpoint atomically; the one it replaces stays beside it as <name>-prev.pt."""
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
+        f.flush()
+        if os.path.exists(path):
+            os.replace(path, previous(path))
+
+
+def previous(path: str) -> str:
+    return path.removesuffix(".pt") + "-prev.pt"
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of ours, read with weights_only=True. ValueError with one line saying what is wrong:
+    not a file, not a torch file, or not a checkpoint of this repository."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors for a file it cannot read
+        raise ValueError(f"{path} is not a checkpoint torch can read safely ({type(err).__name__})") from None
+    if not isinstance(state, dict) or not {"model", "config", "tokenizer", "step"} <= set(state):
+        raise ValueError(f"{path} is a torch file but not a checkpoint of train.py (no model, config, tokenizer, step)")
+    return state
 
 
 def read_log(path: str) -> list[dict]:
-    """The records of a log.jsonl, in order."""
+    """The records of a log.jsonl, in order. A line that is not a whole JSON record (a write torn by a
+    crash) is left out rather than failing every later reader."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Keep the records of steps <= step: a resumed run replays the steps after its checkpoint, and its log
+    must not hold them twice."""
+    if os.path.exists(path):
+        kept = [r for r in read_log(path) if r["step"] <= step]
+        with atomic_write(path) as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+class RunInUse(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def locked(folder: str):
+    """Hold an exclusive lock on folder/.lock for the block: a second process on the same folder is refused
+    (RunInUse) instead of interleaving its checkpoints and log with the first one's."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunInUse(f"{folder} is in use by another training process (its .lock is held)") from None
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def log_record(step: int, loss, terms: dict, model, lr: float, seconds: float, skipped: dict | None) -> dict:
+    """One line of log.jsonl: the loss and its unweighted terms, t and b (and the concept losses' own pair),
+    the learning rate, the wall time and, for shards, the epoch and the samples skipped so far."""
+    record = {
+        "step": step,
+        "loss": loss.item(),
+        **{k: v.item() for k, v in terms.items()},
+        "scale": model.scale().item(),
+        "bias": model.bias().item(),
+    }
+    if model.cfg.concept_logits:
+        record |= dict(zip(("concept_scale", "concept_bias"), (v.item() for v in model.concept_scale_bias())))
+    record |= {"lr": lr, "seconds": round(seconds, 2)}
+    if skipped is not None:  # a stream of shards: its epoch and the samples it skipped so far
+        record |= skipped
+    return record
+
+
+# ----------------------------------------------------------------------------- resume, stop, skip
+
+# Flags a resumed run may change; any other must equal the checkpoint's, or the run would silently become
+# another experiment under the old name.
+RESUMABLE_CHANGES = set(
+    "steps epochs resume overwrite out workers device precision compile grad_checkpointing log_every ckpt_every "
+    "max_nonfinite data_dir concepts init bpe clip_act".split()
+)
+
+
+def resume_state(args, ckpt_path: str, log_path: str) -> dict | None:
+    """The checkpoint to continue from (--resume), or None to start afresh. Refuses, in one line each, to
+    overwrite a run by accident, to read a file that is not a checkpoint, and to continue a run with other
+    flags or past its end."""
+    held = [f for f in (ckpt_path, previous(ckpt_path), log_path) if os.path.exists(f)]
+    if not args.resume:
+        if held and not args.overwrite:
+            files = ", ".join(map(os.path.basename, held))
+            sys.exit(f"error: {args.out} holds a run ({files}): --resume continues it, --overwrite replaces it")
+        for f in held:
+            os.remove(f)
+        return None
+    path = next((f for f in (ckpt_path, previous(ckpt_path)) if os.path.exists(f)), None)
+    if path is None:
+        log0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
+        return None
+    try:
+        state = load_checkpoint(path)
+    except ValueError as err:
+        sys.exit(f"error: --resume: {err}")
+    changed = [k for k, v in state.get("args", {}).items() if k not in RESUMABLE_CHANGES and vars(args).get(k, v) != v]
+    if changed:
+        theirs = " ".join(f"--{k.replace('_', '-')} {state['args'][k]}" for k in changed)
+        sys.exit(f"error: --resume: {path} was trained with {theirs}; resume with those, or use another --out")
+    if state["step"] > args.steps:
+        sys.exit(f"error: --resume: {path} is at step {state['step']}, past --steps {args.steps}")
+    return state
+
+
+class Stop:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask the loop to stop after the current step; it then
+    saves and says how to resume. Under torchrun every rank must stop at the same step, so the flag is agreed
+    on by an all_reduce each step."""
+
+    def __init__(self, world_size: int, device):
+        self.signal, self.world_size, self.device = None, world_size, device
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+    def catch(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self) -> bool:
+        if self.world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([0 if self.signal is None else self.signal], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signal = int(flag) or None
+        return self.signal is not None
+
+
+def ignore_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def skip_or_stop(args, step: int, in_a_row: int, ckpt_path: str) -> None:
+    """A step whose loss or gradient is not finite is skipped (the weights are left as they were), up to
+    --max-nonfinite in a row; one more stops the run before anything is saved."""
+    if in_a_row <= args.max_nonfinite:
+        log0(f"step {step + 1}: non-finite loss or gradient, step skipped ({in_a_row} in a row)")
+        return
+    saved = f"{ckpt_path} keeps the last good weights" if os.path.exists(ckpt_path) else "no checkpoint was written"
+    what = f"the loss or its gradient is not finite ({in_a_row} step(s) in a row)"
+    sys.exit(f"error: step {step + 1}: {what}; the run stops and {saved}. Lower --lr (now {args.lr:g}) perhaps")

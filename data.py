@@ -182,9 +182,15 @@ def train_transform(size: int, normalise: str = "symmetric") -> T.Compose:
 
 
 def load_image(source: str | bytes) -> Image.Image:
-    """A path or an encoded image's bytes -> PIL RGB, decoded now: a truncated file raises OSError here."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-        return img.convert("RGB")
+    """A path or an encoded image's bytes -> PIL RGB, decoded now: a truncated or corrupt image raises OSError
+    here (naming the file, for a path)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's ways of saying "corrupt"
+        if isinstance(source, bytes):
+            raise OSError(f"cannot decode the image ({err})") from None
+        raise OSError(f"{source}: cannot decode the image ({err})") from None
 
 
 class ImageFiles(torch.utils.data.Dataset):

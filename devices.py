@@ -33,6 +33,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def device_problem(name: str) -> str | None:
+    """Why --device NAME cannot be used here, or None if it can."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return "not a torch device (auto, cpu, cuda, cuda:1, mps, ...)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available on this machine (torch.cuda.is_available() is False)"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "Apple's MPS is not available on this machine"
+    return None
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
     """--precision -> the autocast dtype: auto is bf16 on CUDA and fp32 elsewhere."""
     if precision == "auto":

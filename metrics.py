@@ -5,8 +5,11 @@ benchmarks' own code does: SugarCrepe (a caption against its hard negative), Sug
 and text-only), zero-shot classification (a prompt ensemble) and retrieval (R@K both ways). Each function
 below takes scores and returns what is counted, and is tested against values worked out by hand.
 
-One rule throughout: a wrong candidate that scores at least as high as the right one counts against the
-model (a tie is wrong), so a model that ignores its input never scores 50% or 100%.
+Two rules throughout, so that a broken model never looks good: a wrong candidate that scores at least as
+high as the right one counts against the model (a tie is wrong: a model that ignores its input never
+scores 50% or 100%), and a non-finite score (NaN or inf, from a diverged model) is wrong wherever it
+stands: as the right candidate's score it is a miss, as a wrong candidate's it beats the right one.
+(Comparisons with NaN are all False in IEEE arithmetic, which would otherwise count as hits.)
 
 Dimension legend: M benchmark examples, B images, X texts, C classes, P prompt templates, N patches,
 D joint embedding width.
@@ -19,22 +22,34 @@ from tqdm import tqdm
 from model import CLIP
 
 
+def above(right: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """right > wrong, elementwise, and both finite: the one comparison every metric below is made of."""
+    return (right > wrong) & right.isfinite() & wrong.isfinite()
+
+
 def pairwise_correct(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """SugarCrepe's rule. pos, neg (M,): cos(image, caption) and cos(image, negative) -> (M,) bool, correct iff
     pos > neg: a tie is wrong (a model that ignores the text must not score 50% or 100%)."""
-    return pos > neg
+    return above(pos, neg)
 
 
 def itt_correct(i_p1: torch.Tensor, i_p2: torch.Tensor, i_n: torch.Tensor) -> torch.Tensor:
     """SugarCrepe++ image-to-text. cos(I, P1), cos(I, P2), cos(I, N), each (M,) -> (M,) bool: both
     positive captions score above the negative one."""
-    return (i_p1 > i_n) & (i_p2 > i_n)
+    return above(i_p1, i_n) & above(i_p2, i_n)
 
 
 def tot_correct(p1_p2: torch.Tensor, p1_n: torch.Tensor, p2_n: torch.Tensor) -> torch.Tensor:
     """SugarCrepe++ text-only. cos(P1, P2), cos(P1, N), cos(P2, N), each (M,) -> (M,) bool: the two
     positives (same meaning, different words) are closer to each other than either is to the negative."""
-    return (p1_p2 > p1_n) & (p1_p2 > p2_n)
+    return above(p1_p2, p1_n) & above(p1_p2, p2_n)
+
+
+def rank_of(right: torch.Tensor, scores: torch.Tensor, wrong: torch.Tensor, dim: int) -> torch.Tensor:
+    """How many wrong candidates (where `wrong`) score at least as high as `right` along `dim`: the rank of the
+    right candidate, ties against it. A non-finite right score ranks last; a non-finite wrong one counts."""
+    beaten = ~above(right, scores) & wrong
+    return torch.where(right.isfinite(), beaten.sum(dim=dim, keepdim=True), wrong.shape[dim]).squeeze(dim)
 
 
 def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
@@ -43,17 +58,19 @@ def retrieval_recall(sim: torch.Tensor, text_image: torch.Tensor, ks=(1, 5, 10))
     ranks in the top k among all X texts; text->image: a hit if its image ranks in the top k among the B.
     The rank is the number of wrong candidates scoring at least as high, so ties count against the model."""
     own = text_image[None, :] == torch.arange(len(sim), device=sim.device)[:, None]  # (B, X)
-    best = sim.masked_fill(~own, float("-inf")).max(dim=1).values  # (B,): each image's best caption
-    i2t_rank = ((sim >= best[:, None]) & ~own).sum(dim=1)  # (B,)
+    # each image's best caption; NaN ranks above every number in max(), so a NaN caption is the "best" one
+    best = sim.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values  # (B, 1)
+    i2t_rank = rank_of(best, sim, ~own, dim=1)  # (B,)
     true = sim[text_image, torch.arange(sim.shape[1], device=sim.device)]  # (X,)
-    t2i_rank = ((sim >= true[None, :]) & ~own).sum(dim=0)  # (X,)
+    t2i_rank = rank_of(true[None, :], sim, ~own, dim=0)  # (X,)
     out = {f"i2t-R@{k}": (i2t_rank < k).float().mean().item() for k in ks}
     return out | {f"t2i-R@{k}": (t2i_rank < k).float().mean().item() for k in ks}
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
     """logits (B, C), labels (B,) -> {k: fraction of images whose class ranks in the top k} (ties against)."""
-    rank = (logits >= logits.gather(1, labels[:, None])).sum(dim=1) - 1  # (B,): classes scoring at least as high
+    other = torch.ones_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], False)  # (B, C)
+    rank = rank_of(logits.gather(1, labels[:, None]), logits, other, dim=1)  # (B,): classes scoring as high
     return {k: (rank < k).float().mean().item() for k in ks}
 
 

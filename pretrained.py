@@ -246,10 +246,17 @@ def load_weights(path: str, bpe: str | None = None, activation: str = "quick_gel
       - an open_clip state dict of the same architecture (torch.save; under "state_dict" in open_clip's
         training checkpoints). CLIP weights get CLIP's BPE tokenizer, read from `bpe`.
     torch.load runs with weights_only=True: a downloaded file may hold tensors and plain data, not code."""
+    if not os.path.isfile(path):
+        raise ValueError("not a file")
     if is_torchscript(path):
         state = read_torchscript_state_dict(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle, zip and runtime errors: whatever it is, it is not weights we can read
+            raise ValueError(f"not a weights file torch can read safely ({type(err).__name__})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict or a checkpoint")
         if "model" in state and "config" in state:
             return state
         state = state.get("state_dict", state)
@@ -304,8 +311,10 @@ def load_model(path: str, device: torch.device, bpe: str | None = None, activati
         )
     try:
         ckpt = load_weights(path, bpe, activation)
-    except (FileNotFoundError, ValueError) as err:  # no BPE vocabulary; weights of another architecture
+        model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no vocabulary; other weights
         sys.exit(f"error: {path}: {err}")
-    model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
+        sys.exit(f"error: {path}: the weights hold NaN or inf values (a diverged run?); refusing to score them")
     return model.to(device).eval(), tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt

@@ -132,9 +132,9 @@ def run_training(out: str, flags: list[str], seed: int, init: str | None = None)
             cwd=HERE,
         ).returncode
     record["seconds"] += time.time() - t0
-    if code < 0:  # killed by a signal: an interruption, not a result; the next call resumes it
+    if code < 0 or code in (130, 143):  # stopped by a signal (train.py saves, then exits 128 + signal): resume
         write_json(record_path, record, indent=1)
-        sys.exit(f"train.py was stopped by signal {-code} in {out}; run the same command again to resume")
+        sys.exit(f"train.py was stopped by a signal in {out}; run the same command again to resume")
     record["status"] = "done" if code == 0 and finite_loss(out) else "failed"
     if code != 0:
         record["error"] = f"train.py exited with {code}; see {os.path.join(out, 'train.txt')}"

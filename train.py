@@ -29,176 +29,118 @@ Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (red
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import os
+import shlex
+import signal
+import sys
 import time
 from dataclasses import asdict, replace
-from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import save_checkpoint
+from checkpoint import (
+    RunInUse,
+    Stop,
+    ignore_signals,
+    locked,
+    log_record,
+    resume_state,
+    save_checkpoint,
+    skip_or_stop,
+    truncate_log,
+)
 from data import Collate, WordTokenizer, train_transform
-from devices import add_device_flag, autocast_dtype, log0, setup
+from devices import add_device_flag, autocast_dtype, device_problem, log0, setup
 from model import CLIP, PRESETS, CLIPConfig
 from objective import METHODS, Objective, loss_terms
 from pictures import plot_losses
 from pretrained import add_weight_flags, balanced_bias, load_weights
 from released_tokenizers import tokenizer_from_state_dict
 from shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
-from webdata import SHARD_LAYOUT, WebDataset, cache_dir, caption_word_counts, expand_shards, shard_sizes
+from webdata import (
+    SHARD_LAYOUT,
+    ShardPlan,
+    WebDataset,
+    caption_word_counts,
+    check_concepts_file,
+    endless,
+    expand_shards,
+    shard_plan,
+)
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--data",
-        default="shapes",
-        choices=["shapes", "cc3m"],
-        help="shapes: the embedded synthetic world; cc3m: image-text tar shards in --data-dir (CC3M's, or "
-        "any webdataset's)",
-    )
-    p.add_argument("--data-dir", default=None, help="cc3m: a folder of .tar shards, a glob, or DIR/{00000..00331}.tar")
-    p.add_argument("--caption-key", default=None, help="cc3m: caption from this <key>.json field (default: <key>.txt)")
-    p.add_argument("--concept-key", default=None, help="cc3m: concept phrases from this <key>.json field when present")
-    p.add_argument(
-        "--concepts", default=None, help="cc3m: phrases precomputed by `python webdata.py --data-dir ... --out FILE`"
-    )
-    p.add_argument(
-        "--epochs", type=float, default=None, help="cc3m: train this many passes over the shards (sets --steps)"
-    )
-    p.add_argument(
-        "--world",
-        default="simple",
-        choices=list(WORLDS),
-        help="shapes: simple (2-4 objects, distinct colours and shapes) or dense (3-5 objects, colours and "
-        "shapes repeat within a scene; shapes.WORLDS)",
-    )
-    p.add_argument(
-        "--holdout-combos",
-        action="store_true",
-        help="shapes: no training scene holds a colour-shape pair of shapes.HOLDOUT_COMBOS (eval's heldout-* scores)",
-    )
-    p.add_argument(
-        "--shuffle-buffer", type=int, default=1000, help="cc3m: samples held in the shuffle buffer of each reader"
-    )
-    p.add_argument("--vocab-size", type=int, default=32000, help="cc3m: most frequent caption words kept (rest: <unk>)")
-    p.add_argument(
-        "--method",
-        default="c2lip",
-        choices=METHODS,
-        help="loss: C2LIP or a baseline (negclip: siglip plus a rule-made hard negative per caption)",
-    )
-    p.add_argument("--concept-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
-    p.add_argument("--pool-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
-    p.add_argument("--tau", type=float, default=1.0, help="temperature of the cross-modal pooling (paper: 1)")
-    p.add_argument(
-        "--concept-labels",
-        default="owner",
-        choices=["owner", "phrase"],
-        help="owner: a phrase is positive only for its own image (authors); "
-        "phrase: for every image with the same normalised phrase",
-    )
-    p.add_argument(
-        "--concept-logits",
-        default="shared",
-        choices=["shared", "own"],
-        help="shared: the concept losses use the caption loss's t and b (paper); own: a pair of their own "
-        "(CLIPConfig.concept_logits, started at t = 10, b = -10)",
-    )
-    p.add_argument(
-        "--model",
-        default="tiny",
-        choices=list(PRESETS),
-        help="model size preset (model.py), when training from scratch",
-    )
-    p.add_argument(
-        "--init",
-        default=None,
-        metavar="PATH",
-        help="start from these weights: OpenAI's CLIP release (ViT-B-16.pt), an open_clip state dict, "
-        "or a checkpoint of ours; the model shape, tokenizer and normalisation come from the file",
-    )
+    data = p.add_argument_group("data").add_argument
+    data("--data", default="shapes", choices=["shapes", "cc3m"], help="the shapes world, or image-text tar shards")
+    data("--data-dir", help="cc3m: a folder of .tar shards, a glob, or DIR/{00000..00331}.tar (any webdataset)")
+    data("--caption-key", help="cc3m: the caption from this <key>.json field (default: <key>.txt)")
+    data("--concept-key", help="cc3m: concept phrases from this <key>.json field when a sample has it")
+    data("--concepts", help="cc3m: phrases precomputed by `python precompute_concepts.py --out FILE`")
+    data("--epochs", type=float, help="cc3m: this many passes over the shards (sets --steps)")
+    data("--shuffle-buffer", type=int, default=1000, help="cc3m: samples in each reader's shuffle buffer")
+    data("--vocab-size", type=int, default=32000, help="cc3m: caption words kept, most frequent first (rest: <unk>)")
+    data("--world", default="simple", choices=list(WORLDS), help="shapes: simple, or dense (shapes.WORLDS)")
+    data("--holdout-combos", action="store_true", help="shapes: keep shapes.HOLDOUT_COMBOS out of training scenes")
+    loss = p.add_argument_group("loss").add_argument
+    loss("--method", default="c2lip", choices=METHODS, help="C2LIP, or a baseline (the module docstring)")
+    loss("--concept-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
+    loss("--pool-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
+    loss("--tau", type=float, default=1.0, help="temperature of the cross-modal pooling (paper: 1)")
+    labels = "owner: a phrase is positive for its own image only (authors); phrase: for every image with that phrase"
+    loss("--concept-labels", default="owner", choices=["owner", "phrase"], help=labels)
+    logits = "shared: the concept losses use the caption loss's t and b (paper); own: a pair from t = 10, b = -10"
+    loss("--concept-logits", default="shared", choices=["shared", "own"], help=logits)
+    model = p.add_argument_group("model").add_argument
+    model("--model", default="tiny", choices=list(PRESETS), help="size preset (model.py) when training from scratch")
+    model("--init", metavar="PATH", help="start from OpenAI's ViT-B-16.pt, an open_clip state dict or our checkpoint")
     add_weight_flags(p)
-    p.add_argument(
-        "--init-bias",
-        default="auto",
-        help="logit bias for --init weights that have none (OpenAI's CLIP) under a sigmoid loss: auto "
-        "(midway between matched and unmatched logits of the first batch) or a number",
+    model(
+        "--init-bias", default="auto", help="logit bias for --init weights without one: auto (first batch) or a number"
     )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="optimizer steps in total, default 600 (a resumed run continues to this)",
-    )
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (per GPU under torchrun)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
-    p.add_argument("--logit-lr", type=float, default=None, help="learning rate of logit scale and bias (default: --lr)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up length as a fraction of --steps")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training scenes")
+    opt = p.add_argument_group("optimizer").add_argument
+    opt("--steps", type=int, help="optimizer steps in total, default 600 (a resumed run continues to this)")
+    opt("--batch-size", type=int, default=128, help="images per step (per GPU under torchrun)")
+    opt("--lr", type=float, default=5e-4, help="peak learning rate")
+    opt("--logit-lr", type=float, help="learning rate of the logit scale and bias (default: --lr)")
+    opt("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
+    opt("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of --steps")
+    opt("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    run = p.add_argument_group("run").add_argument
+    run("--seed", type=int, default=0, help="seed of the initialisation and of the training scenes")
     add_device_flag(p)
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "bf16", "fp32"],
-        help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU and MPS",
-    )
-    p.add_argument(
-        "--workers", type=int, default=1, help="DataLoader worker processes (render or decode + NLTK chunking)"
-    )
-    p.add_argument(
-        "--out", default=None, help="output folder for ckpt.pt, log.jsonl and loss.png (default: runs/<method>)"
-    )
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if it exists")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on GPU)")
-    p.add_argument(
-        "--grad-checkpointing",
-        action="store_true",
-        help="recompute each transformer block in the backward pass: less memory, ~30%% more compute",
-    )
-    p.add_argument("--ckpt-every", type=int, default=100, help="write the checkpoint every this many steps")
-    p.add_argument(
-        "--log-every", type=int, default=10, help="append to log.jsonl (and show on the bar) every this many steps"
-    )
+    run("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast: auto is bf16 on CUDA only")
+    run("--workers", type=int, default=1, help="DataLoader worker processes (render or decode, NLTK chunking)")
+    run("--out", help="folder of ckpt.pt, log.jsonl and loss.png (default: runs/<method>)")
+    run("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run("--overwrite", action="store_true", help="start afresh in an --out that holds a run, replacing it")
+    run("--max-nonfinite", type=int, default=0, help="non-finite steps skipped in a row before the run stops")
+    run("--compile", action="store_true", help="torch.compile the model (slow start, faster steps on a GPU)")
+    run("--grad-checkpointing", action="store_true", help="recompute each block in the backward pass: less memory")
+    run("--ckpt-every", type=int, default=100, help="write the checkpoint every this many steps")
+    run("--log-every", type=int, default=10, help="append to log.jsonl (and show on the bar) every this many steps")
     return p
 
 
 def get_args(argv=None) -> argparse.Namespace:
     p = get_parser()
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "ckpt_every", "log_every", "vocab_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_numbers(p, args)
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs needs --data cc3m: the shapes world is an endless stream (use --steps)")
     if args.data != "shapes":
-        if args.holdout_combos or args.world != "simple":
-            p.error("--holdout-combos and --world only apply to --data shapes")
-        if args.data_dir is None:
-            p.error(f"--data {args.data} needs --data-dir.\n{SHARD_LAYOUT}")
-        try:
-            expand_shards(args.data_dir)
-        except FileNotFoundError as err:
-            p.error(f"--data-dir: {err}")
-        if args.concepts and not os.path.isfile(args.concepts):
-            p.error(
-                f"--concepts: no file {args.concepts}; write it with: "
-                f"python webdata.py --data-dir {args.data_dir} --out {args.concepts}"
-            )
-    if args.epochs is not None and (args.epochs <= 0 or args.steps is not None):
-        p.error("--epochs must be positive, and goes without --steps")
-    args.steps = args.steps or 600  # with --epochs, shard_plan() sets it from the number of samples
-    if args.tau <= 0:
-        p.error("--tau must be positive")
+        check_shards(p, args)
+    args.steps = args.steps or 600  # with --epochs, train() sets it from the number of samples
     if args.method != "c2lip" and (args.concept_labels == "phrase" or args.concept_logits == "own"):
         p.error("--concept-labels phrase and --concept-logits own only apply to --method c2lip")
+    if args.method == "clip" and args.batch_size * int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        p.error("--method clip needs a global --batch-size of at least 2: with one image its softmax loss is 0")
     if args.init_bias != "auto":
         try:
             float(args.init_bias)
@@ -208,8 +150,51 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error("--bpe only applies with --init (training from scratch uses the word tokenizer)")
     if args.init and not os.path.exists(args.init):
         p.error(f"--init {args.init}: no such file. OpenAI's ViT-B/16 release is ViT-B-16.pt (see docs/pretrained.md)")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if message := device_problem(args.device):
+        p.error(f"--device {args.device}: {message}")
     args.out = args.out or os.path.join("runs", args.method)
     return args
+
+
+def check_numbers(p: argparse.ArgumentParser, args) -> None:
+    """Every numeric flag within its range, or an argparse error naming it."""
+    for name in ("steps", "batch_size", "ckpt_every", "log_every", "vocab_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("lr", "tau"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name} must be positive")
+    for name in ("logit_lr", "weight_decay", "grad_clip", "workers", "shuffle_buffer", "max_nonfinite"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if not 0 <= args.warmup < 1:
+        p.error("--warmup is a fraction of --steps: at least 0 and below 1")
+    if args.epochs is not None and (not args.epochs > 0 or args.steps is not None):
+        p.error("--epochs must be positive, and goes without --steps")
+
+
+def check_shards(p: argparse.ArgumentParser, args) -> None:
+    """--data cc3m: the shards exist and a --concepts file fits them, or an argparse error naming the flag."""
+    if args.holdout_combos or args.world != "simple":
+        p.error("--holdout-combos and --world only apply to --data shapes")
+    if args.data_dir is None:
+        p.error(f"--data {args.data} needs --data-dir.\n{SHARD_LAYOUT}")
+    try:
+        shards = expand_shards(args.data_dir)
+    except FileNotFoundError as err:
+        p.error(f"--data-dir: {err}")
+    if args.concepts and not os.path.isfile(args.concepts):
+        p.error(
+            f"--concepts: no file {args.concepts}; write it with: "
+            f"python precompute_concepts.py --data-dir {args.data_dir} --out {args.concepts}"
+        )
+    if args.concepts:
+        try:
+            check_concepts_file(args.concepts, shards)
+        except ValueError as err:
+            p.error(f"--concepts: {err}")
 
 
 # ----------------------------------------------------------------------------- the optimizer's recipe
@@ -245,27 +230,6 @@ def shapes_world(args, image_size: int) -> ShapesWorld:
     return ShapesWorld(image_size, holdout=HOLDOUT_COMBOS if args.holdout_combos else (), **WORLDS[args.world])
 
 
-class ShardPlan(NamedTuple):
-    paths: list[str]
-    cache: str  # the folder of the cached sample counts and vocabulary
-    steps_per_epoch: int
-
-
-def shard_plan(args, world_size: int) -> ShardPlan:
-    """The shards and their epoch length; sets --steps from --epochs."""
-    shards = expand_shards(args.data_dir)
-    cache = cache_dir(shards, args.out)
-    samples = sum(shard_sizes(shards, cache))
-    steps_per_epoch = max(1, math.ceil(samples / (args.batch_size * world_size)))
-    if args.epochs is not None:
-        args.steps = max(1, round(args.epochs * steps_per_epoch))
-    log0(
-        f"{len(shards)} shards, {samples} samples: {steps_per_epoch} steps per epoch, "
-        f"{args.steps / steps_per_epoch:.2f} epochs"
-    )
-    return ShardPlan(shards, cache, steps_per_epoch)
-
-
 def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) -> tuple[CLIPConfig, object, dict | None]:
     """The model's shape and tokenizer, from the run being resumed, from --init (with its weights), or a preset
     with a word vocabulary of the training captions."""
@@ -296,16 +260,15 @@ def batches(args, cfg: CLIPConfig, tokenizer, start: int, rank: int, world_size:
     reads its own scenes or shards; hard negatives (negclip) are made in the DataLoader workers."""
     size, normalise = cfg.vision.image_size, cfg.vision.normalise
     collate = Collate(tokenizer, negatives=args.method == "negclip")
-    pin = device.type == "cuda"  # page-locked batches make the copy to the GPU asynchronous (non_blocking)
+    # page-locked batches make the copy to the GPU asynchronous (non_blocking); workers leave signals to us
+    loading = dict(collate_fn=collate, num_workers=args.workers, pin_memory=device.type == "cuda")
+    loading |= dict(worker_init_fn=ignore_signals)
     if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (shapes.StepBatches)
         dataset = ShapesDataset(
             shapes_world(args, size), args.seed, "train", args.steps * args.batch_size * world_size, normalise
         )
         sampler = StepBatches(args.batch_size, start, args.steps, rank, world_size)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.workers, pin_memory=pin
-        )
-        return dataset, loader
+        return dataset, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loading)
     dataset = WebDataset(
         shards.paths,
         train_transform(size, normalise),
@@ -315,28 +278,8 @@ def batches(args, cfg: CLIPConfig, tokenizer, start: int, rank: int, world_size:
         args.shuffle_buffer,
         args.seed,
     )
-    loader = torch.utils.data.DataLoader(
-        dataset, args.batch_size, collate_fn=collate, num_workers=args.workers, pin_memory=pin
-    )
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, **loading)
     return dataset, endless(loader, dataset, first_epoch=start // shards.steps_per_epoch)
-
-
-def endless(loader, dataset: WebDataset, first_epoch: int):
-    """Batches of epoch first_epoch, then of the next epochs, without end. A resumed run restarts the stream
-    at the start of the epoch it stopped in, so it sees that epoch's first samples again: a tar stream has
-    no cheap way to seek to a sample, and part of one epoch seen twice does little harm."""
-    epoch = first_epoch
-    while True:
-        dataset.epoch, empty = epoch, True  # seeds this pass's shard and sample shuffles
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise RuntimeError(
-                f"a pass over {len(dataset.shards)} shards gave no usable sample (skipped: "
-                f"{dataset.skipped}); check the shards and --caption-key"
-            )
-        epoch += 1
 
 
 def make_model(args, cfg: CLIPConfig, init: dict | None, device) -> tuple[CLIP, CLIPConfig, bool]:
@@ -370,43 +313,34 @@ def fit_bias(model: CLIP, cfg: CLIPConfig, stream, device) -> tuple[CLIPConfig, 
     return replace(cfg, init_logit_bias=model.logit_bias.item()), itertools.chain([first], stream)
 
 
-def log_record(step: int, loss, terms: dict, model: CLIP, lr: float, seconds: float, dataset) -> dict:
-    """One line of log.jsonl: the loss and its unweighted terms, t and b (and the concept losses' own pair),
-    the learning rate, the wall time and, for shards, the epoch and the samples skipped so far."""
-    record = {
-        "step": step,
-        "loss": loss.item(),
-        **{k: v.item() for k, v in terms.items()},
-        "scale": model.scale().item(),
-        "bias": model.bias().item(),
-    }
-    if model.cfg.concept_logits:
-        record |= dict(zip(("concept_scale", "concept_bias"), (v.item() for v in model.concept_scale_bias())))
-    record |= {"lr": lr, "seconds": round(seconds, 2)}
-    if isinstance(dataset, WebDataset):
-        record |= {"epoch": dataset.epoch, "skipped": dataset.skipped}
-    return record
-
-
 def main(argv=None) -> str:
-    # ---- setup
     args = get_args(argv)
     rank, world_size, device = setup(args.device)
+    command = "python train.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        with locked(args.out) if rank == 0 else contextlib.nullcontext(), Stop(world_size, device) as stop:
+            return train(args, rank, world_size, device, stop, command)
+    except RunInUse as err:
+        sys.exit(f"error: --out {err}; wait for it, or pass another --out")
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train(args, rank: int, world_size: int, device, stop: Stop, command: str) -> str:
+    # ---- setup
     dtype = autocast_dtype(args.precision, device)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    resume = (
-        torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if args.resume and os.path.exists(ckpt_path)
-        else None
-    )
-    if args.resume and resume is None:
-        log0(f"--resume: no checkpoint at {ckpt_path} yet, starting from step 0")
+    resume = resume_state(args, ckpt_path, log_path)
     start = resume["step"] if resume else 0
+    if resume and rank == 0:
+        truncate_log(log_path, start)  # the steps after the checkpoint are replayed: logged once, not twice
 
     # ---- data, tokenizer, model
-    shards = shard_plan(args, world_size) if args.data != "shapes" else None
+    shards = shard_plan(args.data_dir, args.out, args.batch_size * world_size) if args.data != "shapes" else None
+    if shards and args.epochs is not None:
+        args.steps = max(1, round(args.epochs * shards.steps_per_epoch))
     cfg, tokenizer, init = config_and_tokenizer(args, resume, shards)
     dataset, loader = batches(args, cfg, tokenizer, start, rank, world_size, shards, device)
     model, cfg, unfitted_bias = make_model(args, cfg, init, device)
@@ -416,10 +350,8 @@ def main(argv=None) -> str:
     if init is not None:
         bias = "no bias" if model.logit_bias is None else f"b = {model.logit_bias.item():.2f}"
         log0(f"initialised from {args.init}: t = {model.scale().item():.1f}, {bias}")
-    log0(
-        f"model {args.init or args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{world_size} x {device}, autocast {dtype}"
-    )
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    log0(f"model {args.init or args.model}: {n_params:.2f}M parameters, {world_size} x {device}, autocast {dtype}")
     log0("config:", json.dumps({"model": asdict(cfg), "args": vars(args)}))
 
     # ---- optimizer
@@ -439,23 +371,18 @@ def main(argv=None) -> str:
 
     def checkpoint(step: int) -> None:
         if rank == 0:  # one writer; every rank holds the same weights
-            save_checkpoint(
-                ckpt_path,
-                model=model.state_dict(),
-                optimizer=optimizer.state_dict(),
-                step=step,
-                config=asdict(cfg),
-                args=vars(args),
-                tokenizer=tokenizer.state_dict(),
-                seed=args.seed,
-            )
+            if not all(p.isfinite().all() for p in model.parameters()):
+                sys.exit(f"error: step {step}: the weights are no longer finite; {ckpt_path} keeps the last good ones")
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg))
+            state |= dict(step=step, args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed)
+            save_checkpoint(ckpt_path, **state)
             plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
     # ---- loop
     model.train()
     bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
-    t0 = time.time()
-    with open(log_path if rank == 0 else os.devnull, "a" if resume else "w") as log:
+    t0, nonfinite = time.time(), 0
+    with open(log_path if rank == 0 else os.devnull, "a") as log:
         for step, batch in zip(range(start, args.steps), stream):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
@@ -464,21 +391,32 @@ def main(argv=None) -> str:
                 loss, terms = loss_terms(net, batch, objective)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+            # A non-finite loss or gradient must never reach the weights. Checking it waits for the device
+            # once per step, as AMP's GradScaler does for the same reason.
+            if not torch.isfinite(loss.detach() + grad_norm):
+                nonfinite += 1
+                skip_or_stop(args, step, nonfinite, ckpt_path)
+                bar.update()
+                continue
+            nonfinite = 0
             optimizer.step()
             bar.update()
             # .item() waits for the device: read the values at the log interval only, not every step
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 lr = optimizer.param_groups[0]["lr"]
-                record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, dataset)
-                bar.set_postfix(
-                    {k: f"{record[k]:.3f}" for k in terms}
-                    | {"t": f"{record['scale']:.1f}"}
-                    | ({"skipped": sum(record["skipped"].values())} if record.get("skipped") else {})
-                )
+                shards_seen = {"epoch": dataset.epoch, "skipped": dataset.skipped} if shards else None
+                record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, shards_seen)
+                skipped = {"skipped": sum(record["skipped"].values())} if record.get("skipped") else {}
+                bar.set_postfix({k: f"{record[k]:.3f}" for k in terms} | {"t": f"{record['scale']:.1f}"} | skipped)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            if stop.requested():
+                checkpoint(step + 1)
+                again = command if "--resume" in command.split() else command + " --resume"
+                log0(f"\nstopped by {signal.Signals(stop.signal).name} after step {step + 1}; saved {ckpt_path}")
+                log0(f"resume with:  {again}")
+                sys.exit(128 + stop.signal)
             if (step + 1) % args.ckpt_every == 0:
                 checkpoint(step + 1)
     bar.close()
@@ -488,8 +426,6 @@ def main(argv=None) -> str:
     # ---- checkpoint
     checkpoint(args.steps)
     log0(f"wrote {ckpt_path} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {ckpt_path}")
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
     return ckpt_path
 
 

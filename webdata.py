@@ -10,41 +10,36 @@ library's tarfile (no `webdataset` package): members grouped by key, <key>.jpg|j
   WebDataset            one pass over the shards = one epoch of samples {"image", "caption", "concepts"}
   shard_sizes           samples per shard (img2dataset's _stats.json, sizes.json, or counted and cached)
   caption_word_counts   the word vocabulary of a from-scratch run, counted once and cached
-  precompute            the concept phrases of every shard, in a process pool, resumable:
+  check_concepts_file   a file of phrases precomputed once (precompute_concepts.py) checked against the shards
 
-  python webdata.py --data-dir /data/cc3m --out /data/cc3m-concepts.jsonl --workers 16   # Ctrl-C, rerun to resume
-
-The precompute writes one JSON line per shard, {"shard": "00000.tar", "caption_key": null, "count": n,
-"concepts": {"<sample key>": ["a dog", ...], ...}}; `train.py --concepts FILE` reads it. Shards are known by
-file name, so one file serves one shard set.
+Every sample that cannot be used is skipped and counted by reason (SKIP_REASONS), never fatal: a missing or
+corrupt image, an empty or non-UTF-8 caption, a shard that cannot be read to its end (cut mid-member or at
+a member header).
 """
 
-import argparse
 import glob
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import posixpath
 import random
 import re
-import signal
-import sys
 import tarfile
-import time
 from collections import Counter
+from typing import NamedTuple
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import read_json, write_json
 from concepts import extract_concepts
 from data import WordTokenizer, load_image
-from devices import rank_and_world
+from devices import log0, rank_and_world
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the first one present is the sample's image
-SKIP_REASONS = ("missing_image", "empty_caption", "corrupt_image", "corrupt_shard")
+SKIP_REASONS = ("missing_image", "empty_caption", "corrupt_image", "corrupt_shard", "bad_encoding")
 SHARD_LAYOUT = """Expected webdataset tar shards: a folder of *.tar files, a glob ('DIR/*.tar') or a brace range
 ('DIR/{00000..00331}.tar'). Each shard holds samples as members named <key>.<ext>: <key>.jpg (or .jpeg, .png,
 .webp) with <key>.txt (the caption) and optionally <key>.json (metadata, or the caption and concept fields that
@@ -101,6 +96,10 @@ def shard_groups(path: str, read=None):
                 key, group = posixpath.join(folder, stem), {}
             ext = ext.lower()
             group[ext] = tar.extractfile(member).read() if read is None or ext in read else None
+        # tarfile ends quietly at a header cut short, as if the archive ended there; a whole archive ends with
+        # two zero blocks (1,024 bytes) after its last member
+        if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"{path} ends inside a member header (a download cut short)")
         if key is not None:
             yield key, group
 
@@ -114,12 +113,16 @@ def sample_meta(group: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def sample_caption(group: dict, meta: dict, caption_key: str | None) -> str:
-    """The named JSON field if caption_key is given, else <key>.txt (else the JSON's 'caption'); '' if none."""
+def sample_caption(group: dict, meta: dict, caption_key: str | None) -> str | None:
+    """The named JSON field if caption_key is given, else <key>.txt (else the JSON's 'caption'); '' if none,
+    None if the .txt is not UTF-8 (training on U+FFFD replacement characters teaches nothing)."""
     if caption_key:
         text = meta.get(caption_key)
     elif group.get("txt") is not None:
-        text = group["txt"].decode("utf-8", errors="replace")
+        try:
+            text = group["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     else:
         text = meta.get("caption")
     return text.strip() if isinstance(text, str) else ""
@@ -176,8 +179,10 @@ def shard_sizes(shards: list[str], cache: str) -> list[int]:
 
 def caption_word_counts(shards: list[str], caption_key: str | None, cache: str) -> Counter:
     """Word counts of every training caption (WordTokenizer.split), streamed over the shards once and cached
-    in cache/c2lip-words-<hash of the shard list and caption key>.json."""
-    digest = hashlib.sha1(json.dumps([sorted(map(os.path.abspath, shards)), caption_key]).encode()).hexdigest()[:12]
+    in cache/c2lip-words-<hash>.json, the hash of the shards (path, size, modification time) and the caption
+    key: a shard rewritten under the same name is counted again."""
+    files = sorted((os.path.abspath(s), os.path.getsize(s), os.path.getmtime(s)) for s in shards)
+    digest = hashlib.sha1(json.dumps([files, caption_key]).encode()).hexdigest()[:12]
     path = os.path.join(cache, f"c2lip-words-{digest}.json")
     cached = read_json(path)
     if cached:
@@ -224,7 +229,7 @@ class WebDataset(torch.utils.data.IterableDataset):
     shards, or, when there are fewer shards than readers, every n-th sample. Samples pass a shuffle buffer
     of raw bytes (decoding after the buffer keeps it small), then are decoded: caption from <key>.txt or
     the JSON field caption_key; concept phrases from the JSON field concept_key when the sample has it, else
-    from a file written by `python webdata.py --data-dir ... --out FILE`, else extracted here (concepts.py).
+    from a file written by `python precompute_concepts.py --out FILE`, else extracted here (concepts.py).
 
     A missing image, an empty caption, a corrupt image or an unreadable shard is skipped and counted, never
     fatal. The counts live in shared memory that DataLoader workers inherit, so .skipped, read in the main
@@ -278,11 +283,19 @@ class WebDataset(torch.utils.data.IterableDataset):
             return self._skip("missing_image")
         meta = sample_meta(group)
         caption = sample_caption(group, meta, self.caption_key)
+        if caption is None:
+            return self._skip("bad_encoding")
         if not caption:
             return self._skip("empty_caption")
+        # The augmentation draws from a generator seeded by (seed, epoch, sample): a pure function of the sample,
+        # whichever reader or worker decodes it, so a run resumed at an epoch boundary sees exactly the pixels
+        # an uninterrupted run would have seen.
+        digest = hashlib.blake2b(f"{self.seed}:{self.epoch}:{key}".encode(), digest_size=8).digest()
         try:
-            image = self.transform(load_image(group[image_ext]))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's ways of saying "corrupt"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+                image = self.transform(load_image(group[image_ext]))
+        except OSError:  # data.load_image's way of saying "corrupt"
             return self._skip("corrupt_image")
         named = meta.get(self.concept_key) if self.concept_key else None
         if isinstance(named, list) and all(isinstance(p, str) for p in named):
@@ -322,6 +335,31 @@ def concepts_index(path: str) -> dict[str, tuple[int, int]]:
     return index
 
 
+def check_concepts_file(path: str, shards: list[str]) -> None:
+    """ValueError naming what is wrong with a concepts file for these shards: not a concepts file at all (empty,
+    binary, another format), a malformed line (with its number), phrases that are not lists of strings, or
+    no line for any of the shards (a file written for another shard set)."""
+    names, complete = {os.path.basename(s) for s in shards}, set()
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break  # a line torn by an interrupted precompute: the shard is simply not in the file
+            try:
+                record = json.loads(line)
+                table = record["concepts"]
+                ok = isinstance(record["shard"], str) and isinstance(table, dict)
+                ok = ok and all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in table.values())
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{path}, line {number}: not a record of precompute_concepts.py (shard, concepts)")
+            complete.add(record["shard"])
+    if not complete:
+        raise ValueError(f"{path} holds no shard's concepts")
+    if not complete & names:
+        raise ValueError(f"{path} holds none of these {len(names)} shards (it was written for another shard set)")
+
+
 def shard_concepts(path: str, offset: int) -> dict[str, list[str]]:
     """{sample key: phrases} of the shard whose line starts at `offset` (see concepts_index)."""
     with open(path, "rb") as f:
@@ -329,68 +367,40 @@ def shard_concepts(path: str, offset: int) -> dict[str, list[str]]:
         return json.loads(f.readline())["concepts"]
 
 
-def _shard_job(job: tuple[str, str | None]) -> tuple[str, dict[str, list[str]]]:
-    """One shard's {key: phrases}; runs in a pool process."""
-    shard, caption_key = job
-    return os.path.basename(shard), {key: extract_concepts(c) for key, c in shard_captions(shard, caption_key)}
+# ----------------------------------------------------------------------------- epochs of a training run
 
 
-def precompute(shards: list[str], out: str, workers: int, caption_key: str | None = None) -> float:
-    """Append the concepts of every shard not yet in `out`; returns captions per second."""
-    done = concepts_index(out) if os.path.exists(out) else {}
-    if os.path.exists(out):  # cut a line torn by an interruption, so that appending starts clean
-        os.truncate(out, max((o + n for o, n in done.values()), default=0))
-    todo = [(s, caption_key) for s in shards if os.path.basename(s) not in done]
-    print(
-        f"{out}: {len(shards) - len(todo)} of {len(shards)} shards already done, {len(todo)} to do, {workers} processes"
-    )
-    # Ctrl-C reaches every process of the group: the pool ignores it, this process stops the pool.
-    pool = (
-        multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
-    )
-    captions, t0 = 0, time.time()
-    try:
-        with open(out, "a") as f, tqdm(total=len(todo), desc="concepts", unit="shard") as bar:
-            for name, table in pool.imap_unordered(_shard_job, todo) if pool else map(_shard_job, todo):
-                f.write(
-                    json.dumps({"shard": name, "caption_key": caption_key, "count": len(table), "concepts": table})
-                    + "\n"
-                )
-                f.flush()  # a finished shard survives an interruption
-                captions += len(table)
-                bar.update()
-                bar.set_postfix(captions_per_s=f"{captions / (time.time() - t0):.0f}")
-    finally:
-        if pool:
-            pool.terminate()
-    rate = captions / max(time.time() - t0, 1e-9)
-    if todo:
-        print(f"{captions} captions in {time.time() - t0:.1f}s: {rate:.0f} captions/s")
-    return rate
+class ShardPlan(NamedTuple):
+    paths: list[str]
+    cache: str  # the folder of the cached sample counts and vocabulary
+    steps_per_epoch: int
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True, help="the tar shards: a folder, a glob or a brace range")
-    parser.add_argument(
-        "--out", required=True, help="the JSON-lines file to write; shards already in it are skipped (resume)"
-    )
-    parser.add_argument(
-        "--caption-key", default=None, help="read captions from this <key>.json field, as train.py does"
-    )
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (0: all in this process)")
-    args = parser.parse_args(argv)
-    if args.workers < 0:
-        parser.error("--workers must be 0 or more")
-    try:
-        shards = expand_shards(args.data_dir)
-    except FileNotFoundError as err:
-        parser.error(f"--data-dir: {err}")
-    try:
-        return precompute(shards, args.out, args.workers, args.caption_key)
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted: the shards finished so far are in {args.out}; run the same command to resume")
+def shard_plan(spec: str, fallback_cache: str, global_batch: int) -> ShardPlan:
+    """The shards of `spec`, where their counts are cached, and the steps of one epoch at this global batch."""
+    shards = expand_shards(spec)
+    cache = cache_dir(shards, fallback_cache)
+    samples = sum(shard_sizes(shards, cache))
+    steps_per_epoch = max(1, math.ceil(samples / global_batch))
+    log0(f"{len(shards)} shards, {samples} samples: {steps_per_epoch} steps per epoch")
+    return ShardPlan(shards, cache, steps_per_epoch)
 
 
-if __name__ == "__main__":
-    main()
+def endless(loader, dataset: WebDataset, first_epoch: int):
+    """Batches of epoch first_epoch, then of the next epochs, without end. Resuming is exact at an epoch
+    boundary: the shard order, the shuffle buffers and every sample's augmentation are functions of (seed,
+    epoch). A run resumed mid-epoch restarts the stream at the start of that epoch (a tar stream has no cheap
+    way to seek to a sample), so the batches it saw of that epoch before the checkpoint come again, and as
+    many batches of the last epoch are not reached by --steps."""
+    epoch = first_epoch
+    while True:
+        dataset.epoch, empty = epoch, True  # seeds this pass's shard and sample shuffles
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(
+                f"a pass over {len(dataset.shards)} shards gave no usable sample (skipped: "
+                f"{dataset.skipped}); check the shards and --caption-key"
+            )
+        epoch += 1

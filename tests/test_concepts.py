@@ -7,6 +7,7 @@ import nltk
 import pytest
 
 import concepts
+import precompute_concepts
 import webdata
 from concepts import extract_concepts, extract_concepts_batch, normalise_phrase
 from shapes import WORLDS, ShapesWorld
@@ -35,7 +36,10 @@ COCO_STYLE = [
     ("A woman holding an umbrella in the rain, stock photo", ["a woman", "an umbrella", "the rain"]),
     ("A small child eating a slice of pizza in front of a window.", ["a small child", "a slice", "pizza", "a window"]),
     ("Three sheep in the background of a green pasture.", ["three sheep", "a green pasture"]),
-    ("A kitchen with white cabinets and a stainless steel refrigerator.", ["a kitchen", "white cabinets", "a stainless steel refrigerator"]),
+    (
+        "A kitchen with white cabinets and a stainless steel refrigerator.",
+        ["a kitchen", "white cabinets", "a stainless steel refrigerator"],
+    ),
     ("An image of a skateboarder doing a trick on a ramp.", ["a skateboarder", "a trick", "a ramp"]),
     ("A dog and a dog on the grass.", ["a dog", "the grass"]),
 ]
@@ -68,7 +72,9 @@ def test_missing_tagger_names_the_install_command(monkeypatch):
 def test_command_line(tmp_path):
     out = subprocess.run(
         [sys.executable, concepts.__file__, "a small red circle left of a blue star"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "a small red circle | a blue star" in out.stdout
 
@@ -85,7 +91,7 @@ def test_precompute_every_shard(tmp_path):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "concepts.jsonl"
-    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "2"])  # a process pool
+    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "2"])  # a process pool
     records = read_records(out)
     assert set(records) == {"00000.tar", "00001.tar"}
     # every sample with an image member and a caption (the corrupt JPEG is not decoded here)
@@ -101,17 +107,17 @@ def test_precompute_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "concepts.jsonl"
-    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     first, second = open(out).read().splitlines(keepends=True)
     out.write_text(first + second[:25])  # killed while writing the second shard's line
     assert list(webdata.concepts_index(str(out))) == [json.loads(first)["shard"]]
     done = []
-    real_job = webdata._shard_job
-    monkeypatch.setattr(webdata, "_shard_job", lambda job: done.append(job[0]) or real_job(job))
-    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    real_job = precompute_concepts._shard_job
+    monkeypatch.setattr(precompute_concepts, "_shard_job", lambda job: done.append(job[0]) or real_job(job))
+    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert done == [os.path.join(shards, json.loads(second)["shard"])]  # only the unfinished shard again
     assert open(out).read() == first + second  # the torn line is gone, the file is whole
-    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert len(done) == 1  # nothing left to do
 
 
@@ -120,13 +126,18 @@ def test_precompute_with_a_caption_key_and_cli_errors(tmp_path):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "c.jsonl"
-    webdata.main(["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"])
+    precompute_concepts.main(
+        ["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"]
+    )
     records = read_records(out)
     assert records["00000.tar"]["concepts"]["000000000"] == ["a brown dog", "a red ball"]
     assert records["00001.tar"]["concepts"] == {}  # no .json in the re-hosted shard: no such caption
     for argv in (["--data-dir", shards], ["--out", str(out)], []):
-        bad = subprocess.run([sys.executable, webdata.__file__, *argv], capture_output=True, text=True)
+        bad = subprocess.run([sys.executable, precompute_concepts.__file__, *argv], capture_output=True, text=True)
         assert bad.returncode == 2 and "--data-dir" in bad.stderr
-    missing = subprocess.run([sys.executable, webdata.__file__, "--data-dir", str(tmp_path / "none"), "--out", str(out)],
-                             capture_output=True, text=True)  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, precompute_concepts.__file__, "--data-dir", str(tmp_path / "none"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "img2dataset" in missing.stderr

@@ -1,0 +1,105 @@
+"""The concept phrases of tar shards, computed once, in a process pool, resumably (concepts.py on every caption).
+
+  python precompute_concepts.py --data-dir /data/cc3m --out /data/cc3m-concepts.jsonl --workers 16   # Ctrl-C, rerun
+
+Extracting phrases with NLTK in the DataLoader workers costs CPU on every epoch; this writes them once. The
+file holds one JSON line per shard, {"shard": "00000.tar", "caption_key": null, "concepts": {"<sample key>":
+["a dog", ...], ...}, "count": n}, and "error" for a shard that could not be read to its end (its phrases up to
+there are kept, and a rerun does not try it again). `train.py --concepts FILE` reads it (webdata.py). Shards
+are known by file name, so one file serves one shard set. An interrupted run resumes where it stopped; an
+existing file that is not a concepts file is never written to.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import tarfile
+import time
+
+from tqdm import tqdm
+
+from concepts import extract_concepts
+from webdata import concepts_index, expand_shards, shard_captions
+
+
+def _shard_job(job: tuple[str, str | None]) -> dict:
+    """One shard's line of the concepts file; runs in a pool process. A shard that cannot be read to its end
+    keeps the phrases read before the error, and says so: a rerun does not try it again."""
+    shard, caption_key = job
+    record = {"shard": os.path.basename(shard), "caption_key": caption_key, "concepts": {}}
+    try:
+        for key, caption in shard_captions(shard, caption_key):
+            record["concepts"][key] = extract_concepts(caption)
+    except (tarfile.TarError, OSError) as err:
+        record["error"] = f"{type(err).__name__}: {err}"
+    return record | {"count": len(record["concepts"])}
+
+
+def precompute(shards: list[str], out: str, workers: int, caption_key: str | None = None) -> float:
+    """Append the concepts of every shard not yet in `out`; returns captions per second. ValueError if `out`
+    exists and is not a concepts file."""
+    done = concepts_index(out) if os.path.exists(out) else {}
+    if os.path.exists(out) and os.path.getsize(out) and not done:
+        raise ValueError(f"{out} exists and is not a concepts file; refusing to write into it")
+    if os.path.exists(out):  # cut a line torn by an interruption, so that appending starts clean
+        os.truncate(out, max(o + n for o, n in done.values()))
+    todo = [(s, caption_key) for s in shards if os.path.basename(s) not in done]
+    print(
+        f"{out}: {len(shards) - len(todo)} of {len(shards)} shards already done, {len(todo)} to do, {workers} processes"
+    )
+    # Ctrl-C reaches every process of the group: the pool ignores it, this process stops the pool.
+    pool = (
+        multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
+    )
+    captions, failed, t0 = 0, [], time.time()
+    try:
+        with open(out, "a") as f, tqdm(total=len(todo), desc="concepts", unit="shard") as bar:
+            for record in pool.imap_unordered(_shard_job, todo) if pool else map(_shard_job, todo):
+                f.write(json.dumps(record) + "\n")
+                f.flush()  # a finished shard survives an interruption
+                captions += record["count"]
+                failed += [f"{record['shard']} ({record['error']})"] if "error" in record else []
+                bar.update()
+                bar.set_postfix(captions_per_s=f"{captions / (time.time() - t0):.0f}", unreadable=len(failed))
+    finally:
+        if pool:
+            pool.terminate()
+    rate = captions / max(time.time() - t0, 1e-9)
+    if todo:
+        print(f"{captions} captions in {time.time() - t0:.1f}s: {rate:.0f} captions/s")
+    if failed:
+        print(f"{len(failed)} shard(s) could not be read to their end; their phrases up to there are kept:")
+        print("\n".join(f"  {f}" for f in failed))
+    return rate
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="the tar shards: a folder, a glob or a brace range")
+    parser.add_argument(
+        "--out", required=True, help="the JSON-lines file to write; shards already in it are skipped (resume)"
+    )
+    parser.add_argument(
+        "--caption-key", default=None, help="read captions from this <key>.json field, as train.py does"
+    )
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (0: all in this process)")
+    args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error("--workers must be 0 or more")
+    try:
+        shards = expand_shards(args.data_dir)
+    except FileNotFoundError as err:
+        parser.error(f"--data-dir: {err}")
+    try:
+        return precompute(shards, args.out, args.workers, args.caption_key)
+    except ValueError as err:
+        parser.error(f"--out: {err}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: the shards finished so far are in {args.out}; run the same command to resume")
+
+
+if __name__ == "__main__":
+    main()
