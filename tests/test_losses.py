@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from losses import clip_loss, concept_labels, concept_loss, pooled_concept_loss, siglip_loss
+from losses import c2lip_loss, clip_loss, concept_labels, concept_loss, pooled_concept_loss, siglip_loss
 
 
 def log_sigmoid(x: float) -> float:
@@ -48,7 +48,8 @@ def test_siglip_loss_at_init_by_hand():
     loss = siglip_loss(e[:4], e[4:], torch.tensor(10.0), torch.tensor(-10.0))
     expect = -(log_sigmoid(-10) + 3 * log_sigmoid(10))
     assert math.isclose(loss.item(), expect, rel_tol=1e-5)
-    assert 10.0 < expect < 10.001
+    # -log sigmoid(-10) = 10 + log(1 + e^-10) and -log sigmoid(10) = log(1 + e^-10): about b, 10.00018
+    assert math.isclose(loss.item(), 10 + 4 * math.log1p(math.exp(-10)), rel_tol=1e-6)
 
 
 def test_clip_loss_matches_loop():
@@ -93,15 +94,21 @@ def test_labels_owner_vs_phrase():
     assert concept_labels(owner, 3, ids).tolist() == [[1, -1, 1, -1], [1, 1, 1, -1], [-1, -1, -1, 1]]
 
 
+def naive_pooled_scores(c, u, tau):
+    """cos(v_ik, c_k) with v_ik image i's patches pooled by phrase k, one pair at a time -> B lists of K."""
+    scores = [[0.0] * len(c) for _ in range(len(u))]
+    for i in range(len(u)):
+        for k in range(len(c)):
+            a = torch.softmax(u[i] @ c[k] / tau, dim=0)  # (N,)
+            v = (a[:, None] * u[i]).sum(0)
+            scores[i][k] = float(v @ c[k] / v.norm())
+    return scores
+
+
 def test_pooled_concept_loss_matches_loop():
     x, _, c, u, owner = random_batch()
     for tau in (1.0, 0.2):
-        scores = [[0.0] * len(c) for _ in range(len(u))]
-        for i in range(len(u)):
-            for k in range(len(c)):
-                a = torch.softmax(u[i] @ c[k] / tau, dim=0)  # (N,)
-                v = (a[:, None] * u[i]).sum(0)
-                scores[i][k] = float(v @ c[k] / v.norm())
+        scores = naive_pooled_scores(c, u, tau)
         expect = naive_sigmoid(scores, lambda i, k: owner[k] == i, 7.0, -3.0, len(c))
         got = pooled_concept_loss(u, c, owner, T, BIAS, tau).item()
         assert math.isclose(got, expect, rel_tol=1e-5)
@@ -114,3 +121,78 @@ def test_losses_backpropagate_to_embeddings_scale_and_bias():
     loss = siglip_loss(x, y, t, b) + concept_loss(x, c, owner, t, b) + pooled_concept_loss(u, c, owner, t, b)
     loss.backward()
     assert t.grad is not None and b.grad is not None and u.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- the total, c2lip_loss
+
+
+def naive_terms(x, y, c, u, owner, t=7.0, b=-3.0, concept_t=None, concept_b=None, tau=1.0, ids=None):
+    """The three unweighted terms by the loops above; the concept terms at (concept_t, concept_b) if given."""
+    ct, cb = (t, b) if concept_t is None else (concept_t, concept_b)
+    if ids is None:
+        positive = lambda i, k: owner[k] == i
+    else:
+        owned = {(int(o), int(p)) for o, p in zip(owner, ids)}
+        positive = lambda i, k: (i, int(ids[k])) in owned
+    return {
+        "caption": naive_sigmoid(x @ y.T, lambda i, j: i == j, t, b, len(x)),
+        "concept": naive_sigmoid(x @ c.T, positive, ct, cb, len(c)),
+        "pooled": naive_sigmoid(naive_pooled_scores(c, u, tau), positive, ct, cb, len(c)),
+    }
+
+
+def check_terms(got: dict, expect: dict) -> None:
+    assert set(got) == set(expect)
+    for name, value in expect.items():
+        assert math.isclose(got[name].item(), value, rel_tol=1e-5), name
+
+
+def test_c2lip_loss_is_the_weighted_sum_paper_weights():
+    """The paper's L = L_sig + 1.0 L_npc + 0.01 L_xac at tau = 1, its defaults; the terms come back unweighted."""
+    x, y, c, u, owner = random_batch()
+    total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS)
+    expect = naive_terms(x, y, c, u, owner)
+    check_terms(terms, expect)
+    assert math.isclose(total.item(), expect["caption"] + expect["concept"] + 0.01 * expect["pooled"], rel_tol=1e-5)
+
+
+def test_c2lip_loss_is_the_weighted_sum_other_weights_tau_and_labels():
+    x, y, c, u, owner = random_batch(seed=3)
+    ids = torch.tensor([0, 1, 2, 0, 3, 1, 4, 0, 5])  # phrase labels: both concept terms read them
+    for concept_weight, pool_weight, tau, phrase_ids in ((0.3, 2.0, 0.2, None), (2.5, 0.5, 0.5, ids)):
+        kw = {"concept_weight": concept_weight, "pool_weight": pool_weight, "tau": tau, "phrase_ids": phrase_ids}
+        total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS, **kw)
+        expect = naive_terms(x, y, c, u, owner, tau=tau, ids=phrase_ids)
+        check_terms(terms, expect)
+        weighted = expect["caption"] + concept_weight * expect["concept"] + pool_weight * expect["pooled"]
+        assert math.isclose(total.item(), weighted, rel_tol=1e-5), kw
+
+
+def test_c2lip_loss_weight_zero_leaves_the_term_out():
+    x, y, c, u, owner = random_batch()
+    expect = naive_terms(x, y, c, u, owner)
+    total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS, concept_weight=0.0, pool_weight=0.5)
+    check_terms(terms, {k: expect[k] for k in ("caption", "pooled")})
+    assert math.isclose(total.item(), expect["caption"] + 0.5 * expect["pooled"], rel_tol=1e-5)
+    # pool_weight 0: the pooled term is not even computed, so no patch embeddings are needed
+    total, terms = c2lip_loss(x, y, c, None, owner, T, BIAS, pool_weight=0.0)
+    check_terms(terms, {k: expect[k] for k in ("caption", "concept")})
+    assert math.isclose(total.item(), expect["caption"] + expect["concept"], rel_tol=1e-5)
+    total, terms = c2lip_loss(x, y, c, None, owner, T, BIAS, concept_weight=0, pool_weight=0)
+    check_terms(terms, {"caption": expect["caption"]})
+    assert math.isclose(total.item(), expect["caption"], rel_tol=1e-5)  # SigLIP's loss alone
+
+
+def test_c2lip_loss_concept_scale_and_bias_reach_the_concept_terms_only():
+    x, y, c, u, owner = random_batch(seed=1)
+    t, b = torch.tensor(7.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
+    ct, cb = torch.tensor(4.0, requires_grad=True), torch.tensor(-1.5, requires_grad=True)
+    total, terms = c2lip_loss(x, y, c, u, owner, t, b, concept_scale=ct, concept_bias=cb, pool_weight=0.2)
+    expect = naive_terms(x, y, c, u, owner, concept_t=4.0, concept_b=-1.5)
+    check_terms(terms, expect)  # the caption term at (7, -3), the concept terms at (4, -1.5)
+    assert math.isclose(total.item(), expect["caption"] + expect["concept"] + 0.2 * expect["pooled"], rel_tol=1e-5)
+    assert math.isclose(terms["caption"].item(), siglip_loss(x, y, T, BIAS).item(), rel_tol=1e-6)
+    caption_grads = torch.autograd.grad(terms["caption"], [t, b, ct, cb], retain_graph=True, allow_unused=True)
+    assert caption_grads[0] is not None and caption_grads[1] is not None and caption_grads[2:] == (None, None)
+    concept_grads = torch.autograd.grad(terms["concept"] + terms["pooled"], [t, b, ct, cb], allow_unused=True)
+    assert concept_grads[:2] == (None, None) and concept_grads[2] is not None and concept_grads[3] is not None

@@ -12,7 +12,7 @@ from PIL import Image
 import train
 import webdata
 from data import Collate, WordTokenizer, eval_transform, image_to_tensor, train_transform
-from fixtures import GOOD_CAPTIONS, IMG2DATASET, write_cc3m, write_tar
+from fixtures import GOOD_CAPTIONS, IMG2DATASET, image_bytes, write_cc3m, write_tar
 from webdata import WebDataset, caption_word_counts, expand_braces, expand_shards, shard_sizes, shuffled
 
 SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
@@ -213,3 +213,31 @@ def test_a_pass_with_no_usable_sample_stops_with_a_message(tmp_path):
     write_tar(str(folder / "00000.tar"), [("000000000.txt", b"a caption without an image")])
     with pytest.raises(RuntimeError, match="no usable sample"):
         train.main(["--data", "cc3m", "--data-dir", str(folder), "--steps", "2", "--out", str(tmp_path / "run"), *FAST])
+
+
+def test_resume_on_shards_is_exact_at_an_epoch_boundary(tmp_path, monkeypatch):
+    """Two clean shards of 4 samples, batches of 2: 4 steps per epoch. A run that dies right after its step-4
+    checkpoint (the end of epoch 0) and is resumed ends with the weights of a run that never stopped."""
+    folder = tmp_path / "clean"
+    folder.mkdir()
+    for s in range(2):
+        members = []
+        for i in range(4):
+            members += [(f"{s}{i:08d}.jpg", image_bytes(4 * s + i)), (f"{s}{i:08d}.txt", GOOD_CAPTIONS[i].encode())]
+        write_tar(str(folder / f"{s:05d}.tar"), members)
+    common = ["--data", "cc3m", "--data-dir", str(folder), "--steps", "8", "--ckpt-every", "4", "--precision", "fp32"]
+    straight = torch.load(train.main([*common, "--out", str(tmp_path / "a"), *FAST]), weights_only=True)
+    real_save = train.save_checkpoint
+
+    def crash_after_save(path, **state):
+        real_save(path, **state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*common, "--out", str(tmp_path / "b"), *FAST])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed = torch.load(train.main([*common, "--out", str(tmp_path / "b"), "--resume", *FAST]), weights_only=True)
+    assert resumed["step"] == 8 and straight["step"] == 8
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(v, resumed["model"][k], atol=1e-6, rtol=1e-5)
