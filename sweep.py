@@ -43,7 +43,7 @@ from checkpoint import read_log, write_json
 from metrics import cos, embed_texts
 from pretrained import load_model
 from shapes import WORLDS, ShapesWorld
-from shapes_eval import BENCH_SEED, ShapesBenchmark, evaluate_shapes
+from shapes_eval import BENCH_SEED, CATEGORIES, ShapesBenchmark, evaluate_shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,20 +82,7 @@ ROWS = {
 BASELINE = "siglip"  # the row every other is compared with, seed by seed
 
 # the columns of the tables: eval.py's shapes metrics, compositional categories first; then diagnostics()
-COLUMNS = [
-    "swap-att",
-    "swap-obj",
-    "replace-att",
-    "replace-obj",
-    "add-obj",
-    "add-att",
-    "phrase-att",
-    "heldout-swap-att",
-    "heldout-replace-att",
-    "i2t-R@1",
-    "t2i-R@1",
-    "zeroshot-top1",
-]
+COLUMNS = [*CATEGORIES, "i2t-R@1", "t2i-R@1", "zeroshot-top1"]
 DIAGNOSTICS = ["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"]
 
 

@@ -82,33 +82,19 @@ def run_all(bench, out):
     )
 
 
+def real_bench_argv(bench, ckpt, templates=True):
+    """eval.py's flags for the four real benchmarks of the fixture, for one checkpoint."""
+    folders = {"sugarcrepe": "sc", "sugarcrepe++": "scpp", "zeroshot": "zs", "retrieval": "coco"}
+    dirs = [f"{name}={bench[key]}" for name, key in folders.items()]
+    argv = ["--ckpt", ckpt, "--bench", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval", "--data-dir", *dirs]
+    argv += ["--images", os.path.join(bench["sc"], "val2017"), "--ann", bench["ann"]]
+    argv += ["--classnames", bench["classnames"]]
+    return argv + (["--templates", bench["templates"]] if templates else []) + FAST
+
+
 def real_benchmarks_alone(bench, ckpt):
     """The four real benchmarks of one checkpoint, in a call of its own."""
-    return evaluate.main(
-        [
-            "--ckpt",
-            ckpt,
-            "--bench",
-            "sugarcrepe",
-            "sugarcrepe++",
-            "zeroshot",
-            "retrieval",
-            "--data-dir",
-            f"sugarcrepe={bench['sc']}",
-            f"sugarcrepe++={bench['scpp']}",
-            f"zeroshot={bench['zs']}",
-            f"retrieval={bench['coco']}",
-            "--images",
-            os.path.join(bench["sc"], "val2017"),
-            "--ann",
-            bench["ann"],
-            "--classnames",
-            bench["classnames"],
-            "--templates",
-            bench["templates"],
-            *FAST,
-        ]
-    )[ckpt]
+    return evaluate.main(real_bench_argv(bench, ckpt))
 
 
 def test_every_benchmark_in_one_call_two_checkpoints_side_by_side(bench, capsys):
@@ -152,29 +138,7 @@ def encode(model, tokenizer, image_path=None, text=None):
 
 
 def test_scores_match_a_naive_loop(bench):
-    results = evaluate.main(
-        [
-            "--ckpt",
-            bench["b"],
-            "--bench",
-            "sugarcrepe",
-            "sugarcrepe++",
-            "zeroshot",
-            "retrieval",
-            "--data-dir",
-            f"sugarcrepe={bench['sc']}",
-            f"sugarcrepe++={bench['scpp']}",
-            f"zeroshot={bench['zs']}",
-            f"retrieval={bench['coco']}",
-            "--images",
-            os.path.join(bench["sc"], "val2017"),
-            "--ann",
-            bench["ann"],
-            "--classnames",
-            bench["classnames"],
-            *FAST,
-        ]
-    )[bench["b"]]
+    results = evaluate.main(real_bench_argv(bench, bench["b"], templates=False))[bench["b"]]
     model, tok, _ = load_model(bench["b"], torch.device("cpu"))
     images = os.path.join(bench["sc"], "val2017")
     for name in SUGARCREPE_FILES:

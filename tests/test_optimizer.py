@@ -114,24 +114,8 @@ def test_logit_lr_defaults_to_lr():
 
 def test_train_applies_the_schedule(tmp_path):
     """4 steps, warm-up 0.5 = 2 steps: the rate is 1e-3 x (0.5, 1, 1, 0.5), the last the cosine's midpoint."""
-    ckpt = train.main(
-        [
-            "--steps",
-            "4",
-            "--batch-size",
-            "4",
-            "--workers",
-            "0",
-            "--log-every",
-            "1",
-            "--warmup",
-            "0.5",
-            "--lr",
-            "1e-3",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    flags = "--steps 4 --batch-size 4 --workers 0 --log-every 1 --warmup 0.5 --lr 1e-3".split()
+    ckpt = train.main([*flags, "--out", str(tmp_path)])
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:

@@ -187,12 +187,7 @@ def test_train_init_from_clip_weights_then_resume_and_eval(tmp_path, capsys):
     common = [
         "--init",
         str(weights),
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--log-every",
-        "1",
+        *"--batch-size 4 --workers 0 --log-every 1".split(),
         "--out",
         str(tmp_path / "run"),
     ]
@@ -219,22 +214,8 @@ def test_train_init_from_clip_weights_then_resume_and_eval(tmp_path, capsys):
 def test_train_init_bias_follows_the_loss(tmp_path, method, init_bias, expect):
     weights = tmp_path / "small-random.pt"
     torch.save(small_open_clip().state_dict(), weights)
-    args = [
-        "--init",
-        str(weights),
-        "--method",
-        method,
-        "--init-bias",
-        init_bias,
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    args = ["--init", str(weights), "--method", method, "--init-bias", init_bias, "--out", str(tmp_path / "run")]
+    args += "--steps 1 --batch-size 2 --workers 0".split()
     state = torch.load(train.main(args), weights_only=False)
     assert state["config"]["init_logit_bias"] == expect and ("logit_bias" in state["model"]) == (expect is not None)
 
