@@ -94,7 +94,7 @@ def real_bench_argv(bench, ckpt, templates=True):
 
 def real_benchmarks_alone(bench, ckpt):
     """The four real benchmarks of one checkpoint, in a call of its own."""
-    return evaluate.main(real_bench_argv(bench, ckpt))
+    return evaluate.main(real_bench_argv(bench, ckpt))[ckpt]
 
 
 def test_every_benchmark_in_one_call_two_checkpoints_side_by_side(bench, capsys):
