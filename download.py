@@ -210,6 +210,10 @@ def download(url: str, part: str, path: str) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise DownloadError(f"could not reach {url} ({reason}); offline? {by_hand}") from None
+    if response.status == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+        response.close()  # a range other than the one asked for: start again from zero
+        os.remove(part)
+        return download(url, part, path)
     with response:
         resumed = response.status == 206
         if not resumed:  # the server sent the whole file (it ignored Range, or there was nothing yet)
