@@ -88,10 +88,9 @@ BENCHMARK_FILES = {
     # COCO's own zips: cocodataset.org lists val2017 as "5K images, 1GB" and val2014 as "40K images, 6GB".
     "coco/val2017.zip": Remote("http://images.cocodataset.org/zips/val2017.zip", None, "1 GB (official)"),
     "coco/val2014.zip": Remote("http://images.cocodataset.org/zips/val2014.zip", None, "6 GB (official)"),
-    # The Karpathy test splits as released with BLIP (github.com/salesforce/BLIP): JSON lists of
-    # {image, caption: [...]}, image paths under COCO's val2014/ or Flickr30k's flickr30k-images/.
+    # The Karpathy test split as released with BLIP (github.com/salesforce/BLIP): a JSON list of
+    # {image, caption: [...]}, image paths under COCO's val2014/. (Flickr30k's images need a request form.)
     "coco/coco_karpathy_test.json": Remote(BLIP_URL + "coco_karpathy_test.json", None, "about 2 MB (estimate)"),
-    "flickr30k/flickr30k_test.json": Remote(BLIP_URL + "flickr30k_test.json", None, "under 1 MB (estimate)"),
 }
 FILES = WEIGHTS | TOKENIZERS | BENCHMARK_FILES
 

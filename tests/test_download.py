@@ -13,13 +13,21 @@ import zipfile
 
 import pytest
 import torch
+import torchvision
 
 import download
 import eval as evaluate
 import pretrained
 import train
 from download import DownloadError, Remote
-from fixtures import SUGARCREPE_FILES, SUGARCREPE_PP_FILES, write_checkpoint, write_sugarcrepe, write_sugarcrepe_pp
+from fixtures import (
+    SUGARCREPE_FILES,
+    SUGARCREPE_PP_FILES,
+    write_checkpoint,
+    write_karpathy,
+    write_sugarcrepe,
+    write_sugarcrepe_pp,
+)
 
 CPU = torch.device("cpu")
 FAST = ["--workers", "0", "--batch-size", "4"]
@@ -252,7 +260,29 @@ def test_eval_download_fetches_sugarcrepe_and_coco_then_scores_as_from_folders(s
     assert evaluate.main([*argv, "--download", "--cache-dir", cache])[ckpt] == fetched and len(server.log) == 13
 
 
-def test_eval_download_refuses_imagenet(capsys):
+def test_eval_download_fetches_the_karpathy_split_and_coco_val2014(server, monkeypatch, tmp_path):
+    ann = write_karpathy(str(tmp_path / "coco"))
+    serve(server, monkeypatch, "coco/coco_karpathy_test.json", open(ann, "rb").read(), pinned=False)
+    serve(server, monkeypatch, "coco/val2014.zip", zipped(str(tmp_path / "coco" / "val2014"), "val2014"), pinned=False)
+    ckpt = write_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    argv = ["--ckpt", ckpt, "--bench", "retrieval", *FAST]
+    fetched = evaluate.main([*argv, "--download", "--cache-dir", str(tmp_path / "cache")])[ckpt]
+    local = evaluate.main([*argv, "--data-dir", str(tmp_path / "coco"), "--ann", ann])[ckpt]
+    assert fetched == local and fetched["retrieval/t2i-R@1"]["count"] == 6 and len(server.log) == 2
+
+
+def test_eval_download_refuses_imagenet_and_hands_cifar_to_torchvision(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.get_args(["--bench", "zeroshot", "--download"])
     assert "licence" in capsys.readouterr().err
+    calls = []
+
+    def offline_cifar(root, train, download):
+        calls.append((root, train, download))
+        raise OSError("<urlopen error [Errno 111] Connection refused>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline_cifar)
+    argv = ["--ckpt", "unused.pt", "--bench", "zeroshot", "--zeroshot-set", "cifar10", "--download"]
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([*argv, "--cache-dir", str(tmp_path)])
+    assert calls == [(str(tmp_path / "cifar"), False, True)] and "Connection refused" in str(err.value.code)
