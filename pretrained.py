@@ -4,7 +4,9 @@ The paper fine-tunes pretrained weights; none of OpenAI's or open_clip's code ru
 are renamed onto model.py's modules (`convert_openai_state_dict`, the config read off the shapes),
 OpenAI's TorchScript release is read without executing it (`read_torchscript_state_dict`), and
 `load_weights` turns any supported file into a checkpoint in this repository's format: {"config",
-"model", "tokenizer"}, with the tokenizer the weights were trained with (released_tokenizers.py).
+"model", "tokenizer"}, with the tokenizer the weights were trained with (released_tokenizers.py). A release
+can be named instead of a file (`openai/ViT-B-16`, the names of download.WEIGHTS): it is downloaded once
+into a cache folder and checked there (download.py), as is CLIP's BPE vocabulary when none is at hand.
 
 Departures: the paper starts from SigLIP ViT-B/16; the released weights this file can read are OpenAI's
 CLIP ViT-B/16 (and open_clip models of the same architecture). OpenAI's CLIP has no logit bias, which
