@@ -14,7 +14,9 @@ retrieval. The file formats are those of the official releases:
   retrieval     the Karpathy test split, a JSON list of {image, caption: [...]}: image->text (a hit if any
                 of the image's captions is in the top K) and text->image R@1, R@5, R@10
 A file that is missing or not in the format stops with a message naming what was expected and where to
-get it; a benchmark is never scored on part of its images.
+get it; a benchmark is never scored on part of its images. With eval.py --download, `fetch_benchmark` gets
+the official files into download.py's cache first (CIFAR through torchvision's own download; ImageNet,
+which needs a licence, never).
 
 Dimension legend: M benchmark examples, B images, X texts, C classes, P prompt templates, D joint width.
 """
@@ -28,6 +30,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
+import download
 from data import ImageFiles, eval_transform, load_image
 from metrics import (
     cos,
@@ -187,13 +190,18 @@ def load_zeroshot(data_dir: str, args) -> tuple[torch.utils.data.Dataset, list[s
             )
     else:
         cifar = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[args.zeroshot_set]
-        try:
-            dataset = cifar(data_dir, train=False, download=False)  # the test split; never downloads here
+        fetch = f"torchvision.datasets.{cifar.__name__}('{data_dir}', train=False, download=True)"
+        try:  # the test split; downloaded by torchvision (and checked by its MD5) with eval.py --download only
+            dataset = cifar(data_dir, train=False, download=getattr(args, "download", False))
         except RuntimeError:
-            fetch = f"torchvision.datasets.{cifar.__name__}('{data_dir}', train=False, download=True)"
             fail(
-                f"--bench zeroshot: torchvision's {cifar.__name__} files are not in {data_dir}. Fetch them once with\n"
-                f'  python -c "import torchvision; {fetch}"'
+                f"--bench zeroshot: torchvision's {cifar.__name__} files are not in {data_dir}. Pass --download, "
+                f'or fetch them once with\n  python -c "import torchvision; {fetch}"'
+            )
+        except OSError as err:  # offline: urllib's error, raised through torchvision
+            fail(
+                f"--bench zeroshot --download: torchvision could not download {cifar.__name__} into {data_dir} "
+                f"({err}); offline? run {fetch} where there is internet and copy the files to {data_dir}"
             )
         names = [c.replace("_", " ") for c in dataset.classes]  # built in: 'maple_tree' -> 'maple tree'
     if args.classnames:
@@ -211,6 +219,23 @@ def load_zeroshot(data_dir: str, args) -> tuple[torch.utils.data.Dataset, list[s
         if not templates or not all("{}" in t for t in templates):
             fail(f"--templates: {args.templates} must hold templates, one per line, each with {{}} for the class name")
     return dataset, names, templates
+
+
+def fetch_benchmark(bench: str, args) -> tuple[str, str | None, str | None]:
+    """eval.py --download for a benchmark given no --data-dir: its official files fetched once into the cache
+    (download.FILES, checked) -> (data folder, images folder or None, annotation file or None)."""
+    try:
+        if bench in ("sugarcrepe", "sugarcrepe++"):
+            groups = SUGARCREPE if bench == "sugarcrepe" else SUGARCREPE_PP
+            paths = [download.fetch(f"{bench}/{n}.json", args.cache_dir) for ns in groups.values() for n in ns]
+            images = args.images or os.path.join(download.fetch_zip("coco/val2017.zip", args.cache_dir), "val2017")
+            return os.path.dirname(paths[0]), images, None
+        if bench == "zeroshot":  # CIFAR only (eval.py refuses --download for an ImageFolder): torchvision fetches it
+            return os.path.join(download.cache_dir(args.cache_dir), "cifar"), None, None
+        ann = args.ann or download.fetch("coco/coco_karpathy_test.json", args.cache_dir)
+        return download.fetch_zip("coco/val2014.zip", args.cache_dir), None, ann  # image paths are val2014/...
+    except download.DownloadError as err:
+        fail(f"--bench {bench} --download: {err}")
 
 
 def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch.Tensor]:

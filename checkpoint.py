@@ -151,7 +151,7 @@ def log_record(step: int, loss, terms: dict, model, lr: float, seconds: float, s
 # another experiment under the old name.
 RESUMABLE_CHANGES = set(
     "steps epochs resume overwrite out workers device precision compile grad_checkpointing log_every ckpt_every "
-    "max_nonfinite data_dir concepts init bpe clip_act".split()
+    "max_nonfinite data_dir concepts init bpe clip_act cache_dir".split()
 )
 
 

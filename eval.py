@@ -4,6 +4,7 @@
   python eval.py --ckpt runs/siglip/ckpt.pt runs/c2lip/ckpt.pt --json results.json
   python eval.py --ckpt ViT-B-16.pt runs/finetuned/ckpt.pt   # OpenAI's CLIP as released, beside a fine-tune
   python eval.py --ckpt A.pt B.pt --bench sugarcrepe --data-dir sugar-crepe/data --images coco/val2017
+  python eval.py --ckpt openai/ViT-B-16 A.pt --bench sugarcrepe sugarcrepe++ --download   # nothing by hand
   python eval.py --bench sugarcrepe++ --data-dir scpp/data --images coco/val2017
   python eval.py --bench zeroshot --data-dir imagenet/val --classnames imagenet_classes.txt
   python eval.py --bench zeroshot --zeroshot-set cifar10 --data-dir ~/data/cifar   # torchvision's files
@@ -17,7 +18,9 @@ SugarCrepe++, zero-shot, retrieval) are read and scored by benchmarks.py on thei
 metric is a pure function of scores (metrics.py) in which ties count against the model. A checkpoint is
 one of ours, OpenAI's CLIP release or an open_clip state dict (pretrained.load_weights), each evaluated
 with the tokenizer, image size and pixel normalisation it was trained with. `--show` draws, instead,
-where each phrase looks in an image: its pooling weights over the patches (pictures.py).
+where each phrase looks in an image: its pooling weights over the patches (pictures.py). `--download` fetches
+the official benchmark files into a cache folder first, and a released model can be named instead of a file
+(`openai/ViT-B-16`); both are download.py's.
 
 Departure: the paper reports the real benchmarks only; `--bench shapes` is the same protocol on a world
 where each category is generated exactly, with counts.
@@ -33,7 +36,7 @@ import benchmarks
 from data import image_to_tensor
 from devices import add_device_flag, pick_device
 from pictures import attention_maps, attention_picture, show_image
-from pretrained import add_weight_flags, load_model
+from pretrained import WEIGHT_NAMES, add_weight_flags, load_model
 from shapes import WORLDS, ShapesWorld
 from shapes_eval import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
 
@@ -42,7 +45,13 @@ BENCHES = ["shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
 
 def get_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", nargs="+", default=["runs/c2lip/ckpt.pt"], help="checkpoints to compare, a column each")
+    p.add_argument(
+        "--ckpt",
+        nargs="+",
+        default=["runs/c2lip/ckpt.pt"],
+        metavar="PATH_OR_NAME",
+        help=f"checkpoints to compare, a column each: our checkpoints, CLIP weights files, {WEIGHT_NAMES}",
+    )
     p.add_argument("--bench", nargs="+", default=["shapes"], choices=BENCHES, help="benchmarks to run, in one table")
     p.add_argument("--n", type=int, default=1000, help="held-out scenes in the shapes benchmark")
     p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the shapes benchmark")
@@ -53,6 +62,14 @@ def get_args(argv=None) -> argparse.Namespace:
         metavar="[BENCH=]DIR",
         help="the real benchmarks' data: one DIR for all, or BENCH=DIR each; sugarcrepe(++): the JSON "
         "files, zeroshot: the ImageFolder (or CIFAR) root, retrieval: the images' root",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the benchmarks' official files into --cache-dir first (once; checked), for each benchmark "
+        "given no --data-dir: sugarcrepe(++) their JSON files and COCO val2017 (1 GB), retrieval the Karpathy "
+        "COCO test split and COCO val2014 (6 GB), zeroshot CIFAR through torchvision (ImageNet cannot be "
+        "fetched: it needs a licence)",
     )
     p.add_argument(
         "--images", default=None, help="sugarcrepe, sugarcrepe++: the COCO val2017 folder (default DIR/val2017)"
@@ -107,23 +124,31 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error("--n must be at least 5 (R@5 needs five captions)")
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
-    if "retrieval" in args.bench and not args.ann:
+    if "retrieval" in args.bench and not args.ann and not args.download:
         p.error(f"--bench retrieval needs --ann FILE.\n{benchmarks.LAYOUT['retrieval']}")
     args.bench = list(dict.fromkeys(args.bench))
-    args.dirs = bench_dirs(args.data_dir, args.bench, p)
+    args.dirs = bench_dirs(args.data_dir, args.bench, p, args.download)
+    if args.download and "zeroshot" in args.bench and args.zeroshot_set == "imagefolder":
+        p.error(
+            "--download cannot fetch ImageNet (its images need a licence from image-net.org): give --data-dir, "
+            f"or --zeroshot-set cifar10 / cifar100.\n{benchmarks.LAYOUT['zeroshot']}"
+        )
     return args
 
 
-def bench_dirs(values: list[str], benches: list[str], parser) -> dict[str, str]:
-    """--data-dir values, 'DIR' (every benchmark) or 'BENCH=DIR' -> {bench: DIR} for the real benchmarks asked for."""
+def bench_dirs(values: list[str], benches: list[str], parser, download: bool = False) -> dict[str, str | None]:
+    """--data-dir values, 'DIR' (every benchmark) or 'BENCH=DIR' -> {bench: DIR} for the real benchmarks asked for;
+    None for a benchmark with no folder that --download fetches."""
     named = dict(v.split("=", 1) for v in values if v.split("=", 1)[0] in BENCHES)
     plain = [v for v in values if v.split("=", 1)[0] not in BENCHES]
     if len(plain) > 1:
         parser.error("--data-dir takes one plain DIR; name the others BENCH=DIR")
     dirs = {b: named.get(b, plain[0] if plain else None) for b in benches if b != "shapes"}
     for bench, folder in dirs.items():
-        if folder is None:
-            parser.error(f"--bench {bench} needs --data-dir DIR (or {bench}=DIR).\n{benchmarks.LAYOUT[bench]}")
+        if folder is None and not download:
+            parser.error(
+                f"--bench {bench} needs --data-dir DIR (or {bench}=DIR), or --download.\n{benchmarks.LAYOUT[bench]}"
+            )
     return dirs
 
 
@@ -136,7 +161,7 @@ def show_attention(args, device) -> str:
     """--show: the attention picture of every --ckpt (a row each) for --concepts, written to --out."""
     rows, titles, image = [], [], None
     for path in args.ckpt:
-        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act)
+        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act, args.cache_dir)
         tau, size = checkpoint_tau(args, ckpt), model.cfg.vision.image_size
         try:
             picture = show_image(args.show, size, args.bench_seed, checkpoint_world(ckpt))
@@ -152,15 +177,19 @@ def show_attention(args, device) -> str:
 
 
 def read_benchmarks(args) -> dict:
-    """Every real benchmark's files, read and checked before any model runs."""
+    """Every real benchmark's files (fetched first with --download), read and checked before any model runs."""
     data = {}
     for bench, folder in args.dirs.items():
+        images, ann = args.images, args.ann
+        if folder is None:  # --download and no --data-dir: the cache's copy, fetched now if it is not there
+            folder, images, ann = benchmarks.fetch_benchmark(bench, args)
+            args.dirs[bench] = folder  # recorded in --json
         if bench in ("sugarcrepe", "sugarcrepe++"):
-            data[bench] = benchmarks.load_sugarcrepe(folder, args.images or os.path.join(folder, "val2017"), bench)
+            data[bench] = benchmarks.load_sugarcrepe(folder, images or os.path.join(folder, "val2017"), bench)
         elif bench == "zeroshot":
             data[bench] = benchmarks.load_zeroshot(folder, args)
         elif bench == "retrieval":
-            data[bench] = benchmarks.load_retrieval(folder, args.ann)
+            data[bench] = benchmarks.load_retrieval(folder, ann)
     return data
 
 
@@ -190,7 +219,7 @@ def main(argv=None) -> dict | str:
     data = read_benchmarks(args)
     results, shapes, shapes_key = {}, None, None
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
-        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act)
+        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act, args.cache_dir)
         size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
         results[path] = {}
         for bench in args.bench:

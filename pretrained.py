@@ -4,7 +4,9 @@ The paper fine-tunes pretrained weights; none of OpenAI's or open_clip's code ru
 are renamed onto model.py's modules (`convert_openai_state_dict`, the config read off the shapes),
 OpenAI's TorchScript release is read without executing it (`read_torchscript_state_dict`), and
 `load_weights` turns any supported file into a checkpoint in this repository's format: {"config",
-"model", "tokenizer"}, with the tokenizer the weights were trained with (released_tokenizers.py).
+"model", "tokenizer"}, with the tokenizer the weights were trained with (released_tokenizers.py). A release
+can be named instead of a file (`openai/ViT-B-16`, the names of download.WEIGHTS): it is downloaded once
+into a cache folder and checked there (download.py), as is CLIP's BPE vocabulary when none is at hand.
 
 Departures: the paper starts from SigLIP ViT-B/16; the released weights this file can read are OpenAI's
 CLIP ViT-B/16 (and open_clip models of the same architecture). OpenAI's CLIP has no logit bias, which
@@ -25,8 +27,9 @@ from dataclasses import asdict
 
 import torch
 
+from download import WEIGHTS, add_cache_flag, fetch, resolve_weights
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from released_tokenizers import BPETokenizer, tokenizer_from_state_dict
+from released_tokenizers import BPETokenizer, find_bpe_vocab, tokenizer_from_state_dict
 
 # applied as x @ proj. Every bias and LayerNorm has a counterpart; the patch convolution has no bias there
 # either. So the conversion is a rename plus a check that nothing is missing or left over.
@@ -239,13 +242,27 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     return dict(walk(top, ""))
 
 
-def load_weights(path: str, bpe: str | None = None, activation: str = "quick_gelu") -> dict:
+def clip_bpe(bpe: str | None = None, cache: str | None = None) -> str:
+    """CLIP's BPE vocabulary: --bpe as given; else the copy inside an installed open_clip_torch; else OpenAI's
+    file, downloaded once into the cache (download.py)."""
+    if bpe is not None:
+        return bpe
+    try:
+        return find_bpe_vocab(None)
+    except FileNotFoundError:
+        return fetch("openai/bpe_simple_vocab_16e6", cache)
+
+
+def load_weights(path: str, bpe: str | None = None, activation: str = "quick_gelu", cache: str | None = None) -> dict:
     """A checkpoint in our format ({"config", "model", "tokenizer", ...}) from any of:
       - a checkpoint of ours, returned as it is;
       - OpenAI's CLIP release, a TorchScript archive, read without running its code (read_torchscript_state_dict);
       - an open_clip state dict of the same architecture (torch.save; under "state_dict" in open_clip's
-        training checkpoints). CLIP weights get CLIP's BPE tokenizer, read from `bpe`.
+        training checkpoints). CLIP weights get CLIP's BPE tokenizer, read from `bpe` (clip_bpe).
+    `path` may also be a name of download.WEIGHTS ("openai/ViT-B-16"): the release, fetched once into the
+    cache folder `cache` and checked (DownloadError when that fails).
     torch.load runs with weights_only=True: a downloaded file may hold tensors and plain data, not code."""
+    name, path = path, resolve_weights(path, cache)
     if not os.path.isfile(path):
         raise ValueError("not a file")
     if is_torchscript(path):
@@ -261,8 +278,8 @@ def load_weights(path: str, bpe: str | None = None, activation: str = "quick_gel
             return state
         state = state.get("state_dict", state)
     cfg, state = convert_openai_state_dict(state, activation)
-    tokenizer = BPETokenizer.from_file(bpe, cfg.text.context_length)
-    return {"config": asdict(cfg), "model": state, "tokenizer": tokenizer.state_dict(), "converted_from": path}
+    tokenizer = BPETokenizer.from_file(clip_bpe(bpe, cache), cfg.text.context_length)
+    return {"config": asdict(cfg), "model": state, "tokenizer": tokenizer.state_dict(), "converted_from": name}
 
 
 @torch.no_grad()
@@ -290,7 +307,8 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH",
         help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for CLIP weights (default: the copy "
-        "inside an installed open_clip_torch; our checkpoints carry their tokenizer)",
+        "inside an installed open_clip_torch, else OpenAI's file downloaded once into --cache-dir; our "
+        "checkpoints carry their tokenizer)",
     )
     parser.add_argument(
         "--clip-act",
@@ -299,21 +317,29 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
         help="activation of CLIP weights, which their shapes cannot tell: quick_gelu for OpenAI's "
         "(and open_clip's *-quickgelu) models, gelu for open_clip's own ViT-B-16 trainings",
     )
+    add_cache_flag(parser)
 
 
-def load_model(path: str, device: torch.device, bpe: str | None = None, activation: str = "quick_gelu"):
-    """(model in eval mode, its tokenizer, the checkpoint in our format) of any file load_weights reads;
-    exits with a message the user can act on when the file is missing or not weights this model can hold."""
-    if not os.path.exists(path):
+# for --init / --ckpt help: the names download.py can fetch
+WEIGHT_NAMES = f"or a released model by name, downloaded once and checked: {', '.join(WEIGHTS)}"
+
+
+def load_model(
+    path: str, device: torch.device, bpe: str | None = None, activation: str = "quick_gelu", cache: str | None = None
+):
+    """(model in eval mode, its tokenizer, the checkpoint in our format) of any file load_weights reads, or of a
+    name of download.WEIGHTS; exits with a message the user can act on when the file is missing, cannot be
+    downloaded or is not weights this model can hold."""
+    if not os.path.exists(path) and path not in WEIGHTS:
         sys.exit(
             f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
-            " (or pass CLIP weights, e.g. OpenAI's ViT-B-16.pt)"
+            f" (or pass CLIP weights, e.g. OpenAI's ViT-B-16.pt, or a name: {', '.join(WEIGHTS)})"
         )
     try:
-        ckpt = load_weights(path, bpe, activation)
+        ckpt = load_weights(path, bpe, activation, cache)
         model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no vocabulary; other weights
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no vocabulary; other weights; offline
         sys.exit(f"error: {path}: {err}")
     if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
         sys.exit(f"error: {path}: the weights hold NaN or inf values (a diverged run?); refusing to score them")

@@ -5,7 +5,7 @@
   python train.py --steps 20 --batch-size 16 --out /tmp/run   # a smoke test in seconds
   python train.py --data cc3m --data-dir /data/cc3m --caption-key shortLLA_captions --concept-key nounphrases \\
       --model B/16 --epochs 5 --workers 8             # the paper's data and captions, from scratch
-  torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init ViT-B-16.pt \\
+  torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init openai/ViT-B-16 \\
       --method c2lip --lr 1e-5 --batch-size 96 --epochs 5   # fine-tune CLIP on 8 GPUs
 
 Paper map (Section 3 and "Training setup" in docs/paper.md):
@@ -20,8 +20,9 @@ AdamW with betas (0.9, 0.98), eps 1e-6, no weight decay on biases, norms, or the
 
 Departures: the paper fine-tunes pretrained SigLIP on CC3M for 5 epochs at lr 1e-5; the defaults here
 train a tiny model from scratch on the shapes world (lr 5e-4). `--init` starts from pretrained weights
-instead: OpenAI's CLIP release, an open_clip state dict of the same architecture, or a checkpoint of ours
-(the model, its tokenizer and its pixel normalisation come from the file; --model is then unused).
+instead: OpenAI's CLIP release (a file, or the name openai/ViT-B-16: downloaded once by download.py), an
+open_clip state dict of the same architecture, or a checkpoint of ours (the model, its tokenizer and its
+pixel normalisation come from the file; --model is then unused).
 OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` and `--concept-logits own` are off by default.
@@ -57,10 +58,11 @@ from checkpoint import (
 )
 from data import Collate, WordTokenizer, train_transform
 from devices import add_device_flag, autocast_dtype, device_problem, log0, setup
+from download import WEIGHTS, DownloadError
 from model import CLIP, PRESETS, CLIPConfig
 from objective import METHODS, Objective, loss_terms
 from pictures import plot_losses
-from pretrained import add_weight_flags, balanced_bias, load_weights
+from pretrained import WEIGHT_NAMES, add_weight_flags, balanced_bias, load_weights
 from released_tokenizers import tokenizer_from_state_dict
 from shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
 from webdata import (
@@ -99,7 +101,8 @@ def get_parser() -> argparse.ArgumentParser:
     loss("--concept-logits", default="shared", choices=["shared", "own"], help=logits)
     model = p.add_argument_group("model").add_argument
     model("--model", default="tiny", choices=list(PRESETS), help="size preset (model.py) when training from scratch")
-    model("--init", metavar="PATH", help="start from OpenAI's ViT-B-16.pt, an open_clip state dict or our checkpoint")
+    init = f"start from OpenAI's ViT-B-16.pt, an open_clip state dict or our checkpoint, {WEIGHT_NAMES}"
+    model("--init", metavar="PATH_OR_NAME", help=init)
     add_weight_flags(p)
     model(
         "--init-bias", default="auto", help="logit bias for --init weights without one: auto (first batch) or a number"
@@ -148,8 +151,9 @@ def get_args(argv=None) -> argparse.Namespace:
             p.error(f"--init-bias must be 'auto' or a number, not {args.init_bias!r}")
     if args.bpe and not args.init:
         p.error("--bpe only applies with --init (training from scratch uses the word tokenizer)")
-    if args.init and not os.path.exists(args.init):
-        p.error(f"--init {args.init}: no such file. OpenAI's ViT-B/16 release is ViT-B-16.pt (see docs/pretrained.md)")
+    if args.init and not os.path.exists(args.init) and args.init not in WEIGHTS:
+        names = ", ".join(WEIGHTS)
+        p.error(f"--init {args.init}: no such file, and not one of the names {names} (see docs/pretrained.md)")
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     if message := device_problem(args.device):
@@ -238,7 +242,10 @@ def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) ->
             log0(f"resuming {args.out}: --init {args.init} is not read again")
         return CLIPConfig.from_dict(resume["config"]), tokenizer_from_state_dict(resume["tokenizer"]), None
     if args.init:
-        ckpt = load_weights(args.init, args.bpe, args.clip_act)
+        try:
+            ckpt = load_weights(args.init, args.bpe, args.clip_act, args.cache_dir)
+        except DownloadError as err:
+            sys.exit(f"error: --init {args.init}: {err}")
         cfg = replace(CLIPConfig.from_dict(ckpt["config"]), concept_logits=args.concept_logits == "own")
         return cfg, tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt["model"]
     cfg = PRESETS[args.model]

@@ -1,0 +1,288 @@
+"""download.py against a local HTTP server that the tests start on the loopback address (no internet): a fetch
+with its bar, a cache hit that makes no request, a digest mismatch refused, an interrupted transfer resumed
+with Range, the offline message, zip extraction; then a named weights file through pretrained.load_model and
+eval.py --download on SugarCrepe's and SugarCrepe++'s formats."""
+
+import hashlib
+import http.server
+import io
+import os
+import socket
+import threading
+import zipfile
+
+import pytest
+import torch
+import torchvision
+
+import download
+import eval as evaluate
+import pretrained
+import train
+from download import DownloadError, Remote
+from fixtures import (
+    SUGARCREPE_FILES,
+    SUGARCREPE_PP_FILES,
+    write_checkpoint,
+    write_karpathy,
+    write_sugarcrepe,
+    write_sugarcrepe_pp,
+)
+
+CPU = torch.device("cpu")
+FAST = ["--workers", "0", "--batch-size", "4"]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """GET of server.files[path]; honours "Range: bytes=N-" when server.ranges; cuts the body of a path in
+    server.cut after that many bytes, once (the connection closes mid-body)."""
+
+    timeout = 10  # a stuck client cannot hold a handler thread for longer
+
+    def do_GET(self):
+        server = self.server
+        server.log.append((self.path, self.headers.get("Range")))
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        start, header = 0, self.headers.get("Range")
+        if header and server.ranges:
+            start = int(header.removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = server.cut.pop(self.path, None)
+        self.wfile.write(body[start:] if cut is None else body[start:cut])
+        self.close_connection = cut is not None
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    """A server on 127.0.0.1 (a free port) in a thread, stopped when the test ends."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.files, httpd.log, httpd.cut, httpd.ranges = {}, [], {}, True
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def serve(server, monkeypatch, name: str, body: bytes, pinned: bool = True, url_path: str | None = None) -> bytes:
+    """Serve `body` and point the registry entry `name` at it (with its true digest when `pinned`)."""
+    url_path = url_path or "/" + os.path.basename(name if "." in os.path.basename(name) else name + ".pt")
+    server.files[url_path] = body
+    remote = Remote(server.url + url_path, hashlib.sha256(body).hexdigest() if pinned else None, "test")
+    monkeypatch.setitem(download.FILES, name, remote)
+    if name in download.WEIGHTS:
+        monkeypatch.setitem(download.WEIGHTS, name, remote)
+    return body
+
+
+def payload(n: int = 300_000) -> bytes:
+    return bytes(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8).tolist())
+
+
+def test_fetch_writes_the_file_and_draws_a_bar_with_sizes(server, monkeypatch, tmp_path, capsys):
+    body = serve(server, monkeypatch, "test/blob.bin", payload())
+    path = download.fetch("test/blob.bin", str(tmp_path))
+    assert path == str(tmp_path / "test" / "blob.bin") and open(path, "rb").read() == body
+    assert not os.path.exists(path + ".part")
+    bar = capsys.readouterr().err
+    assert "blob.bin" in bar and "100%" in bar and "293k" in bar  # 300,000 bytes in KiB
+
+
+def test_cache_hit_makes_no_request_and_is_checked(server, monkeypatch, tmp_path):
+    serve(server, monkeypatch, "test/pinned.bin", payload())
+    serve(server, monkeypatch, "test/tofu.bin", payload(1000), pinned=False)
+    for name in ("test/pinned.bin", "test/tofu.bin"):
+        first = download.fetch(name, str(tmp_path))
+        assert download.fetch(name, str(tmp_path)) == first
+    assert len(server.log) == 2  # one request per file, none for the cache hits
+    # trust on first use: the digest is recorded, and a file changed later is refused without a request
+    tofu = str(tmp_path / "test" / "tofu.bin")
+    assert open(tofu + ".sha256").read().split()[0] == hashlib.sha256(payload(1000)).hexdigest()
+    for path, name in ((tofu, "test/tofu.bin"), (str(tmp_path / "test" / "pinned.bin"), "test/pinned.bin")):
+        with open(path, "r+b") as f:
+            f.write(b"x")
+        with pytest.raises(DownloadError, match="changed on disk"):
+            download.fetch(name, str(tmp_path))
+    assert len(server.log) == 2
+
+
+def test_checksum_mismatch_is_refused_and_leaves_nothing(server, monkeypatch, tmp_path):
+    server.files["/weights.pt"] = b"not the release" * 1000
+    monkeypatch.setitem(download.FILES, "test/weights", Remote(server.url + "/weights.pt", "0" * 64, "test"))
+    with pytest.raises(DownloadError, match="expected 0000") as err:
+        download.fetch("test/weights", str(tmp_path))
+    assert "refused" in str(err.value) and "\n" not in str(err.value)
+    assert os.listdir(tmp_path / "test") == ["weights.pt.lock"]  # no file, no .part
+
+
+def test_interrupted_transfer_leaves_no_whole_file_then_resumes_with_range(server, monkeypatch, tmp_path):
+    body = serve(server, monkeypatch, "test/big.bin", payload())
+    server.cut["/big.bin"] = 100_000
+    path = str(tmp_path / "test" / "big.bin")
+    with pytest.raises(DownloadError, match="closed after 100000 of 300000 bytes; run again to resume"):
+        download.fetch("test/big.bin", str(tmp_path))
+    assert not os.path.exists(path) and os.path.getsize(path + ".part") == 100_000
+    assert download.fetch("test/big.bin", str(tmp_path)) == path and open(path, "rb").read() == body
+    assert server.log == [("/big.bin", None), ("/big.bin", "bytes=100000-")] and not os.path.exists(path + ".part")
+
+
+def test_a_server_that_ignores_range_restarts_from_zero(server, monkeypatch, tmp_path):
+    body = serve(server, monkeypatch, "test/big.bin", payload())
+    server.ranges = False
+    os.makedirs(tmp_path / "test")
+    open(tmp_path / "test" / "big.bin.part", "wb").write(b"stale bytes of another try")
+    path = download.fetch("test/big.bin", str(tmp_path))
+    assert open(path, "rb").read() == body and server.log[0][1] == "bytes=26-"
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/ViT-B-16.pt"
+
+
+def test_offline_is_one_line_naming_the_url_the_cache_path_and_the_manual_step(monkeypatch, tmp_path):
+    url = closed_port_url()
+    monkeypatch.setitem(download.FILES, "test/offline", Remote(url, None, "test"))
+    with pytest.raises(DownloadError) as err:
+        download.fetch("test/offline", str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and url in message and "by hand" in message
+    assert str(tmp_path / "test" / "ViT-B-16.pt") in message
+
+
+def test_cache_folder_flag_then_environment_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv(download.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert download.cache_dir() == str(tmp_path / "xdg" / "c2lip")
+    monkeypatch.setenv(download.CACHE_ENV, str(tmp_path / "env"))
+    assert download.cache_dir() == str(tmp_path / "env")
+    assert download.cache_dir(str(tmp_path / "flag")) == str(tmp_path / "flag")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.delenv(download.CACHE_ENV)
+    assert download.cache_dir() == os.path.expanduser("~/.cache/c2lip")
+
+
+def zipped(folder: str, arcroot: str) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for name in sorted(os.listdir(folder)):
+            z.write(os.path.join(folder, name), f"{arcroot}/{name}")
+    return out.getvalue()
+
+
+def test_zip_is_extracted_once_and_marked_when_complete(server, monkeypatch, tmp_path):
+    os.makedirs(tmp_path / "src")
+    open(tmp_path / "src" / "a.jpg", "wb").write(b"jpeg bytes")
+    serve(server, monkeypatch, "coco/val2017.zip", zipped(str(tmp_path / "src"), "val2017"), pinned=False)
+    root = download.fetch_zip("coco/val2017.zip", str(tmp_path / "cache"))
+    assert root == str(tmp_path / "cache" / "coco") and open(os.path.join(root, "val2017", "a.jpg"), "rb").read()
+    assert os.path.exists(os.path.join(root, "val2017.zip.extracted"))
+    os.remove(os.path.join(root, "val2017", "a.jpg"))  # a finished extraction is not redone
+    assert download.fetch_zip("coco/val2017.zip", str(tmp_path / "cache")) == root and len(server.log) == 1
+    assert not os.path.exists(os.path.join(root, "val2017", "a.jpg"))
+
+
+# ----------------------------------------------------------------------------- named weights, --download
+
+
+def test_named_weights_resolve_through_load_model(server, monkeypatch, tmp_path, capsys):
+    """--ckpt openai/ViT-B-16 and --init openai/ViT-B-16: the registry entry (pointed at the local server)
+    is downloaded once, checked, and loaded as the file itself would be."""
+    ckpt = write_checkpoint(str(tmp_path / "src" / "ckpt.pt"))
+    serve(server, monkeypatch, "openai/ViT-B-16", open(ckpt, "rb").read())
+    cache = str(tmp_path / "cache")
+    model, tokenizer, state = pretrained.load_model("openai/ViT-B-16", CPU, cache=cache)
+    reference, _, _ = pretrained.load_model(ckpt, CPU)
+    assert all(a.equal(b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert os.path.exists(os.path.join(cache, "openai", "ViT-B-16.pt"))
+    pretrained.load_model("openai/ViT-B-16", CPU, cache=cache)
+    assert len(server.log) == 1
+    assert train.get_args(["--init", "openai/ViT-B-16"]).init == "openai/ViT-B-16"
+    with pytest.raises(SystemExit):
+        evaluate.get_args(["--help"])
+    assert "openai/ViT-B-16" in capsys.readouterr().out  # listed in --help
+    # offline, with nothing cached: one line, no traceback
+    monkeypatch.setitem(download.WEIGHTS, "openai/ViT-B-16", Remote(closed_port_url(), None, "test"))
+    monkeypatch.setitem(download.FILES, "openai/ViT-B-16", download.WEIGHTS["openai/ViT-B-16"])
+    with pytest.raises(SystemExit) as err:
+        pretrained.load_model("openai/ViT-B-16", CPU, cache=str(tmp_path / "empty"))
+    assert str(err.value.code).startswith("error: openai/ViT-B-16: could not reach http://127.0.0.1:")
+    assert "\n" not in str(err.value.code)
+
+
+def test_clip_bpe_is_fetched_when_neither_given_nor_installed(server, monkeypatch, tmp_path):
+    def not_installed(path):
+        raise FileNotFoundError("no open_clip")
+
+    monkeypatch.setattr(pretrained, "find_bpe_vocab", not_installed)
+    body = serve(server, monkeypatch, "openai/bpe_simple_vocab_16e6", b"#version: 0.2\nl o\n", url_path="/bpe.txt.gz")
+    path = pretrained.clip_bpe(None, str(tmp_path))
+    assert path == str(tmp_path / "openai" / "bpe.txt.gz") and open(path, "rb").read() == body
+    assert pretrained.clip_bpe("mine.txt.gz", str(tmp_path)) == "mine.txt.gz" and len(server.log) == 1
+
+
+def test_eval_download_fetches_sugarcrepe_and_coco_then_scores_as_from_folders(server, monkeypatch, tmp_path):
+    """eval.py --bench sugarcrepe sugarcrepe++ --download with the registry pointed at fixture files in the
+    official formats: the same scores as reading the folders, and a second run makes no request."""
+    sc, scpp = write_sugarcrepe(str(tmp_path / "sc")), write_sugarcrepe_pp(str(tmp_path / "scpp"))
+    for name in SUGARCREPE_FILES:
+        serve(server, monkeypatch, f"sugarcrepe/{name}.json", open(f"{sc}/{name}.json", "rb").read(), pinned=False)
+    for name in SUGARCREPE_PP_FILES:
+        body = open(f"{scpp}/{name}.json", "rb").read()
+        serve(server, monkeypatch, f"sugarcrepe++/{name}.json", body, pinned=False, url_path=f"/pp/{name}.json")
+    serve(server, monkeypatch, "coco/val2017.zip", zipped(f"{sc}/val2017", "val2017"), pinned=False)
+    ckpt = write_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    cache = str(tmp_path / "cache")
+    argv = ["--ckpt", ckpt, "--bench", "sugarcrepe", "sugarcrepe++", *FAST]
+    fetched = evaluate.main([*argv, "--download", "--cache-dir", cache])[ckpt]
+    assert len(server.log) == 7 + 5 + 1
+    local = evaluate.main(
+        [*argv, "--data-dir", f"sugarcrepe={sc}", f"sugarcrepe++={scpp}", "--images", f"{sc}/val2017"]
+    )
+    assert fetched == local[ckpt] and fetched["sugarcrepe/mean"]["count"] == 28
+    assert evaluate.main([*argv, "--download", "--cache-dir", cache])[ckpt] == fetched and len(server.log) == 13
+
+
+def test_eval_download_fetches_the_karpathy_split_and_coco_val2014(server, monkeypatch, tmp_path):
+    ann = write_karpathy(str(tmp_path / "coco"))
+    serve(server, monkeypatch, "coco/coco_karpathy_test.json", open(ann, "rb").read(), pinned=False)
+    serve(server, monkeypatch, "coco/val2014.zip", zipped(str(tmp_path / "coco" / "val2014"), "val2014"), pinned=False)
+    ckpt = write_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    argv = ["--ckpt", ckpt, "--bench", "retrieval", *FAST]
+    fetched = evaluate.main([*argv, "--download", "--cache-dir", str(tmp_path / "cache")])[ckpt]
+    local = evaluate.main([*argv, "--data-dir", str(tmp_path / "coco"), "--ann", ann])[ckpt]
+    assert fetched == local and fetched["retrieval/t2i-R@1"]["count"] == 6 and len(server.log) == 2
+
+
+def test_eval_download_refuses_imagenet_and_hands_cifar_to_torchvision(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.get_args(["--bench", "zeroshot", "--download"])
+    assert "licence" in capsys.readouterr().err
+    calls = []
+
+    def offline_cifar(root, train, download):
+        calls.append((root, train, download))
+        raise OSError("<urlopen error [Errno 111] Connection refused>")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline_cifar)
+    argv = ["--ckpt", "unused.pt", "--bench", "zeroshot", "--zeroshot-set", "cifar10", "--download"]
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([*argv, "--cache-dir", str(tmp_path)])
+    assert calls == [(str(tmp_path / "cifar"), False, True)] and "Connection refused" in str(err.value.code)
