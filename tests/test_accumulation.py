@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import train
 from data import Collate, WordTokenizer
+from fixtures import write_cc3m
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from objective import Objective, accumulated_step, loss_terms, objective_loss
 from shapes import ShapesDataset, ShapesWorld
@@ -218,3 +219,10 @@ def test_train_with_two_micro_batches_equals_batches_of_eight_and_resumes(tmp_pa
     for k, v in straight["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, atol=1e-6, rtol=1e-5, msg=k)
     assert [json.loads(line)["step"] for line in open(tmp_path / "c" / "log.jsonl")] == [1, 2]
+
+
+def test_an_epoch_of_shards_counts_steps_of_micro_batches(tmp_path):
+    shards = write_cc3m(str(tmp_path / "cc3m"))
+    argv = ["--data", "cc3m", "--data-dir", shards, "--epochs", "1", "--batch-size", "2", "--accum-freq", "2"]
+    state = torch.load(train.main([*argv, "--out", str(tmp_path / "run"), *FAST]), weights_only=False)
+    assert state["step"] == 3  # ceil(9 samples (5 by _stats.json + 4 counted) / (2 micro-batches of 2))
