@@ -7,6 +7,7 @@
       --model B/16 --epochs 5 --workers 8             # the paper's data and captions, from scratch
   torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init openai/ViT-B-16 \\
       --method c2lip --lr 1e-5 --batch-size 96 --epochs 5   # fine-tune CLIP on 8 GPUs
+  torchrun --nproc_per_node 2 train.py ... --batch-size 96 --accum-freq 4   # the same 768-image batch on 2 GPUs
 
 Paper map (Section 3 and "Training setup" in docs/paper.md):
   --method c2lip   L = L_sig + 1.0 * L_npc + 0.01 * L_xac   (--concept-weight, --pool-weight, --tau)
@@ -16,7 +17,8 @@ Paper map (Section 3 and "Training setup" in docs/paper.md):
                    score below (negatives.py; the NegCLIP-style baseline, in SigLIP's form)
 AdamW with betas (0.9, 0.98), eps 1e-6, no weight decay on biases, norms, or the logit scale and bias
 (`param_groups`); linear warm-up then cosine decay (`lr_factor`); bf16 autocast on CUDA. Under torchrun,
---batch-size is per GPU and the losses see the global batch (objective.py).
+--batch-size is per GPU and the losses see the global batch (objective.py). --accum-freq K makes a step's batch K
+micro-batches of --batch-size, with the loss and gradient of the whole batch (objective.accumulated_step).
 
 Departures: the paper fine-tunes pretrained SigLIP on CC3M for 5 epochs at lr 1e-5; the defaults here
 train a tiny model from scratch on the shapes world (lr 5e-4). `--init` starts from pretrained weights
@@ -60,7 +62,7 @@ from data import Collate, WordTokenizer, train_transform
 from devices import add_device_flag, autocast_dtype, device_problem, log0, setup
 from download import WEIGHTS, DownloadError
 from model import CLIP, PRESETS, CLIPConfig
-from objective import METHODS, Objective, loss_terms
+from objective import METHODS, Objective, accumulated_step, loss_terms
 from pictures import plot_losses
 from pretrained import WEIGHT_NAMES, add_weight_flags, balanced_bias, load_weights
 from released_tokenizers import tokenizer_from_state_dict
@@ -109,7 +111,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     opt = p.add_argument_group("optimizer").add_argument
     opt("--steps", type=int, help="optimizer steps in total, default 600 (a resumed run continues to this)")
-    opt("--batch-size", type=int, default=128, help="images per step (per GPU under torchrun)")
+    opt("--batch-size", type=int, default=128, help="images per micro-batch (per GPU under torchrun), see --accum-freq")
+    accum = "micro-batches per step, embedded one at a time, with the loss and gradient of the whole batch"
+    opt("--accum-freq", type=int, default=1, metavar="K", help=accum + " (every negative kept; 2 forwards each)")
     opt("--lr", type=float, default=5e-4, help="peak learning rate")
     opt("--logit-lr", type=float, help="learning rate of the logit scale and bias (default: --lr)")
     opt("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
@@ -164,7 +168,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def check_numbers(p: argparse.ArgumentParser, args) -> None:
     """Every numeric flag within its range, or an argparse error naming it."""
-    for name in ("steps", "batch_size", "ckpt_every", "log_every", "vocab_size"):
+    for name in ("steps", "batch_size", "accum_freq", "ckpt_every", "log_every", "vocab_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("lr", "tau"):
@@ -264,18 +268,23 @@ def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) ->
 
 def batches(args, cfg: CLIPConfig, tokenizer, start: int, rank: int, world_size: int, shards, device):
     """(the dataset, an iterable of batches from step `start` on). --batch-size is per rank, and each rank
-    reads its own scenes or shards; hard negatives (negclip) are made in the DataLoader workers."""
+    reads its own scenes or shards; hard negatives (negclip) are made in the DataLoader workers. With
+    --accum-freq K these are micro-batches, K per step."""
     size, normalise = cfg.vision.image_size, cfg.vision.normalise
     collate = Collate(tokenizer, negatives=args.method == "negclip")
     # page-locked batches make the copy to the GPU asynchronous (non_blocking); workers leave signals to us
     loading = dict(collate_fn=collate, num_workers=args.workers, pin_memory=device.type == "cuda")
     loading |= dict(worker_init_fn=ignore_signals)
     if args.data == "shapes":  # an endless stream of fresh scenes, resumable at any step (shapes.StepBatches)
+        # The sampler counts micro-batches: step s reads numbers sK ... sK + K - 1, so a resumed run replays
+        # them, and the step sees the scenes a batch of K x --batch-size would hold.
+        K = args.accum_freq
         dataset = ShapesDataset(
-            shapes_world(args, size), args.seed, "train", args.steps * args.batch_size * world_size, normalise
+            shapes_world(args, size), args.seed, "train", args.steps * K * args.batch_size * world_size, normalise
         )
-        sampler = StepBatches(args.batch_size, start, args.steps, rank, world_size)
+        sampler = StepBatches(args.batch_size, start * K, args.steps * K, rank, world_size)
         return dataset, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loading)
+    # Shards: an epoch is steps_per_epoch steps of K micro-batches each (webdata.shard_plan)
     dataset = WebDataset(
         shards.paths,
         train_transform(size, normalise),
@@ -345,7 +354,11 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
         truncate_log(log_path, start)  # the steps after the checkpoint are replayed: logged once, not twice
 
     # ---- data, tokenizer, model
-    shards = shard_plan(args.data_dir, args.out, args.batch_size * world_size) if args.data != "shapes" else None
+    shards = (
+        shard_plan(args.data_dir, args.out, args.batch_size * world_size * args.accum_freq)
+        if args.data != "shapes"
+        else None
+    )
     if shards and args.epochs is not None:
         args.steps = max(1, round(args.epochs * shards.steps_per_epoch))
     cfg, tokenizer, init = config_and_tokenizer(args, resume, shards)
@@ -389,15 +402,20 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
     model.train()
     bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
     t0, nonfinite = time.time(), 0
+    # a step's K micro-batches, drawn K at a time from the one stream (zip of K references to one iterator)
+    steps = zip(*[stream] * args.accum_freq)
     with open(log_path if rank == 0 else os.devnull, "a") as log:
-        for step, batch in zip(range(start, args.steps), stream):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for step, micro_batches in zip(range(start, args.steps), steps):
+            micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, args.steps, args.warmup)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss, terms = loss_terms(net, batch, objective)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if args.accum_freq == 1:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss, terms = loss_terms(net, micro_batches[0], objective)
+                loss.backward()
+            else:  # the loss of the K micro-batches together; leaves its gradient in .grad
+                loss, terms = accumulated_step(net, micro_batches, objective, dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
             # A non-finite loss or gradient must never reach the weights. Checking it waits for the device
             # once per step, as AMP's GradScaler does for the same reason.
