@@ -136,7 +136,7 @@ def show_attention(args, device) -> str:
     """--show: the attention picture of every --ckpt (a row each) for --concepts, written to --out."""
     rows, titles, image = [], [], None
     for path in args.ckpt:
-        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act)
+        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act, args.spm)
         tau, size = checkpoint_tau(args, ckpt), model.cfg.vision.image_size
         try:
             picture = show_image(args.show, size, args.bench_seed, checkpoint_world(ckpt))
@@ -190,7 +190,7 @@ def main(argv=None) -> dict | str:
     data = read_benchmarks(args)
     results, shapes, shapes_key = {}, None, None
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
-        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act)
+        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act, args.spm)
         size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
         results[path] = {}
         for bench in args.bench:

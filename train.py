@@ -5,8 +5,9 @@
   python train.py --steps 20 --batch-size 16 --out /tmp/run   # a smoke test in seconds
   python train.py --data cc3m --data-dir /data/cc3m --caption-key shortLLA_captions --concept-key nounphrases \\
       --model B/16 --epochs 5 --workers 8             # the paper's data and captions, from scratch
-  torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init ViT-B-16.pt \\
-      --method c2lip --lr 1e-5 --batch-size 96 --epochs 5   # fine-tune CLIP on 8 GPUs
+  torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init open_clip_model.safetensors \\
+      --caption-key shortLLA_captions --concept-key nounphrases --lr 1e-5 --batch-size 96 --epochs 5
+                                                   # the paper's recipe: SigLIP B/16 on 8 GPUs (docs/pretrained.md)
 
 Paper map (Section 3 and "Training setup" in docs/paper.md):
   --method c2lip   L = L_sig + 1.0 * L_npc + 0.01 * L_xac   (--concept-weight, --pool-weight, --tau)
@@ -20,9 +21,10 @@ AdamW with betas (0.9, 0.98), eps 1e-6, no weight decay on biases, norms, or the
 
 Departures: the paper fine-tunes pretrained SigLIP on CC3M for 5 epochs at lr 1e-5; the defaults here
 train a tiny model from scratch on the shapes world (lr 5e-4). `--init` starts from pretrained weights
-instead: OpenAI's CLIP release, an open_clip state dict of the same architecture, or a checkpoint of ours
-(the model, its tokenizer and its pixel normalisation come from the file; --model is then unused).
-OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
+instead: SigLIP ViT-B/16 as open_clip releases it (the paper's), OpenAI's CLIP release or an open_clip CLIP
+state dict, or a checkpoint of ours (the model, its tokenizer and its preprocessing come from the file;
+--model is then unused). OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first
+batch (`--init-bias`). The paper warms up for 50 steps (`--warmup 50`); the default is 5% of the run.
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` and `--concept-logits own` are off by default.
 Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
@@ -120,8 +122,9 @@ def get_parser() -> argparse.ArgumentParser:
         "--init",
         default=None,
         metavar="PATH",
-        help="start from these weights: OpenAI's CLIP release (ViT-B-16.pt), an open_clip state dict, "
-        "or a checkpoint of ours; the model shape, tokenizer and normalisation come from the file",
+        help="start from these weights: OpenAI's CLIP release (ViT-B-16.pt), an open_clip state dict of a CLIP "
+        "ViT or of SigLIP (ViT-B-16-SigLIP's .bin or .safetensors), or a checkpoint of ours; the model shape, "
+        "tokenizer and preprocessing come from the file",
     )
     add_weight_flags(p)
     p.add_argument(
@@ -140,7 +143,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--logit-lr", type=float, default=None, help="learning rate of logit scale and bias (default: --lr)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up length as a fraction of --steps")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=0.05,
+        help="warm-up length: a fraction of --steps if below 1, else a number of steps (the paper: 50)",
+    )
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and of the training scenes")
     add_device_flag(p)
@@ -204,10 +212,18 @@ def get_args(argv=None) -> argparse.Namespace:
             float(args.init_bias)
         except ValueError:
             p.error(f"--init-bias must be 'auto' or a number, not {args.init_bias!r}")
-    if args.bpe and not args.init:
-        p.error("--bpe only applies with --init (training from scratch uses the word tokenizer)")
+    if (args.bpe or args.spm) and not args.init:
+        p.error("--bpe and --spm only apply with --init (training from scratch uses the word tokenizer)")
+    if PRESETS[args.model].text.pooling == "last" and not args.init:
+        p.error(
+            f"--model {args.model} is SigLIP's shape, for --init weights: its text is read at the last of a full "
+            "context, which the word tokenizer does not fill"
+        )
     if args.init and not os.path.exists(args.init):
-        p.error(f"--init {args.init}: no such file. OpenAI's ViT-B/16 release is ViT-B-16.pt (see docs/pretrained.md)")
+        p.error(
+            f"--init {args.init}: no such file. OpenAI's ViT-B/16 release is ViT-B-16.pt, SigLIP's "
+            "open_clip_model.safetensors (see docs/pretrained.md)"
+        )
     args.out = args.out or os.path.join("runs", args.method)
     return args
 
@@ -217,8 +233,9 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
     """The learning rate of step `step` (0-based) as a fraction of the peak: a linear warm-up over the first
-    `warmup` fraction of the steps (at least one step), then a cosine decay to 0 at `steps`."""
-    warmup_steps = max(1, round(warmup * steps))
+    `warmup` fraction of the steps (`warmup` steps if it is 1 or more; at least one step), then a cosine
+    decay to 0 at `steps`."""
+    warmup_steps = max(1, round(warmup * steps if warmup < 1 else warmup))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
@@ -274,7 +291,7 @@ def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) ->
             log0(f"resuming {args.out}: --init {args.init} is not read again")
         return CLIPConfig.from_dict(resume["config"]), tokenizer_from_state_dict(resume["tokenizer"]), None
     if args.init:
-        ckpt = load_weights(args.init, args.bpe, args.clip_act)
+        ckpt = load_weights(args.init, args.bpe, args.clip_act, args.spm)
         cfg = replace(CLIPConfig.from_dict(ckpt["config"]), concept_logits=args.concept_logits == "own")
         return cfg, tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt["model"]
     cfg = PRESETS[args.model]

@@ -17,7 +17,8 @@ import torch
 import eval as evaluate
 import train
 from model import CLIP
-from pretrained import balanced_bias, convert_openai_state_dict, load_model, read_torchscript_state_dict
+from pretrained import balanced_bias, convert_openai_state_dict, load_model
+from weight_files import read_torchscript_state_dict
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
