@@ -15,9 +15,8 @@ C2LIP changes nothing here: its losses only need the patches in the joint space.
 One text transformer, causal and read at the end-of-text token (CLIP) or bidirectional and read at the
 last position (SigLIP). Presets name the combinations; inference is the plain forward pass.
 
-Released weights are renamed onto these modules by pretrained.py; whatever they need is a config option:
-the activation (QuickGELU for OpenAI's CLIP), LayerNorm eps, the text's mask and pooling, the logit scale
-and bias, and the preprocessing (`VisionConfig.normalise` and `resize`, applied by data.py).
+pretrained.py renames released weights onto these modules; what they need is a config option: activation
+(OpenAI's QuickGELU), LayerNorm eps, logit scale and bias, preprocessing (`normalise`, `resize`: data.py).
 
 Departures from the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16):
   - The CLIP text feature is read at an explicit end-of-text index, never by argmax over token ids.
@@ -50,10 +49,9 @@ class VisionConfig:
     activation: str = "gelu"  # a key of ACTIVATIONS (OpenAI's weights were trained with QuickGELU)
     pooling: str = "cls"  # "cls" (OpenAI's CLIP layout) | "map" (SigLIP's: no class token, attention-pool head)
     eps: float = 1e-5  # LayerNorm epsilon: torch's default (CLIP), 1e-6 (SigLIP)
-    # The pixels the weights expect, kept in every checkpoint so that eval.py feeds a model what it was trained
-    # on. normalise: a key of data.NORMALISE, "symmetric" maps [0, 255] to [-1, 1] (models trained here,
-    # SigLIP), "clip" is OpenAI's mean/std. resize: how an evaluation image becomes a square, "crop" (shorter
-    # side resized, then the centre: CLIP) or "squash" (the whole image: open_clip's preprocessing for SigLIP).
+    # The pixels the weights expect, kept in the checkpoint so that eval.py feeds a model what it trained on:
+    # normalise, a key of data.NORMALISE ("symmetric": [0, 255] -> [-1, 1], ours and SigLIP's; "clip": OpenAI's
+    # mean/std); resize, "crop" (shorter side, then the centre: CLIP) or "squash" (the whole image: SigLIP).
     normalise: str = "symmetric"
     resize: str = "crop"
 
@@ -91,9 +89,8 @@ class CLIPConfig:
         return CLIPConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
 
-# What makes the towers SigLIP's, whatever their size (pretrained.py configures converted weights with it):
-# no class token, the MAP head, eps 1e-6, squashed images; a bidirectional text read at its last position,
-# padded with T5's end token (id 1), a projection bias.
+# What makes the towers SigLIP's, whatever their size (pretrained.py configures converted weights with it); the
+# text is padded with T5's end token, id 1.
 SIGLIP_VISION = dict(pooling="map", eps=1e-6, resize="squash")
 SIGLIP_TEXT = dict(pad_id=1, causal=False, pooling="last", eps=1e-6, proj_bias=True)
 
@@ -270,8 +267,7 @@ class VisionTransformer(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """Text transformer: causal and read at the end-of-text token (CLIP), or bidirectional and read at the
-    last position of the context (SigLIP)."""
+    """Text transformer: causal, read at the end-of-text token (CLIP), or bidirectional, read at the end (SigLIP)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
@@ -330,8 +326,7 @@ class CLIP(nn.Module):
             self.concept_logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def encode_image(self, images: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images (B, C, H, W) -> (x: (B, D), u: (B, N, D)), both L2-normalised; u may be None with
-        patches=False (the MAP head then skips them)."""
+        """images (B, C, H, W) -> (x: (B, D), u: (B, N, D), or None if not patches), both L2-normalised."""
         image, patch = self.visual(images, patches)
         return F.normalize(image, dim=-1), None if patch is None else F.normalize(patch, dim=-1)
 

@@ -164,6 +164,16 @@ def convert_openai_state_dict(
 # its MAP head keeps q and kv apart, as ours. Three tensors differ in layout, not content: timm keeps a
 # batch axis on the positions (1, N, W) and the probe (1, 1, W), and open_clip's text projection is an
 # nn.Linear, a (D, W) weight applied as x @ weight.T, where ours is a (W, D) matrix.
+WB = ("weight", "bias")
+HEAD_MODULES = {"q": "q", "kv": "kv", "proj": "out", "norm": "norm", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}
+TIMM_BLOCK_MODULES = {  # theirs -> ours, inside each of timm's ViT blocks
+    "norm1": "ln_1",
+    "attn.qkv": "attn.qkv",
+    "attn.proj": "attn.out",
+    "norm2": "ln_2",
+    "mlp.fc1": "mlp.0",
+    "mlp.fc2": "mlp.2",
+}
 SIGLIP_TOP_NAMES = {
     "visual.trunk.patch_embed.proj.weight": "visual.patchify.weight",
     "visual.trunk.patch_embed.proj.bias": "visual.patchify.bias",
@@ -171,18 +181,7 @@ SIGLIP_TOP_NAMES = {
     "visual.trunk.norm.weight": "visual.ln_post.weight",
     "visual.trunk.norm.bias": "visual.ln_post.bias",
     "visual.trunk.attn_pool.latent": "visual.head.probe",
-    **{
-        f"visual.trunk.attn_pool.{a}.{p}": f"visual.head.{b}.{p}"
-        for a, b in [
-            ("q", "q"),
-            ("kv", "kv"),
-            ("proj", "out"),
-            ("norm", "norm"),
-            ("mlp.fc1", "mlp.0"),
-            ("mlp.fc2", "mlp.2"),
-        ]
-        for p in ("weight", "bias")
-    },  # fmt: skip
+    **{f"visual.trunk.attn_pool.{a}.{p}": f"visual.head.{b}.{p}" for a, b in HEAD_MODULES.items() for p in WB},
     "text.token_embedding.weight": "text.token_embedding.weight",
     "text.positional_embedding": "text.positions",
     "text.ln_final.weight": "text.ln_final.weight",
@@ -192,18 +191,7 @@ SIGLIP_TOP_NAMES = {
     "logit_scale": "logit_scale",
     "logit_bias": "logit_bias",
 }
-TIMM_BLOCK_NAMES = {  # theirs -> ours, inside each of timm's ViT blocks
-    f"{a}.{p}": f"{b}.{p}"
-    for a, b in [
-        ("norm1", "ln_1"),
-        ("attn.qkv", "attn.qkv"),
-        ("attn.proj", "attn.out"),
-        ("norm2", "ln_2"),
-        ("mlp.fc1", "mlp.0"),
-        ("mlp.fc2", "mlp.2"),
-    ]  # fmt: skip
-    for p in ("weight", "bias")
-}
+TIMM_BLOCK_NAMES = {f"{a}.{p}": f"{b}.{p}" for a, b in TIMM_BLOCK_MODULES.items() for p in WB}
 SIGLIP_TOWERS = {
     "visual.trunk.blocks": ("visual.blocks", TIMM_BLOCK_NAMES),
     "text.transformer.resblocks": ("text.blocks", BLOCK_NAMES),

@@ -55,8 +55,17 @@ def small_open_clip_siglip(monkeypatch, vocab_size: int = 600, context_length: i
         m.setattr(timm, "create_model", lambda name, **kw: real(name, **(kw | small)))
         torch.manual_seed(0)
         vision = dict(timm_model_name="vit_base_patch16_siglip_224", timm_pool="map", timm_proj="none", image_size=32)
-        text = dict(context_length=context_length, vocab_size=vocab_size, width=128, heads=2, layers=2,
-                    no_causal_mask=True, proj_bias=True, pool_type="last", norm_kwargs={"eps": 1e-6})  # fmt: skip
+        text = dict(
+            context_length=context_length,
+            vocab_size=vocab_size,
+            width=128,
+            heads=2,
+            layers=2,
+            no_causal_mask=True,
+            proj_bias=True,
+            pool_type="last",
+            norm_kwargs={"eps": 1e-6},
+        )
         model = open_clip.model.CustomTextCLIP(128, vision, text, init_logit_bias=-10.0)
     return perturbed(model)
 
@@ -244,8 +253,22 @@ def test_fine_tune_and_evaluate_from_converted_siglip_weights(tmp_path, monkeypa
     reference = small_open_clip_siglip(monkeypatch)
     save(reference, weights, "safetensors")
     (weights.parent / "spiece.model").write_bytes(open(spm_file, "rb").read())  # found beside the weights
-    common = ["--init", str(weights), "--batch-size", "4", "--workers", "0", "--log-every", "1", "--lr", "1e-5",
-              "--warmup", "1", "--out", str(tmp_path / "run")]  # fmt: skip
+    common = [
+        "--init",
+        str(weights),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-5",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     state = torch.load(train.main([*common, "--steps", "2"]), weights_only=False)
     assert state["tokenizer"]["kind"] == "sentencepiece" and len(state["tokenizer"]["model"]["pieces"]) == 600
     text, vision = state["config"]["text"], state["config"]["vision"]
