@@ -1,5 +1,5 @@
-"""CLIP's byte-level BPE tokenizer (released_tokenizers.py): its pieces by hand, and ids identical to open_clip's tokenizer
-(a test-only dependency whose package ships the vocabulary file) on a few hundred varied strings."""
+"""CLIP's byte-level BPE tokenizer (released_tokenizers.py): its pieces by hand, and ids identical to open_clip's
+tokenizer (a test-only dependency whose package ships the vocabulary file) on a few hundred varied strings."""
 
 import ast
 import gzip
@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from data import WordTokenizer
 from released_tokenizers import BPETokenizer, clean_text, find_bpe_vocab, pretokenize, tokenizer_from_state_dict
@@ -26,7 +25,9 @@ def test_pretokenize_follows_clips_pattern():
 
 
 def test_clean_text_does_what_ftfy_and_html_do():
-    assert clean_text("  “Curly”\u00a0QUOTES  it’s ﬁne\tＦＵＬＬ　ｗｉｄｔｈ ") == '"curly" quotes it\'s fine full width'
+    assert (
+        clean_text("  “Curly”\u00a0QUOTES  it’s ﬁne\tＦＵＬＬ　ｗｉｄｔｈ ") == '"curly" quotes it\'s fine full width'
+    )
     assert clean_text("Caf&eacute; &amp;amp; e\u0301") == "café & é"  # entities, nested ones, NFC
     assert clean_text("<b>&amp;amp;</b>") == "<b>&</b>"  # HTML-looking text: only CLIP's own two unescapes
 
@@ -76,29 +77,168 @@ def tokenizers():
 
 
 HAND = [
-    "A photo of a cat.", "Hello, World!", "wow!$5 deal", "It's a dog's life, isn't it? They'll've gone; I'm sure you'd agree",
-    "'single' and ''double'' quotes", '"quoted" text', "café naïve Ångström façade", "cafe\u0301 with a decomposed accent",
-    "Straße Œuvre Æsir ðæt þing", "ÀÉÎÕÜ ÇÑ", "日本語のテキスト", "中文字符和标点。", "한국어 텍스트", "Русский текст", "Ελληνικά",
-    "עברית", "العربية ١٢٣", "हिन्दी पाठ", "ภาษาไทย", "😀🐶 emoji 👍🏽 family 👨‍👩‍👧 flag 🇫🇷",
-    "♥ ★ ✓ → ← © ® ™ € £ ¥ ° ± × ÷ ½ ¼ ² ³ µ", "&amp; &lt;b&gt; &#39;quoted&#39; &quot;hi&quot; &nbsp;x &eacute;t&eacute; &#x263A; &copy; 2024",
-    "&amp;amp; double-escaped &amp;lt;tag&amp;gt;", "<b>bold</b> &amp; <i>it</i>", "a < b &amp;&amp; c > d", "R&D and AT&T",
-    "“curly” ‘quotes’ „low“ ‚single‘ it’s", "ﬁne ﬂoor eﬀort oﬃce baﬄe ﬆop", "ＦＵＬＬ　ｗｉｄｔｈ　１２３！", "ｶﾀｶﾅ ﾊﾝｶｸ",
-    "12345 3.14 1,000,000 -42 +7 1e10 0x1F 50% $9.99 #1 @user", "2024-01-31T12:34:56Z", "http://example.com/path?q=1&x=2#frag",
-    "user@example.com", "C:\\Program Files\\x", "snake_case and kebab-case and CamelCase", "UPPER lower MiXeD",
-    "a\tb\nc  d\r\ne", "  leading and trailing  ", "non\u00a0breaking\u2009thin\u3000ideographic", "zero\u200bwidth\u200djoiner",
-    "soft\u00adhyphen", "bom\ufeffmark", "ctrl\x01\x02chars\x7f", "c1\x85controls\x93quoted\x94", "...!!!???", "!?!?", "a!b!c",
-    "hi!!!!!!!!", "(parenthetical) [brackets] {braces} <angles>", "--- *** ___ ~~~ ^^^", "emdash—endash–hyphen-", "ellipsis… bullet •",
-    "", " ", "a", "!", "x" * 300, "word " * 100, "Ĳssel ŉ ǆ", "ſ long s", "İstanbul ǅ", "ﬀ" * 40,
+    "A photo of a cat.",
+    "Hello, World!",
+    "wow!$5 deal",
+    "It's a dog's life, isn't it? They'll've gone; I'm sure you'd agree",
+    "'single' and ''double'' quotes",
+    '"quoted" text',
+    "café naïve Ångström façade",
+    "cafe\u0301 with a decomposed accent",
+    "Straße Œuvre Æsir ðæt þing",
+    "ÀÉÎÕÜ ÇÑ",
+    "日本語のテキスト",
+    "中文字符和标点。",
+    "한국어 텍스트",
+    "Русский текст",
+    "Ελληνικά",
+    "עברית",
+    "العربية ١٢٣",
+    "हिन्दी पाठ",
+    "ภาษาไทย",
+    "😀🐶 emoji 👍🏽 family 👨‍👩‍👧 flag 🇫🇷",
+    "♥ ★ ✓ → ← © ® ™ € £ ¥ ° ± × ÷ ½ ¼ ² ³ µ",
+    "&amp; &lt;b&gt; &#39;quoted&#39; &quot;hi&quot; &nbsp;x &eacute;t&eacute; &#x263A; &copy; 2024",
+    "&amp;amp; double-escaped &amp;lt;tag&amp;gt;",
+    "<b>bold</b> &amp; <i>it</i>",
+    "a < b &amp;&amp; c > d",
+    "R&D and AT&T",
+    "“curly” ‘quotes’ „low“ ‚single‘ it’s",
+    "ﬁne ﬂoor eﬀort oﬃce baﬄe ﬆop",
+    "ＦＵＬＬ　ｗｉｄｔｈ　１２３！",
+    "ｶﾀｶﾅ ﾊﾝｶｸ",
+    "12345 3.14 1,000,000 -42 +7 1e10 0x1F 50% $9.99 #1 @user",
+    "2024-01-31T12:34:56Z",
+    "http://example.com/path?q=1&x=2#frag",
+    "user@example.com",
+    "C:\\Program Files\\x",
+    "snake_case and kebab-case and CamelCase",
+    "UPPER lower MiXeD",
+    "a\tb\nc  d\r\ne",
+    "  leading and trailing  ",
+    "non\u00a0breaking\u2009thin\u3000ideographic",
+    "zero\u200bwidth\u200djoiner",
+    "soft\u00adhyphen",
+    "bom\ufeffmark",
+    "ctrl\x01\x02chars\x7f",
+    "c1\x85controls\x93quoted\x94",
+    "...!!!???",
+    "!?!?",
+    "a!b!c",
+    "hi!!!!!!!!",
+    "(parenthetical) [brackets] {braces} <angles>",
+    "--- *** ___ ~~~ ^^^",
+    "emdash—endash–hyphen-",
+    "ellipsis… bullet •",
+    "",
+    " ",
+    "a",
+    "!",
+    "x" * 300,
+    "word " * 100,
+    "Ĳssel ŉ ǆ",
+    "ſ long s",
+    "İstanbul ǅ",
+    "ﬀ" * 40,
     "A man riding a brown horse on the beach, while two young women sit at a wooden table with laptops next to a "
     "tall giraffe standing in a grassy field under a cloudy sky in the late afternoon light, shot on film. " * 2,
-]  # fmt: skip
+]
 PIECES = [
-    "the", "dog", "Cat", "PHOTO", "isn't", "we're", "you've", "I'm", "'d", "café", "naïve", "Zürich", "smørrebrød", "über",
-    "東京", "서울", "Москва", "αβγ", "١٢٣", "123", "4.5", "7,000", "1st", "x2", "!", "?", "!?", ".", ",", ";", ":", "...", "—", "-",
-    "(", ")", "[", "]", "\"", "'", "“", "”", "‘", "’", "&amp;", "&lt;", "&gt;", "&quot;", "&#39;", "&eacute;", "&#233;", "&#xE9;",
-    "&nbsp;", "&hellip;", "😀", "🐶", "👍🏽", "❤️", "🇯🇵", "👩‍💻", "★", "©", "™", "°C", "½", "²", "µm", "ﬁ", "Ｆ", "＠", "ﾀ", "$", "€",
-    "%", "#", "@", "_", "/", "\\", "|", "~", "^", "*", "+", "=", "<", ">", "{", "}", "\t", "\n", "e\u0301", "a\u0308", "ß",
-]  # fmt: skip
+    "the",
+    "dog",
+    "Cat",
+    "PHOTO",
+    "isn't",
+    "we're",
+    "you've",
+    "I'm",
+    "'d",
+    "café",
+    "naïve",
+    "Zürich",
+    "smørrebrød",
+    "über",
+    "東京",
+    "서울",
+    "Москва",
+    "αβγ",
+    "١٢٣",
+    "123",
+    "4.5",
+    "7,000",
+    "1st",
+    "x2",
+    "!",
+    "?",
+    "!?",
+    ".",
+    ",",
+    ";",
+    ":",
+    "...",
+    "—",
+    "-",
+    "(",
+    ")",
+    "[",
+    "]",
+    '"',
+    "'",
+    "“",
+    "”",
+    "‘",
+    "’",
+    "&amp;",
+    "&lt;",
+    "&gt;",
+    "&quot;",
+    "&#39;",
+    "&eacute;",
+    "&#233;",
+    "&#xE9;",
+    "&nbsp;",
+    "&hellip;",
+    "😀",
+    "🐶",
+    "👍🏽",
+    "❤️",
+    "🇯🇵",
+    "👩‍💻",
+    "★",
+    "©",
+    "™",
+    "°C",
+    "½",
+    "²",
+    "µm",
+    "ﬁ",
+    "Ｆ",
+    "＠",
+    "ﾀ",
+    "$",
+    "€",
+    "%",
+    "#",
+    "@",
+    "_",
+    "/",
+    "\\",
+    "|",
+    "~",
+    "^",
+    "*",
+    "+",
+    "=",
+    "<",
+    ">",
+    "{",
+    "}",
+    "\t",
+    "\n",
+    "e\u0301",
+    "a\u0308",
+    "ß",
+]
 
 
 def varied_strings(n: int = 350, seed: int = 0) -> list[str]:
@@ -141,8 +281,8 @@ def test_long_text_is_cut_with_the_end_token_at_position_76(tokenizers):
 
 
 def test_known_departures_from_ftfy_really_differ(tokenizers):
-    """What released_tokenizers.py says it does not imitate: mojibake repair, ANSI escapes, all-caps entities, and CLIP's
-    special-token strings typed into a caption. None of them occurs in the strings compared above."""
+    """What released_tokenizers.py says it does not imitate: mojibake repair, ANSI escapes, all-caps entities, and
+    CLIP's special-token strings typed into a caption. None of them occurs in the strings compared above."""
     ours, ref = tokenizers
     for text in ["cafÃ© mojibake", "\x1b[31mred\x1b[0m", "P&EACUTE;REZ", "a <end_of_text> b"]:
         ids = ours.encode(text)
@@ -154,7 +294,9 @@ def test_runs_without_open_clip_or_ftfy(tokenizers, tmp_path):
     (`regex` cannot be blocked this way: NLTK, a run-time dependency, imports it itself;
     test_no_run_time_imports_of_test_only_packages checks that our files never do.)"""
     path = tmp_path / "bpe.txt.gz"
-    src = os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+    src = os.path.join(
+        importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz"
+    )
     with gzip.open(src) as f, gzip.open(path, "wb") as g:
         g.write(f.read())
     code = (

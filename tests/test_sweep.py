@@ -23,7 +23,9 @@ def test_sweep_trains_reports_failures_and_reuses_its_runs(tmp_path, monkeypatch
         a, b = (runs[seed]["metrics"]["swap-att"] for seed in (0, 1))
         assert rows[name]["mean"]["swap-att"] == pytest.approx((a + b) / 2)
         assert rows[name]["std"]["swap-att"] == pytest.approx(abs(a - b) / 2**0.5)
-    pre, fine = ([rows[name]["runs"][seed]["metrics"]["i2t-R@1"] for seed in (0, 1)] for name in ("pretrained", "siglip"))
+    pre, fine = (
+        [rows[name]["runs"][seed]["metrics"]["i2t-R@1"] for seed in (0, 1)] for name in ("pretrained", "siglip")
+    )
     assert rows["pretrained"]["paired"]["mean"]["i2t-R@1"] == pytest.approx((pre[0] - fine[0] + pre[1] - fine[1]) / 2)
     metrics = rows["siglip"]["runs"][1]["metrics"]  # the diagnostics: the end of the training log ...
     with open(tmp_path / "siglip" / "seed1" / "log.jsonl") as f:
@@ -31,13 +33,17 @@ def test_sweep_trains_reports_failures_and_reuses_its_runs(tmp_path, monkeypatch
     assert (metrics["loss/caption"], metrics["t"], metrics["b"]) == (last["caption"], last["scale"], last["bias"])
     assert "loss/concept" not in metrics and -1 <= metrics["swap-text-cos"] <= 1  # ... and the text encoder's binding
     finetune = torch.load(tmp_path / "siglip" / "seed0" / "ckpt.pt", weights_only=False)["args"]
-    assert finetune["init"] == os.path.join(str(tmp_path), "pretrain", "seed0", "ckpt.pt")  # its seed's pretrained model
+    assert finetune["init"] == os.path.join(
+        str(tmp_path), "pretrain", "seed0", "ckpt.pt"
+    )  # its seed's pretrained model
     assert all(r["status"] == "failed" and "exited with 2" in r["error"] for r in rows["broken"]["runs"].values())
     assert "| broken | 0/2 |" in result["markdown"] and "| siglip | 2/2 |" in result["markdown"]
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["rows"]["siglip"]["mean"] == pytest.approx(rows["siglip"]["mean"], nan_ok=True)
 
-    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("a finished or failed run was trained again"))
+    monkeypatch.setattr(
+        sweep.subprocess, "run", lambda *a, **k: pytest.fail("a finished or failed run was trained again")
+    )
     again = sweep.main(argv)
     assert again["markdown"] == result["markdown"]
     with pytest.raises(SystemExit, match="delete the folder"):  # the same folders, other flags
