@@ -90,6 +90,11 @@ def fail(message: str):
 
 
 @torch.no_grad()
+def preprocessing(model: CLIP) -> tuple[int, str, str]:
+    """(image size, pixel normalisation, resize) of a model's evaluation images: what its weights expect."""
+    return model.cfg.vision.image_size, model.cfg.vision.normalise, model.cfg.vision.resize
+
+
 def embed_image_dataset(model: CLIP, dataset, args, device, desc: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Items image (C, H, W) or (image, label), decoded in DataLoader workers -> (B, D) embeddings, labels or None."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
@@ -111,9 +116,7 @@ def embed_examples(model: CLIP, tokenizer, files: dict[str, list[tuple]], args, 
     share 1,560 images)."""
     paths = list(dict.fromkeys(ex[0] for exs in files.values() for ex in exs))
     texts = list(dict.fromkeys(t for exs in files.values() for ex in exs for t in ex[1:]))
-    images = ImageFiles(
-        paths, eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise)
-    )  # the model's own image size
+    images = ImageFiles(paths, eval_transform(*preprocessing(model)))  # the model's own image size and pixels
     image_emb = embed_image_dataset(model, images, args, device, f"{name} images")[0]  # (images, D)
     text_emb = embed_texts(model, tokenizer, texts, args.batch_size, device, f"{name} texts")  # (texts, D)
     row, col = {p: i for i, p in enumerate(paths)}, {t: i for i, t in enumerate(texts)}
@@ -283,7 +286,7 @@ def evaluate_sugarcrepe_pp(model: CLIP, tokenizer, files: dict, args, device) ->
 
 def evaluate_zeroshot(model: CLIP, tokenizer, data: tuple, args, device) -> dict:
     dataset, names, templates = data
-    dataset.transform = eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise)
+    dataset.transform = eval_transform(*preprocessing(model))
     image_emb, labels = embed_image_dataset(model, dataset, args, device, "zeroshot images")  # (B, D), (B,)
     prompts = embed_texts(
         model, tokenizer, [t.format(n) for n in names for t in templates], args.batch_size, device, "zeroshot prompts"
@@ -295,7 +298,7 @@ def evaluate_zeroshot(model: CLIP, tokenizer, data: tuple, args, device) -> dict
 
 def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dict:
     paths, texts, text_image = data
-    images = ImageFiles(paths, eval_transform(model.cfg.vision.image_size, model.cfg.vision.normalise))
+    images = ImageFiles(paths, eval_transform(*preprocessing(model)))
     image_emb = embed_image_dataset(model, images, args, device, "retrieval images")[0]  # (B, D)
     text_emb = embed_texts(model, tokenizer, texts, args.batch_size, device, "retrieval texts")  # (X, D)
     recall = retrieval_recall(image_emb @ text_emb.T, text_image)  # sim (B, X)

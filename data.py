@@ -167,11 +167,16 @@ def image_to_tensor(img: Image.Image, normalise: str = "symmetric") -> torch.Ten
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def eval_transform(size: int, normalise: str = "symmetric") -> T.Compose:
-    """PIL RGB -> (C, size, size): shorter side resized to size (bicubic, antialiased), then the centre
-    square, as CLIP evaluates; with normalise="clip" it is OpenAI's preprocessing exactly."""
-    resize = T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)
-    return T.Compose([resize, T.CenterCrop(size), functools.partial(image_to_tensor, normalise=normalise)])
+def eval_transform(size: int, normalise: str = "symmetric", resize: str = "crop") -> T.Compose:
+    """PIL RGB -> (C, size, size), bicubic and antialiased. resize="crop": shorter side resized to size, then
+    the centre square, as CLIP evaluates (with normalise="clip", OpenAI's preprocessing exactly); "squash":
+    the whole image resized to size x size, open_clip's preprocessing for SigLIP's weights."""
+    if resize not in ("crop", "squash"):
+        raise ValueError(f"unknown resize {resize!r}; expected 'crop' or 'squash'")
+    to_tensor = functools.partial(image_to_tensor, normalise=normalise)
+    if resize == "squash":
+        return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), to_tensor])
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), to_tensor])
 
 
 def train_transform(size: int, normalise: str = "symmetric") -> T.Compose:

@@ -36,7 +36,7 @@ import benchmarks
 from data import image_to_tensor
 from devices import add_device_flag, pick_device
 from pictures import attention_maps, attention_picture, show_image
-from pretrained import WEIGHT_NAMES, add_weight_flags, load_model
+from pretrained import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
 from shapes import WORLDS, ShapesWorld
 from shapes_eval import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
 
@@ -161,7 +161,7 @@ def show_attention(args, device) -> str:
     """--show: the attention picture of every --ckpt (a row each) for --concepts, written to --out."""
     rows, titles, image = [], [], None
     for path in args.ckpt:
-        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act, args.cache_dir)
+        model, tokenizer, ckpt = load_model(path, device, **weight_options(args))
         tau, size = checkpoint_tau(args, ckpt), model.cfg.vision.image_size
         try:
             picture = show_image(args.show, size, args.bench_seed, checkpoint_world(ckpt))
@@ -219,7 +219,7 @@ def main(argv=None) -> dict | str:
     data = read_benchmarks(args)
     results, shapes, shapes_key = {}, None, None
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
-        model, tokenizer, ckpt = load_model(path, device, args.bpe, args.clip_act, args.cache_dir)
+        model, tokenizer, ckpt = load_model(path, device, **weight_options(args))
         size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
         results[path] = {}
         for bench in args.bench:

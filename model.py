@@ -1,28 +1,28 @@
 """The two encoders of a CLIP/SigLIP model, written from scratch.
 
 Paper map (docs/paper.md, "Notation"):
-  x_i   = CLIP.encode_image(images)[0]   the L2-normalised global image embedding (class token)
+  x_i   = CLIP.encode_image(images)[0]   the L2-normalised global image embedding
   u_ij  = CLIP.encode_image(images)[1]   the L2-normalised patch embeddings in the joint space
   y_i   = CLIP.encode_text(captions)     the L2-normalised caption embedding
   c_k   = CLIP.encode_text(phrases)      the same text encoder on a short, separate sequence
   t, b  = CLIP.logit_scale.exp(), CLIP.logit_bias   learned, shared by every loss (the paper); with
           CLIPConfig.concept_logits the concept losses get a pair of their own (CLIP.concept_scale_bias)
 
-C2LIP changes nothing here: its losses only need the patch tokens to live in the joint space, so each
-patch output goes through the same final LayerNorm and projection as the class token (the paper's
-recipe for a CLS-pooled ViT). Inference is the plain CLIP forward pass.
+C2LIP changes nothing here: its losses only need the patches in the joint space. One ViT, two poolings:
+  "cls"  OpenAI's CLIP: a class token is x; the final LayerNorm and projection of every patch is u.
+  "map"  SigLIP's (the paper's backbone, in timm's layout): no class token, SigLIP's attention-pool head
+         gives x, and each patch's value vector through the head's output path is u (AttentionPool).
+One text transformer, causal and read at the end-of-text token (CLIP) or bidirectional and read at the
+last position (SigLIP). Presets name the combinations; inference is the plain forward pass.
 
-Released weights are renamed onto these modules by pretrained.py. Everything OpenAI's CLIP weights need
-is a config option here: QuickGELU (`activation`), the 77-token causal context, end-of-text pooling, the
-final projections, the stored logit scale, and the pixel normalisation they were trained with
-(`VisionConfig.normalise`, applied by data.py).
+pretrained.py renames released weights onto these modules; what they need is a config option: activation
+(OpenAI's QuickGELU), LayerNorm eps, logit scale and bias, preprocessing (`normalise`, `resize`: data.py).
 
-Departures from the paper and the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16):
-  - The paper's backbone pools images with SigLIP's attention-pool head; this ViT uses a class token,
-    like OpenAI's CLIP, so the patch embeddings are the "CLS-pooled ViT" case of docs/paper.md. The paper's
-    recipe starts from SigLIP; the pretrained weights this file can load are OpenAI's CLIP ViT-B/16.
-  - The text feature is read at an explicit end-of-text index computed from the padding (see
-    TextTransformer), never by argmax over token ids.
+Departures from the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16):
+  - The CLIP text feature is read at an explicit end-of-text index, never by argmax over token ids.
+  - big_vision trained SigLIP with tanh-approximated GELU; open_clip's port (timm's ViT and its own text
+    transformer), which the paper fine-tuned, computes exact GELU. "siglip-B/16" and converted weights
+    follow open_clip; "gelu_tanh" is there for the original.
 
 Dimension legend:
   B images (or texts) in a batch, C=3 colour channels, H=W image side, P patch side,
@@ -31,6 +31,7 @@ Dimension legend:
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -45,11 +46,14 @@ class VisionConfig:
     width: int = 160
     layers: int = 5
     heads: int = 4
-    activation: str = "gelu"  # "gelu" | "quick_gelu" (OpenAI's weights were trained with QuickGELU)
-    # The pixel normalisation the weights expect, a key of data.NORMALISE: "symmetric" maps [0, 255] to
-    # [-1, 1] (models trained here), "clip" is OpenAI's mean/std. Kept in the config, and so in every
-    # checkpoint, so that eval.py feeds a model exactly the pixels it was trained on.
+    activation: str = "gelu"  # a key of ACTIVATIONS (OpenAI's weights were trained with QuickGELU)
+    pooling: str = "cls"  # "cls" (OpenAI's CLIP layout) | "map" (SigLIP's: no class token, attention-pool head)
+    eps: float = 1e-5  # LayerNorm epsilon: torch's default (CLIP), 1e-6 (SigLIP)
+    # The pixels the weights expect, kept in the checkpoint so that eval.py feeds a model what it trained on:
+    # normalise, a key of data.NORMALISE ("symmetric": [0, 255] -> [-1, 1], ours and SigLIP's; "clip": OpenAI's
+    # mean/std); resize, "crop" (shorter side, then the centre: CLIP) or "squash" (the whole image: SigLIP).
     normalise: str = "symmetric"
+    resize: str = "crop"
 
 
 @dataclass
@@ -60,7 +64,11 @@ class TextConfig:
     layers: int = 4
     heads: int = 4
     pad_id: int = 0  # the tokenizer pads with this id, always after the end-of-text token
-    activation: str = "gelu"  # "gelu" | "quick_gelu"
+    activation: str = "gelu"  # a key of ACTIVATIONS
+    causal: bool = True  # CLIP's causal mask; SigLIP's text attends both ways (and to the padding)
+    pooling: str = "eot"  # "eot": the end-of-text token (CLIP) | "last": the last position of the context (SigLIP)
+    eps: float = 1e-5  # LayerNorm epsilon
+    proj_bias: bool = False  # SigLIP's text projection has a bias
 
 
 @dataclass
@@ -81,6 +89,11 @@ class CLIPConfig:
         return CLIPConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
 
+# What makes the towers SigLIP's, whatever their size (pretrained.py configures converted weights with it); the
+# text is padded with T5's end token, id 1.
+SIGLIP_VISION = dict(pooling="map", eps=1e-6, resize="squash")
+SIGLIP_TEXT = dict(pad_id=1, causal=False, pooling="last", eps=1e-6, proj_bias=True)
+
 PRESETS = {
     # About 2.5M parameters: trains on the shapes world on a laptop CPU in minutes.
     "tiny": CLIPConfig(),
@@ -94,6 +107,13 @@ PRESETS = {
         vision=VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12),
         text=TextConfig(context_length=77, width=512, layers=12, heads=8),
         embed_dim=512,
+    ),
+    # The shape of SigLIP ViT-B/16 (open_clip's ViT-B-16-SigLIP, the paper's backbone): a MAP-pooled ViT
+    # without a projection (D = W = 768), a 64-token bidirectional text transformer, T5's 32,000 pieces.
+    "siglip-B/16": CLIPConfig(
+        vision=VisionConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12, **SIGLIP_VISION),
+        text=TextConfig(vocab_size=32000, context_length=64, width=768, layers=12, heads=12, **SIGLIP_TEXT),
+        embed_dim=768,
     ),
 }
 
@@ -128,20 +148,25 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
+
+
+def mlp(width: int, activation: str) -> nn.Sequential:
+    """The transformer's MLP, 4x wide: (..., W) -> (..., W)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+    return nn.Sequential(nn.Linear(width, 4 * width), ACTIVATIONS[activation](), nn.Linear(4 * width, width))
 
 
 class Block(nn.Module):
     """A pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, activation: str = "gelu"):
+    def __init__(self, width: int, heads: int, activation: str = "gelu", eps: float = 1e-5):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), ACTIVATIONS[activation](), nn.Linear(4 * width, width))
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = mlp(width, activation)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal=causal)
@@ -156,72 +181,135 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, causal: bool, recompute: 
     return x
 
 
+class AttentionPool(nn.Module):
+    """SigLIP's multi-head attention-pooling ("MAP") head: one learned probe query attends over the tokens
+    (its own q and kv projections), then an output projection and a residual MLP on the LayerNorm of the
+    result; no projection after it (the joint width is the ViT's).
+
+    Patch tokens u (for the pooled concept loss) are the authors' choice: each patch's value vector (the v
+    half of kv, heads merged back to width W) through the same output path, u_j = out(v_j) +
+    mlp(norm(out(v_j))): the pooled output if every head attended to patch j alone. A choice, because
+    nothing in the head maps a single token to the pooled space: the pooled output is the path applied to
+    a mix of values weighted differently in each head, and the path is not linear (LayerNorm, MLP), so it
+    is not the mix of the u_j, and SigLIP was never trained to make the u_j meaningful."""
+
+    def __init__(self, width: int, heads: int, activation: str, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(width**-0.5 * torch.randn(width))
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = mlp(width, activation)
+
+    def output_path(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., W) -> (..., W): the output projection, then the residual MLP."""
+        x = self.out(x)
+        return x + self.mlp(self.norm(x))
+
+    def forward(self, x: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens (B, N, W) -> (pooled (B, W), patch tokens (B, N, W) or None), not normalised."""
+        B, N, W = x.shape
+        h = self.heads
+        q = self.q(self.probe).view(1, h, 1, W // h).expand(B, -1, -1, -1)  # (B, heads, 1, W / heads)
+        k, v = self.kv(x).chunk(2, dim=-1)  # 2 x (B, N, W)
+        k_heads, v_heads = (t.view(B, N, h, W // h).transpose(1, 2) for t in (k, v))  # (B, heads, N, W / heads)
+        pooled = F.scaled_dot_product_attention(q, k_heads, v_heads).reshape(B, W)  # heads merged: (B, W)
+        return self.output_path(pooled), self.output_path(v) if patches else None  # (B, W), (B, N, W)
+
+
 class VisionTransformer(nn.Module):
-    """ViT: patchify, prepend a class token, add learned positions, transform, project every token."""
+    """ViT: patchify, [class token], learned positions, transform; project every token ("cls") or pool ("map")."""
 
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
         assert cfg.image_size % cfg.patch_size == 0, "image_size must be a multiple of patch_size"
+        if cfg.pooling not in ("cls", "map"):
+            raise ValueError(f"unknown pooling {cfg.pooling!r}; expected 'cls' or 'map'")
+        if cfg.pooling == "map" and embed_dim != cfg.width:
+            raise ValueError(f"the MAP head has no projection: embed_dim {embed_dim} must equal the width {cfg.width}")
+        self.pooling = cfg.pooling
+        cls = cfg.pooling == "cls"
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         scale = cfg.width**-0.5
         # A convolution with stride = kernel = P is a linear map applied to each P x P patch.
-        self.patchify = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_token = nn.Parameter(scale * torch.randn(cfg.width))
-        self.positions = nn.Parameter(scale * torch.randn(n_patches + 1, cfg.width))
-        self.ln_pre = nn.LayerNorm(cfg.width)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.activation) for _ in range(cfg.layers))
+        self.patchify = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=not cls)
+        if cls:
+            self.class_token = nn.Parameter(scale * torch.randn(cfg.width))
+        self.positions = nn.Parameter(scale * torch.randn(n_patches + cls, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cls else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.activation, cfg.eps) for _ in range(cfg.layers))
         self.grad_checkpointing = False
-        self.ln_post = nn.LayerNorm(cfg.width)
-        self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
+        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        if cls:
+            self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
+        else:
+            self.head = AttentionPool(cfg.width, cfg.heads, cfg.activation, cfg.eps)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W) -> (class embedding (B, D), patch embeddings (B, N, D)), not normalised."""
+    def forward(self, images: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (B, C, H, W) -> (image embedding (B, D), patch embeddings (B, N, D)), not normalised.
+        patches=False may skip the patch embeddings (None) where they cost compute (the MAP head)."""
         x = self.patchify(images)  # (B, W, H/P, W/P)
         x = x.flatten(2).transpose(1, 2)  # (B, N, W)
-        cls = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, W)
-        x = torch.cat([cls, x], dim=1) + self.positions  # (B, 1 + N, W)
-        x = self.ln_pre(x)
+        if self.pooling == "cls":
+            cls = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, W)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + N, W)
+        x = self.ln_pre(x + self.positions)
         x = run_blocks(self.blocks, x, causal=False, recompute=self.grad_checkpointing and self.training)
+        x = self.ln_post(x)
+        if self.pooling == "map":
+            return self.head(x, patches)  # (B, D), (B, N, D)
         # The same LayerNorm and projection for the class token and for every patch token: this is
         # what puts the patches u_ij in the joint space where they can be compared with a phrase c_k.
-        x = self.ln_post(x) @ self.proj  # (B, 1 + N, D)
+        x = x @ self.proj  # (B, 1 + N, D)
         return x[:, 0], x[:, 1:]  # (B, D), (B, N, D)
 
 
 class TextTransformer(nn.Module):
-    """Causal text transformer; the output at the end-of-text token is the text feature."""
+    """Text transformer: causal, read at the end-of-text token (CLIP), or bidirectional, read at the end (SigLIP)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int):
         super().__init__()
-        self.pad_id = cfg.pad_id
+        if cfg.pooling not in ("eot", "last"):
+            raise ValueError(f"unknown text pooling {cfg.pooling!r}; expected 'eot' or 'last'")
+        self.pad_id, self.causal, self.pooling = cfg.pad_id, cfg.causal, cfg.pooling
         self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positions = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.activation) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.activation, cfg.eps) for _ in range(cfg.layers))
         self.grad_checkpointing = False
-        self.ln_final = nn.LayerNorm(cfg.width)
+        self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.proj = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, embed_dim))
+        self.proj_bias = nn.Parameter(torch.zeros(embed_dim)) if cfg.proj_bias else None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) = [start, words..., end, pad, pad, ...] -> text feature (B, D), not normalised."""
         B, T = tokens.shape
         if T > self.context_length:
             raise ValueError(f"{T} tokens exceed the model's context length {self.context_length}")
+        if self.pooling == "last" and T != self.context_length:
+            # no mask: every position sees the padding, so rows must be padded to the full context as in training
+            raise ValueError(f"last-position pooling reads full {self.context_length}-token rows, got {T}")
         x = self.token_embedding(tokens) + self.positions[:T]  # (B, T, W)
-        x = run_blocks(self.blocks, x, causal=True, recompute=self.grad_checkpointing and self.training)
+        x = run_blocks(self.blocks, x, causal=self.causal, recompute=self.grad_checkpointing and self.training)
         x = self.ln_final(x)
-        # Why the end-of-text token carries the text: under the causal mask it is the first position
-        # that has seen every word. Padding only ever follows it, so the causal mask also keeps the
-        # padding out of it and no padding mask is needed. Its index is that of the last non-pad token.
-        # (OpenAI's code takes argmax(token id), which only works because the end token happens to
-        # have the largest id in its vocabulary.) Not "number of non-pad tokens - 1": CLIP's BPE pads
-        # with id 0, but id 0 is also a real token, a "!" that did not merge with what follows it
-        # ("wow!$5" -> "wow", "!", "$</w>", "5</w>"), so counting would land before the end token. Both
-        # readings agree for the word tokenizer, which reserves id 0 for padding.
-        positions = torch.arange(T, device=tokens.device)
-        eot = (positions * (tokens != self.pad_id)).amax(dim=1)  # (B,)
-        x = x[torch.arange(B, device=x.device), eot]  # (B, W)
-        return x @ self.proj  # (B, D)
+        if self.pooling == "last":
+            x = x[:, -1]  # (B, W)
+        else:
+            # Why the end-of-text token carries the text: under the causal mask it is the first position
+            # that has seen every word. Padding only ever follows it, so the causal mask also keeps the
+            # padding out of it and no padding mask is needed. Its index is that of the last non-pad token.
+            # (OpenAI's code takes argmax(token id), which only works because the end token happens to
+            # have the largest id in its vocabulary.) Not "number of non-pad tokens - 1": CLIP's BPE pads
+            # with id 0, but id 0 is also a real token, a "!" that did not merge with what follows it
+            # ("wow!$5" -> "wow", "!", "$</w>", "5</w>"), so counting would land before the end token. Both
+            # readings agree for the word tokenizer, which reserves id 0 for padding.
+            positions = torch.arange(T, device=tokens.device)
+            eot = (positions * (tokens != self.pad_id)).amax(dim=1)  # (B,)
+            x = x[torch.arange(B, device=x.device), eot]  # (B, W)
+        x = x @ self.proj  # (B, D)
+        return x if self.proj_bias is None else x + self.proj_bias
 
 
 class CLIP(nn.Module):
@@ -237,21 +325,23 @@ class CLIP(nn.Module):
             self.concept_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             self.concept_logit_bias = nn.Parameter(torch.tensor(-10.0))
 
-    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W) -> (x: (B, D), u: (B, N, D)), both L2-normalised."""
-        cls, patches = self.visual(images)
-        return F.normalize(cls, dim=-1), F.normalize(patches, dim=-1)
+    def encode_image(self, images: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images (B, C, H, W) -> (x: (B, D), u: (B, N, D), or None if not patches), both L2-normalised."""
+        image, patch = self.visual(images, patches)
+        return F.normalize(image, dim=-1), None if patch is None else F.normalize(patch, dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> (B, D), L2-normalised."""
         return F.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor, extra_texts: torch.Tensor | None = None):
+    def forward(
+        self, images: torch.Tensor, texts: torch.Tensor, extra_texts: torch.Tensor | None = None, patches: bool = True
+    ):
         """Every embedding the losses need, in one call (DistributedDataParallel syncs gradients only
-        through forward): x (B, D), u (B, N, D), y (B, D), and the embeddings (K, D) of extra_texts, a
-        second batch of texts through the same encoder (the concept phrases of C2LIP, or the hard negatives
-        of --method negclip), or None."""
-        image_emb, patch_emb = self.encode_image(images)
+        through forward): x (B, D), u (B, N, D) (None is allowed with patches=False), y (B, D), and the
+        embeddings (K, D) of extra_texts, a second batch of texts through the same encoder (the concept
+        phrases of C2LIP, or the hard negatives of --method negclip), or None."""
+        image_emb, patch_emb = self.encode_image(images, patches)
         # Phrases run through the text encoder as their own short sequences, never inside the caption.
         extra_emb = self.encode_text(extra_texts) if extra_texts is not None else None
         return image_emb, patch_emb, self.encode_text(texts), extra_emb
@@ -270,8 +360,3 @@ class CLIP(nn.Module):
         if not self.cfg.concept_logits:
             return self.scale(), self.bias()
         return self.concept_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE), self.concept_logit_bias
-
-
-# ----------------------------------------------------------------------------- pretrained CLIP weights
-# OpenAI's release (a TorchScript archive) and open_clip's state dicts share one naming; only the names
-# differ from ours, never the layout: nn.MultiheadAttention packs q, k, v into one in_proj matrix in that

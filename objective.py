@@ -51,13 +51,15 @@ def embed(net, batch: dict, objective: Objective) -> dict[str, torch.Tensor]:
     # The phrases (c2lip) or the hard negatives (negclip) go through forward as its extra texts:
     # DistributedDataParallel only prepares gradient syncing for what forward computes.
     extra = {"c2lip": "concepts", "negclip": "negatives"}.get(objective.method)
-    image_emb, patch_emb, text_emb, extra_emb = net(batch["images"], batch["captions"], batch[extra] if extra else None)
+    patches = objective.method == "c2lip" and bool(objective.pool_weight)  # only L_xac reads the patches
+    images, captions = batch["images"], batch["captions"]
+    image_emb, patch_emb, text_emb, extra_emb = net(images, captions, batch[extra] if extra else None, patches)
     out = {"image": image_emb, "text": text_emb}
     if objective.method == "negclip":
         out["negatives"] = extra_emb[batch["has_negative"]]  # (M, D): captions no rule applies to have none
     if objective.method == "c2lip":
         out |= {"concept": extra_emb, "owner": batch["owner"], "phrase_ids": batch["phrase_ids"]}
-        if objective.pool_weight:  # the patches are the largest tensor: kept only when L_xac reads them
+        if patches:  # the patches are the largest tensor: kept only when L_xac reads them
             out["patch"] = patch_emb
     return out
 

@@ -1,16 +1,16 @@
-"""Released weights in this repository's own modules: OpenAI's CLIP ViT-B/16 and open_clip state dicts.
+"""Released weights in this repository's own modules: OpenAI's CLIP ViT-B/16, open_clip's CLIP state dicts,
+and open_clip's SigLIP ViT-B/16 (ViT-B-16-SigLIP, the paper's backbone).
 
-The paper fine-tunes pretrained weights; none of OpenAI's or open_clip's code runs here. Their weights
-are renamed onto model.py's modules (`convert_openai_state_dict`, the config read off the shapes),
-OpenAI's TorchScript release is read without executing it (`read_torchscript_state_dict`), and
-`load_weights` turns any supported file into a checkpoint in this repository's format: {"config",
-"model", "tokenizer"}, with the tokenizer the weights were trained with (released_tokenizers.py). A release
-can be named instead of a file (`openai/ViT-B-16`, the names of download.WEIGHTS): it is downloaded once
-into a cache folder and checked there (download.py), as is CLIP's BPE vocabulary when none is at hand.
+The paper fine-tunes pretrained weights; none of OpenAI's, open_clip's or timm's code runs here. Files are
+read without executing anything (weight_files.py), their tensors renamed onto model.py's modules with the
+config read off the shapes (`convert_openai_state_dict`, `convert_siglip_state_dict`), and `load_weights`
+turns any supported file into a checkpoint in this repository's format: {"config", "model", "tokenizer"},
+with the tokenizer the weights were trained with (released_tokenizers.py). A release can be named instead of
+a file (`openai/ViT-B-16`, the names of download.WEIGHTS): it is downloaded once into a cache folder and
+checked there (download.py), as is CLIP's BPE vocabulary when none is at hand.
 
-Departures: the paper starts from SigLIP ViT-B/16; the released weights this file can read are OpenAI's
-CLIP ViT-B/16 (and open_clip models of the same architecture). OpenAI's CLIP has no logit bias, which
-the sigmoid losses need: `balanced_bias` chooses one from the first batch (train.py --init-bias auto).
+Departures: OpenAI's CLIP has no logit bias, which the sigmoid losses need: `balanced_bias` chooses one
+from the first batch (train.py --init-bias auto). SigLIP's weights bring their own t and b.
 
 Dimension legend: B images (= captions), D joint embedding width.
 """
@@ -18,19 +18,21 @@ Dimension legend: B images (= captions), D joint embedding width.
 import argparse
 import math
 import os
-import pickle
 import re
 import sys
-import zipfile
-from collections import OrderedDict
 from dataclasses import asdict
 
 import torch
 
 from download import WEIGHTS, add_cache_flag, fetch, resolve_weights
-from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from released_tokenizers import BPETokenizer, find_bpe_vocab, tokenizer_from_state_dict
+from model import CLIP, SIGLIP_TEXT, SIGLIP_VISION, CLIPConfig, TextConfig, VisionConfig
+from released_tokenizers import BPETokenizer, SigLIPTokenizer, find_bpe_vocab, find_spm_model, tokenizer_from_state_dict
+from weight_files import read_state_dict
 
+# ----------------------------------------------------------------------------- CLIP (OpenAI/open_clip naming)
+# OpenAI's release (a TorchScript archive) and open_clip's state dicts share one naming; only the names
+# differ from ours, never the layout: nn.MultiheadAttention packs q, k, v into one in_proj matrix in that
+# order, which is exactly our qkv Linear, and OpenAI's projections are already (width, embed) matrices
 # applied as x @ proj. Every bias and LayerNorm has a counterpart; the patch convolution has no bias there
 # either. So the conversion is a rename plus a check that nothing is missing or left over.
 
@@ -65,10 +67,38 @@ BLOCK_NAMES = {  # theirs -> ours, inside each residual block
     "mlp.c_proj.weight": "mlp.2.weight",
     "mlp.c_proj.bias": "mlp.2.bias",
 }
-TOWERS = {"visual.transformer.resblocks": "visual.blocks", "transformer.resblocks": "text.blocks"}
+TOWERS = {
+    "visual.transformer.resblocks": ("visual.blocks", BLOCK_NAMES),
+    "transformer.resblocks": ("text.blocks", BLOCK_NAMES),
+}
 # Scalars OpenAI's archive keeps beside the weights, checked against the shapes; and the causal mask,
 # which open_clip builds as a buffer (kept by TorchScript) and our attention computes itself.
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+def rename(state: dict, top: dict, towers: dict, ignored: set, what: str) -> tuple[dict[str, str], list[int]]:
+    """(theirs -> ours for every tensor our model holds, the number of blocks of each tower). `top` names the
+    tensors outside the blocks ("logit_bias" is optional), `towers` maps each tower's block prefix to ours
+    and the names inside a block. Raises ValueError listing every expected key that is missing and every
+    key that has no place in our model (`ignored` ones aside)."""
+    layers = {tower: 0 for tower in towers}
+    for key in state:
+        for tower in towers:
+            if m := re.match(re.escape(tower) + r"\.(\d+)\.", key):
+                layers[tower] = max(layers[tower], int(m.group(1)) + 1)
+    names = {k: v for k, v in top.items() if k != "logit_bias" or k in state}
+    for tower, (ours, block_names) in towers.items():
+        for i in range(layers[tower]):
+            names.update({f"{tower}.{i}.{a}": f"{ours}.{i}.{b}" for a, b in block_names.items()})
+    missing = [k for k in names if k not in state]
+    unmapped = [k for k in state if k not in names and k not in ignored]
+    if missing or unmapped or not all(layers.values()):
+        raise ValueError(
+            f"not a {what} that this model can hold:\n"
+            f"  missing keys ({len(missing)}): {missing}\n"
+            f"  keys with no place in our model ({len(unmapped)}): {unmapped}"
+        )
+    return names, list(layers.values())
 
 
 def convert_openai_state_dict(
@@ -82,24 +112,10 @@ def convert_openai_state_dict(
     listing every expected key that is missing and every key that has no place in our model.
     """
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's prefix
-    layers = {tower: 0 for tower in TOWERS}
-    for key in state:
-        for tower in TOWERS:
-            if m := re.match(re.escape(tower) + r"\.(\d+)\.", key):
-                layers[tower] = max(layers[tower], int(m.group(1)) + 1)
-    names = {k: v for k, v in TOP_NAMES.items() if k != "logit_bias" or k in state}
-    for tower, ours in TOWERS.items():
-        for i in range(layers[tower]):
-            names.update({f"{tower}.{i}.{a}": f"{ours}.{i}.{b}" for a, b in BLOCK_NAMES.items()})
     ignored = {k for k in state if k in OPENAI_SCALARS or k.split(".")[-1] == "attn_mask"}
-    missing = [k for k in names if k not in state]
-    unmapped = [k for k in state if k not in names and k not in ignored]
-    if missing or unmapped or not all(layers.values()):
-        raise ValueError(
-            "not a CLIP ViT state dict in OpenAI/open_clip naming that this model can hold:\n"
-            f"  missing keys ({len(missing)}): {missing}\n"
-            f"  keys with no place in our model ({len(unmapped)}): {unmapped}"
-        )
+    names, (v_layers, t_layers) = rename(
+        state, TOP_NAMES, TOWERS, ignored, "CLIP ViT state dict in OpenAI/open_clip naming"
+    )
 
     positions = state["visual.positional_embedding"].shape[0]
     grid = math.isqrt(positions - 1)  # 1 class token + grid x grid patches
@@ -109,7 +125,6 @@ def convert_openai_state_dict(
         raise ValueError(
             f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, {head_width}-wide heads"
         )
-    v_layers, t_layers = (layers[tower] for tower in TOWERS)
     bias = state.get("logit_bias")
     cfg = CLIPConfig(
         vision=VisionConfig(
@@ -146,100 +161,106 @@ def convert_openai_state_dict(
     return cfg, {ours: state[theirs].float() for theirs, ours in names.items()}
 
 
-# Reading OpenAI's release without running it. The file is a TorchScript archive: a zip holding
-# <root>/data.pkl (a pickle of the module tree: each module an object of a "__torch__.*" class whose state
-# is a dict of its attributes, tensors among them), <root>/data/<key> (raw tensor storages) and
-# <root>/code/ (the model's TorchScript source). torch.jit.load would compile that code; unpickling
-# data.pkl with an allow-list of the few globals a weights pickle needs reads the tensors and nothing else.
-STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
+# ----------------------------------------------------------------------------- SigLIP (open_clip/timm naming)
+# open_clip's ViT-B-16-SigLIP is timm's ViT ("visual.trunk.*") beside open_clip's own bidirectional text
+# transformer ("text.*", CLIP's block naming). timm's attention packs q, k, v into one qkv Linear, as ours;
+# its MAP head keeps q and kv apart, as ours. Three tensors differ in layout, not content: timm keeps a
+# batch axis on the positions (1, N, W) and the probe (1, 1, W), and open_clip's text projection is an
+# nn.Linear, a (D, W) weight applied as x @ weight.T, where ours is a (W, D) matrix.
+WB = ("weight", "bias")
+HEAD_MODULES = {"q": "q", "kv": "kv", "proj": "out", "norm": "norm", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}
+TIMM_BLOCK_MODULES = {  # theirs -> ours, inside each of timm's ViT blocks
+    "norm1": "ln_1",
+    "attn.qkv": "attn.qkv",
+    "attn.proj": "attn.out",
+    "norm2": "ln_2",
+    "mlp.fc1": "mlp.0",
+    "mlp.fc2": "mlp.2",
+}
+SIGLIP_TOP_NAMES = {
+    "visual.trunk.patch_embed.proj.weight": "visual.patchify.weight",
+    "visual.trunk.patch_embed.proj.bias": "visual.patchify.bias",
+    "visual.trunk.pos_embed": "visual.positions",
+    "visual.trunk.norm.weight": "visual.ln_post.weight",
+    "visual.trunk.norm.bias": "visual.ln_post.bias",
+    "visual.trunk.attn_pool.latent": "visual.head.probe",
+    **{f"visual.trunk.attn_pool.{a}.{p}": f"visual.head.{b}.{p}" for a, b in HEAD_MODULES.items() for p in WB},
+    "text.token_embedding.weight": "text.token_embedding.weight",
+    "text.positional_embedding": "text.positions",
+    "text.ln_final.weight": "text.ln_final.weight",
+    "text.ln_final.bias": "text.ln_final.bias",
+    "text.text_projection.weight": "text.proj",
+    "text.text_projection.bias": "text.proj_bias",
+    "logit_scale": "logit_scale",
+    "logit_bias": "logit_bias",
+}
+TIMM_BLOCK_NAMES = {f"{a}.{p}": f"{b}.{p}" for a, b in TIMM_BLOCK_MODULES.items() for p in WB}
+SIGLIP_TOWERS = {
+    "visual.trunk.blocks": ("visual.blocks", TIMM_BLOCK_NAMES),
+    "text.transformer.resblocks": ("text.blocks", BLOCK_NAMES),
+}
+SIGLIP_LAYOUT = {  # ours -> how their tensor becomes ours
+    "visual.positions": lambda t: t[0],  # (1, N, W) -> (N, W)
+    "visual.head.probe": lambda t: t.reshape(-1),  # (1, 1, W) -> (W,)
+    "text.proj": lambda t: t.T.contiguous(),  # (D, W) -> (W, D)
 }
 
 
-class _ScriptObject:
-    """Stands in for any TorchScript class while unpickling: keeps the attribute dict, runs nothing."""
-
-    def __setstate__(self, state):
-        self.state = state
+def is_siglip(state: dict) -> bool:
+    """SigLIP's weights in open_clip's naming hold timm's ViT under visual.trunk; CLIP's do not."""
+    return any(k.removeprefix("module.").startswith("visual.trunk.") for k in state)
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return storage.as_strided(size, stride, offset)
+def convert_siglip_state_dict(state: dict, activation: str = "gelu", head_width: int = 64) -> tuple[CLIPConfig, dict]:
+    """An open_clip SigLIP state dict (ViT-B-16-SigLIP's naming) -> (our config, our state dict).
+
+    The config is read off the shapes, with SigLIP's settings the shapes cannot tell (model.SIGLIP_VISION,
+    SIGLIP_TEXT: LayerNorm eps 1e-6, bidirectional text read at the last position, squashed images, mean
+    and std 0.5), exact GELU as open_clip computes it, and 64-wide heads (12 in B/16, also in the MAP head).
+    Raises ValueError listing every expected key that is missing and every key with no place in our model.
+    """
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    names, (v_layers, t_layers) = rename(
+        state, SIGLIP_TOP_NAMES, SIGLIP_TOWERS, set(), "SigLIP state dict in open_clip/timm naming"
+    )
+    v_width, _, patch, _ = state["visual.trunk.patch_embed.proj.weight"].shape
+    positions = state["visual.trunk.pos_embed"].shape[1]
+    grid = math.isqrt(positions)  # grid x grid patches, no class token
+    vocab, t_width = state["text.token_embedding.weight"].shape
+    embed_dim = state["text.text_projection.weight"].shape[0]
+    if grid * grid != positions or v_width % head_width or t_width % head_width or embed_dim != v_width:
+        raise ValueError(
+            f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, joint width {embed_dim} "
+            f"(the MAP head has no projection: it must be the image width), {head_width}-wide heads"
+        )
+    bias = state.get("logit_bias")
+    cfg = CLIPConfig(
+        vision=VisionConfig(
+            image_size=grid * patch,
+            patch_size=patch,
+            width=v_width,
+            layers=v_layers,
+            heads=v_width // head_width,
+            activation=activation,
+            **SIGLIP_VISION,
+        ),
+        text=TextConfig(
+            vocab_size=vocab,
+            context_length=state["text.positional_embedding"].shape[0],
+            width=t_width,
+            layers=t_layers,
+            heads=t_width // head_width,
+            activation=activation,
+            **SIGLIP_TEXT,
+        ),
+        embed_dim=embed_dim,
+        init_logit_scale=float(state["logit_scale"]),
+        init_logit_bias=None if bias is None else float(bias),
+    )
+    return cfg, {ours: SIGLIP_LAYOUT.get(ours, lambda t: t)(state[theirs].float()) for theirs, ours in names.items()}
 
 
-# Scripted (not traced) modules also pickle typed lists and dicts through these; each returns its value.
-TYPED_CONTAINERS = {"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag"}
-
-
-class _WeightsUnpickler(pickle.Unpickler):
-    def __init__(self, archive: zipfile.ZipFile, root: str):
-        super().__init__(archive.open(root + "data.pkl"))
-        self.archive, self.root, self.storages = archive, root, {}
-
-    def find_class(self, module: str, name: str):
-        if module.startswith("__torch__"):
-            return _ScriptObject
-        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch" and name in STORAGE_DTYPES:
-            return name
-        if module == "torch.jit._pickle" and name in TYPED_CONTAINERS:
-            return lambda value, *type_tag: value
-        raise pickle.UnpicklingError(f"{module}.{name} is not on the allow-list of a weights archive")
-
-    def persistent_load(self, pid):
-        _, storage_type, key, _, numel = pid  # ("storage", type, key, device, numel)
-        if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.root}data/{key}"))
-            dtype = STORAGE_DTYPES[storage_type]
-            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
-        return self.storages[key]
-
-
-def is_torchscript(path: str) -> bool:
-    """TorchScript archives carry their code; torch.save zips (ours, open_clip's) do not."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("code/" in n for n in archive.namelist())
-
-
-def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor attribute of the module tree in a TorchScript archive, named as state_dict() names
-    them: parameters and buffers, plus any tensor kept as a plain attribute (a causal attn_mask; the
-    scalars input_resolution, context_length, vocab_size of OpenAI's release)."""
-    with zipfile.ZipFile(path) as archive:
-        root = min((n for n in archive.namelist() if n.endswith("data.pkl")), key=len)[: -len("data.pkl")]
-        if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
-            raise ValueError(f"{path}: big-endian archives are not supported")
-        try:
-            top = _WeightsUnpickler(archive, root).load()
-        except pickle.UnpicklingError as err:
-            # An archive from a torch version that pickles something this allow-list has not met. Loading
-            # it with torch compiles its TorchScript code (run by torch's interpreter, which cannot call
-            # arbitrary Python), so it is the fallback, said out loud, not the way in.
-            print(f"note: {path}: {err}; reading it with torch.jit.load instead")
-            return torch.jit.load(path, map_location="cpu").state_dict()
-
-    def walk(obj: _ScriptObject, prefix: str):
-        for name, value in (obj.state if isinstance(obj.state, dict) else {}).items():
-            if isinstance(value, torch.Tensor):
-                yield prefix + name, value
-            elif isinstance(value, _ScriptObject):
-                yield from walk(value, prefix + name + ".")
-
-    return dict(walk(top, ""))
+# ----------------------------------------------------------------------------- any file -> our checkpoint
 
 
 def clip_bpe(bpe: str | None = None, cache: str | None = None) -> str:
@@ -253,32 +274,39 @@ def clip_bpe(bpe: str | None = None, cache: str | None = None) -> str:
         return fetch("openai/bpe_simple_vocab_16e6", cache)
 
 
-def load_weights(path: str, bpe: str | None = None, activation: str = "quick_gelu", cache: str | None = None) -> dict:
+def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, cache=None) -> dict:
     """A checkpoint in our format ({"config", "model", "tokenizer", ...}) from any of:
       - a checkpoint of ours, returned as it is;
-      - OpenAI's CLIP release, a TorchScript archive, read without running its code (read_torchscript_state_dict);
-      - an open_clip state dict of the same architecture (torch.save; under "state_dict" in open_clip's
-        training checkpoints). CLIP weights get CLIP's BPE tokenizer, read from `bpe` (clip_bpe).
-    `path` may also be a name of download.WEIGHTS ("openai/ViT-B-16"): the release, fetched once into the
-    cache folder `cache` and checked (DownloadError when that fails).
-    torch.load runs with weights_only=True: a downloaded file may hold tensors and plain data, not code."""
+      - OpenAI's CLIP release, a TorchScript archive, read without running its code;
+      - an open_clip state dict (torch.save's .bin/.pt, or .safetensors; under "state_dict" in open_clip's
+        training checkpoints) of a CLIP ViT or of SigLIP (ViT-B-16-SigLIP), told apart by their keys;
+      - a name of download.WEIGHTS ("openai/ViT-B-16"): the release, fetched once into the cache folder
+        `cache` and checked (DownloadError when that fails).
+    CLIP weights get CLIP's BPE tokenizer (clip_bpe) and `activation` (their shapes cannot tell); SigLIP
+    weights get SigLIP's SentencePiece tokenizer, read from `spm` (default: beside the weights). Anything
+    else is a ValueError in one line: torch.load runs with weights_only=True, and a file that needs more
+    (code, say) is not weights."""
     name, path = path, resolve_weights(path, cache)
     if not os.path.isfile(path):
         raise ValueError("not a file")
-    if is_torchscript(path):
-        state = read_torchscript_state_dict(path)
+    try:
+        state = read_state_dict(path)
+    except Exception as err:  # pickle, zip and runtime errors: whatever it is, it is not weights we can read
+        raise ValueError(f"not a weights file torch can read safely ({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict or a checkpoint")
+    if "model" in state and "config" in state:
+        return state
+    state = state.get("state_dict", state)
+    if is_siglip(state):
+        cfg, state = convert_siglip_state_dict(state)
+        tokenizer = SigLIPTokenizer.from_file(find_spm_model(spm, beside=path), cfg.text.context_length)
+        if len(tokenizer) > cfg.text.vocab_size:  # T5's 32,000 pieces, 32,000 rows in ViT-B-16-SigLIP
+            raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, the weights embed {cfg.text.vocab_size}")
+        cfg.text.pad_id = tokenizer.pad_id
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle, zip and runtime errors: whatever it is, it is not weights we can read
-            raise ValueError(f"not a weights file torch can read safely ({type(err).__name__})") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"holds a {type(state).__name__}, not a state dict or a checkpoint")
-        if "model" in state and "config" in state:
-            return state
-        state = state.get("state_dict", state)
-    cfg, state = convert_openai_state_dict(state, activation)
-    tokenizer = BPETokenizer.from_file(clip_bpe(bpe, cache), cfg.text.context_length)
+        cfg, state = convert_openai_state_dict(state, activation)
+        tokenizer = BPETokenizer.from_file(clip_bpe(bpe, cache), cfg.text.context_length)
     return {"config": asdict(cfg), "model": state, "tokenizer": tokenizer.state_dict(), "converted_from": name}
 
 
@@ -301,14 +329,13 @@ def balanced_bias(model: CLIP, batch: dict) -> float:
 
 
 def add_weight_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags that say how to read released CLIP weights; train.py (--init) and eval.py (--ckpt) share them."""
+    """The flags that say how to read released weights; train.py (--init) and eval.py (--ckpt) share them."""
     parser.add_argument(
         "--bpe",
         default=None,
         metavar="PATH",
         help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for CLIP weights (default: the copy "
-        "inside an installed open_clip_torch, else OpenAI's file downloaded once into --cache-dir; our "
-        "checkpoints carry their tokenizer)",
+        "inside an installed open_clip_torch; our checkpoints carry their tokenizer)",
     )
     parser.add_argument(
         "--clip-act",
@@ -317,29 +344,41 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
         help="activation of CLIP weights, which their shapes cannot tell: quick_gelu for OpenAI's "
         "(and open_clip's *-quickgelu) models, gelu for open_clip's own ViT-B-16 trainings",
     )
+    parser.add_argument(
+        "--spm",
+        default=None,
+        metavar="PATH",
+        help="SigLIP's SentencePiece model (T5's cc_en.32000 sentencepiece.model, see docs/pretrained.md) for "
+        "SigLIP weights (default: sentencepiece.model or spiece.model beside the weights; our checkpoints "
+        "carry their tokenizer)",
+    )
     add_cache_flag(parser)
+
+
+def weight_options(args) -> dict:
+    """The weight flags of add_weight_flags, as load_weights' and load_model's keyword arguments."""
+    return {"bpe": args.bpe, "activation": args.clip_act, "spm": args.spm, "cache": args.cache_dir}
 
 
 # for --init / --ckpt help: the names download.py can fetch
 WEIGHT_NAMES = f"or a released model by name, downloaded once and checked: {', '.join(WEIGHTS)}"
 
 
-def load_model(
-    path: str, device: torch.device, bpe: str | None = None, activation: str = "quick_gelu", cache: str | None = None
-):
+def load_model(path: str, device: torch.device, **options):
     """(model in eval mode, its tokenizer, the checkpoint in our format) of any file load_weights reads, or of a
-    name of download.WEIGHTS; exits with a message the user can act on when the file is missing, cannot be
-    downloaded or is not weights this model can hold."""
+    name of download.WEIGHTS (options: load_weights' keyword arguments); exits with a message the user can act
+    on when the file is missing, cannot be downloaded or is not weights this model can hold."""
     if not os.path.exists(path) and path not in WEIGHTS:
         sys.exit(
             f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
-            f" (or pass CLIP weights, e.g. OpenAI's ViT-B-16.pt, or a name: {', '.join(WEIGHTS)})"
+            f" (or pass released weights: OpenAI's ViT-B-16.pt, open_clip's SigLIP open_clip_model.safetensors, or a"
+            f" name: {', '.join(WEIGHTS)})"
         )
     try:
-        ckpt = load_weights(path, bpe, activation, cache)
+        ckpt = load_weights(path, **options)
         model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["model"])
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no vocabulary; other weights; offline
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no tokenizer; other weights; offline
         sys.exit(f"error: {path}: {err}")
     if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
         sys.exit(f"error: {path}: the weights hold NaN or inf values (a diverged run?); refusing to score them")

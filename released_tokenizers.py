@@ -1,4 +1,4 @@
-"""Tokenizers of released models, written from scratch: CLIP's byte-level BPE.
+"""Tokenizers of released models, written from scratch: CLIP's byte-level BPE and SigLIP's SentencePiece.
 
 Models trained here from scratch use the word tokenizer of data.py; a model started from released weights
 must tokenize exactly as its authors did, or every text embedding is off. Each tokenizer has the interface
@@ -6,8 +6,9 @@ of data.WordTokenizer (encode, __call__ -> (B, T) right-padded with 0, state_dic
 records which one it was trained with (state_dict()["kind"], read back by tokenizer_from_state_dict), so
 eval.py always tokenizes as training did.
 
-Paper map: none directly. The paper fine-tunes SigLIP, whose tokenizer is a SentencePiece model; this
-repository starts from OpenAI's CLIP (pretrained.py), so the BPE below is the one implemented.
+Paper map: none directly. The paper fine-tunes SigLIP, whose tokenizer is SigLIPTokenizer below: open_clip's
+"canonicalize" cleaning, then T5's SentencePiece unigram model (sentencepiece_unigram.py), the end token
+and padding to the full 64-token context. OpenAI's CLIP weights (pretrained.py) use BPETokenizer.
 
 Dimension legend: B texts, T tokens (the longest in the batch, at most the context length).
 """
@@ -17,12 +18,15 @@ import html
 import importlib.util
 import math
 import os
+import string
 import unicodedata
 
 import torch
 
 from data import WordTokenizer, pad_batch
+from sentencepiece_unigram import UnigramModel, read_model
 
+# CLIP's byte-level BPE. A caption is cleaned, cut into pre-tokens (words, single digits, runs of other
 # symbols), each pre-token's UTF-8 bytes are spelled with 256 printable stand-in characters, and learned
 # merges of adjacent symbols are applied in the order they were learned. The vocabulary is the 256 bytes,
 # the 256 bytes ending a word ("</w>"), the first 48,894 merges of the file, then start and end:
@@ -86,14 +90,28 @@ def _ftfy_table() -> dict[int, str | None]:
 FTFY_TABLE = _ftfy_table()
 
 
-def clean_text(text: str) -> str:
-    """CLIP's text cleaning (ftfy, HTML entities twice, whitespace collapsed, lower case), without ftfy."""
+def basic_clean(text: str) -> str:
+    """open_clip's basic_clean (ftfy, then HTML entities twice, then strip), without ftfy."""
     if "<" not in text:  # ftfy decodes entities unless the text looks like HTML, until nothing changes
         while (decoded := html.unescape(text)) != text:
             text = decoded
     text = unicodedata.normalize("NFC", text.translate(FTFY_TABLE))
-    text = html.unescape(html.unescape(text))  # CLIP's own step, after ftfy
-    return " ".join(text.split()).lower()
+    return html.unescape(html.unescape(text)).strip()  # CLIP's own step, after ftfy
+
+
+def clean_text(text: str) -> str:
+    """CLIP's text cleaning: basic_clean, whitespace collapsed, lower case."""
+    return " ".join(basic_clean(text).split()).lower()
+
+
+PUNCTUATION = str.maketrans("", "", string.punctuation)  # ASCII only: "!" goes, "¡" and "…" stay
+
+
+def canonicalize(text: str) -> str:
+    """open_clip's "canonicalize" cleaning of SigLIP's text (big_vision's, for its prompts): basic_clean,
+    then underscores read as spaces, ASCII punctuation removed, lower case, whitespace collapsed."""
+    text = basic_clean(text).replace("_", " ").translate(PUNCTUATION).lower()
+    return " ".join(text.split())
 
 
 def _kind(c: str) -> str:
@@ -213,10 +231,78 @@ class BPETokenizer:
         return cls(state["merges"], state["context_length"])
 
 
+# SigLIP's tokenizer, as open_clip runs it for ViT-B-16-SigLIP (its config: hf_tokenizer_name
+# "timm/ViT-B-16-SigLIP", context_length 64, tokenizer_kwargs clean "canonicalize"): the text cleaned by
+# canonicalize, then the Hugging Face T5 tokenizer of T5's English SentencePiece model (cc_en.32000, the
+# "c4-en" vocabulary of open_clip's SigLipTokenizer) with max_length 64, truncation and padding to
+# max_length. T5's vocabulary has no start token; its end token </s> is id 1, and SigLIP pads with it too
+# (big_vision's tokenize(eos="sticky", pad_value=1); open_clip sets pad_token_id = 1): [ids..., 1, 1, ...].
+# A long text keeps its first 63 pieces, then </s>. Unknown characters are <unk> (id 2), one per run.
+SPM_FILES = ("sentencepiece.model", "spiece.model")  # T5's name for the file; Hugging Face's for a copy
+SPM_URL = "https://storage.googleapis.com/t5-data/vocabs/cc_en.32000/sentencepiece.model"
+
+
+def find_spm_model(path: str | None = None, beside: str | None = None) -> str:
+    """The SentencePiece model file: `path`, else one of SPM_FILES in the folder of `beside` (the weights)."""
+    if path is None and beside is not None:
+        folder = os.path.dirname(os.path.abspath(beside))
+        path = next((os.path.join(folder, n) for n in SPM_FILES if os.path.exists(os.path.join(folder, n))), None)
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(
+            f"SigLIP's SentencePiece model {path or ' or '.join(SPM_FILES)} was not found. It is needed to "
+            f"tokenize text for SigLIP weights: download it from {SPM_URL}, and pass --spm PATH or put it "
+            "beside the weights (docs/pretrained.md)."
+        )
+    return path
+
+
+class SigLIPTokenizer:
+    """SigLIP's tokenizer: [SentencePiece ids of the canonicalized text..., </s>], padded with </s> to exactly
+    context_length tokens. Always the full context: SigLIP's text transformer has no mask, every position
+    attends to the padding, and the last position is the text's feature."""
+
+    def __init__(self, spec: dict, context_length: int = 64):
+        self.spec, self.context_length = spec, context_length  # spec: sentencepiece_unigram.read_model's
+        self.model = UnigramModel(spec)
+        self.end_id = self.pad_id = self.model.eos_id
+
+    @classmethod
+    def from_file(cls, path: str, context_length: int = 64) -> "SigLIPTokenizer":
+        with open(path, "rb") as f:
+            return cls(read_model(f.read()), context_length)
+
+    def __len__(self) -> int:
+        return len(self.model)
+
+    def encode(self, text: str) -> list[int]:
+        """[ids..., </s>], truncated so that the end token always fits in the context (no padding)."""
+        return self.model.encode(canonicalize(text))[: self.context_length - 1] + [self.end_id]
+
+    def decode(self, ids) -> str:
+        pieces = [self.spec["pieces"][i] for i in ids if i != self.end_id]
+        return "".join(pieces).replace("▁", " ").strip()
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """texts -> (len(texts), context_length) int64, right-padded with </s>."""
+        rows = [self.encode(t) for t in texts]
+        return torch.tensor([row + [self.pad_id] * (self.context_length - len(row)) for row in rows])
+
+    def state_dict(self) -> dict:
+        # The pieces, scores, types and character map themselves (about 0.8 MB for T5's 32,000 pieces), so a
+        # checkpoint needs no SentencePiece file to be evaluated.
+        return {"kind": "sentencepiece", "model": self.spec, "context_length": self.context_length}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "SigLIPTokenizer":
+        return cls(state["model"], state["context_length"])
+
+
 def tokenizer_from_state_dict(state: dict):
     """The tokenizer a checkpoint was trained with, whichever kind it is."""
     if state.get("kind") == "word":
         return WordTokenizer.from_state_dict(state)
     if state.get("kind") == "clip_bpe":
         return BPETokenizer.from_state_dict(state)
+    if state.get("kind") == "sentencepiece":
+        return SigLIPTokenizer.from_state_dict(state)
     raise ValueError(f"unknown tokenizer kind {state.get('kind')!r} in the checkpoint")

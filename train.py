@@ -5,8 +5,11 @@
   python train.py --steps 20 --batch-size 16 --out /tmp/run   # a smoke test in seconds
   python train.py --data cc3m --data-dir /data/cc3m --caption-key shortLLA_captions --concept-key nounphrases \\
       --model B/16 --epochs 5 --workers 8             # the paper's data and captions, from scratch
+  torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init open_clip_model.safetensors \\
+      --caption-key shortLLA_captions --concept-key nounphrases --lr 1e-5 --batch-size 96 --epochs 5 \\
+      --warmup 50                                   # the paper's recipe: SigLIP B/16 on 8 GPUs (docs/pretrained.md)
   torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init openai/ViT-B-16 \\
-      --method c2lip --lr 1e-5 --batch-size 96 --epochs 5   # fine-tune CLIP on 8 GPUs
+      --method c2lip --lr 1e-5 --batch-size 96 --epochs 5   # the same from OpenAI's CLIP, downloaded once
   torchrun --nproc_per_node 2 train.py ... --batch-size 96 --accum-freq 4   # the same 768-image batch on 2 GPUs
 
 Paper map (Section 3 and "Training setup" in docs/paper.md):
@@ -22,10 +25,11 @@ micro-batches of --batch-size, with the loss and gradient of the whole batch (ob
 
 Departures: the paper fine-tunes pretrained SigLIP on CC3M for 5 epochs at lr 1e-5; the defaults here
 train a tiny model from scratch on the shapes world (lr 5e-4). `--init` starts from pretrained weights
-instead: OpenAI's CLIP release (a file, or the name openai/ViT-B-16: downloaded once by download.py), an
-open_clip state dict of the same architecture, or a checkpoint of ours (the model, its tokenizer and its
-pixel normalisation come from the file; --model is then unused).
-OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
+instead: SigLIP ViT-B/16 as open_clip releases it (the paper's), OpenAI's CLIP release (a file, or the name
+openai/ViT-B-16: downloaded once by download.py) or an open_clip CLIP state dict, or a checkpoint of ours (the
+model, its tokenizer and its preprocessing come from the file; --model is then unused). OpenAI's CLIP has no
+logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`). The paper warms up for 50
+steps (`--warmup 50`); the default is 5% of the run.
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
 `--concept-labels phrase` and `--concept-logits own` are off by default.
 Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
@@ -64,7 +68,7 @@ from download import WEIGHTS, DownloadError
 from model import CLIP, PRESETS, CLIPConfig
 from objective import METHODS, Objective, accumulated_step, loss_terms
 from pictures import plot_losses
-from pretrained import WEIGHT_NAMES, add_weight_flags, balanced_bias, load_weights
+from pretrained import WEIGHT_NAMES, add_weight_flags, balanced_bias, load_weights, weight_options
 from released_tokenizers import tokenizer_from_state_dict
 from shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
 from webdata import (
@@ -103,7 +107,7 @@ def get_parser() -> argparse.ArgumentParser:
     loss("--concept-logits", default="shared", choices=["shared", "own"], help=logits)
     model = p.add_argument_group("model").add_argument
     model("--model", default="tiny", choices=list(PRESETS), help="size preset (model.py) when training from scratch")
-    init = f"start from OpenAI's ViT-B-16.pt, an open_clip state dict or our checkpoint, {WEIGHT_NAMES}"
+    init = f"start from SigLIP's or CLIP's released weights (.safetensors/.bin/.pt) or our checkpoint, {WEIGHT_NAMES}"
     model("--init", metavar="PATH_OR_NAME", help=init)
     add_weight_flags(p)
     model(
@@ -117,7 +121,7 @@ def get_parser() -> argparse.ArgumentParser:
     opt("--lr", type=float, default=5e-4, help="peak learning rate")
     opt("--logit-lr", type=float, help="learning rate of the logit scale and bias (default: --lr)")
     opt("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
-    opt("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of --steps")
+    opt("--warmup", type=float, default=0.05, help="linear warm-up: a fraction of --steps below 1, else steps")
     opt("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     run = p.add_argument_group("run").add_argument
     run("--seed", type=int, default=0, help="seed of the initialisation and of the training scenes")
@@ -153,11 +157,19 @@ def get_args(argv=None) -> argparse.Namespace:
             float(args.init_bias)
         except ValueError:
             p.error(f"--init-bias must be 'auto' or a number, not {args.init_bias!r}")
-    if args.bpe and not args.init:
-        p.error("--bpe only applies with --init (training from scratch uses the word tokenizer)")
+    if (args.bpe or args.spm) and not args.init:
+        p.error("--bpe and --spm only apply with --init (training from scratch uses the word tokenizer)")
+    if PRESETS[args.model].text.pooling == "last" and not args.init:
+        p.error(
+            f"--model {args.model} is SigLIP's shape, for --init weights: its text is read at the last position "
+            "of a full context, which the word tokenizer does not fill"
+        )
     if args.init and not os.path.exists(args.init) and args.init not in WEIGHTS:
         names = ", ".join(WEIGHTS)
-        p.error(f"--init {args.init}: no such file, and not one of the names {names} (see docs/pretrained.md)")
+        p.error(
+            f"--init {args.init}: no such file, and not one of the names {names}. SigLIP's release is "
+            "open_clip_model.safetensors (see docs/pretrained.md)"
+        )
     if args.resume and args.overwrite:
         p.error("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     if message := device_problem(args.device):
@@ -177,8 +189,8 @@ def check_numbers(p: argparse.ArgumentParser, args) -> None:
     for name in ("logit_lr", "weight_decay", "grad_clip", "workers", "shuffle_buffer", "max_nonfinite"):
         if getattr(args, name) is not None and not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more")
-    if not 0 <= args.warmup < 1:
-        p.error("--warmup is a fraction of --steps: at least 0 and below 1")
+    if not args.warmup >= 0:
+        p.error("--warmup must be 0 or more: a fraction of --steps below 1, else a number of steps")
     if args.epochs is not None and (not args.epochs > 0 or args.steps is not None):
         p.error("--epochs must be positive, and goes without --steps")
 
@@ -210,8 +222,9 @@ def check_shards(p: argparse.ArgumentParser, args) -> None:
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
     """The learning rate of step `step` (0-based) as a fraction of the peak: a linear warm-up over the first
-    `warmup` fraction of the steps (at least one step), then a cosine decay to 0 at `steps`."""
-    warmup_steps = max(1, round(warmup * steps))
+    `warmup` fraction of the steps (`warmup` steps if it is 1 or more; at least one step), then a cosine
+    decay to 0 at `steps`."""
+    warmup_steps = max(1, round(warmup * steps if warmup < 1 else warmup))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
@@ -247,7 +260,7 @@ def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) ->
         return CLIPConfig.from_dict(resume["config"]), tokenizer_from_state_dict(resume["tokenizer"]), None
     if args.init:
         try:
-            ckpt = load_weights(args.init, args.bpe, args.clip_act, args.cache_dir)
+            ckpt = load_weights(args.init, **weight_options(args))
         except DownloadError as err:
             sys.exit(f"error: --init {args.init}: {err}")
         cfg = replace(CLIPConfig.from_dict(ckpt["config"]), concept_logits=args.concept_logits == "own")

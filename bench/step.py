@@ -3,13 +3,16 @@
   python bench/step.py                              # tiny model, batch 128: fp32 vs bf16, siglip vs c2lip
   python bench/step.py --model small --batch-size 64 --json step.json
   python bench/step.py --open-clip --batch-size 8   # our B/16 against open_clip's ViT-B-16, fp32
+  python bench/step.py --open-clip-siglip --batch-size 8 --steps 3 --warmup 1   # SigLIP B/16, the paper's backbone
 
 Runs take turns step by step (`--warmup` untimed steps, then `--steps` timed ones each), so a noisy
 machine slows every configuration alike. Read the ratios, not the absolute seconds.
 
-With --open-clip (needs `pip install open_clip_torch`, a test-only dependency; random weights, nothing
-downloaded) both models get the same 224 px images and 77-token texts, the same SigLIP loss and the same
-AdamW, so the ratio compares the two transformer implementations.
+With --open-clip or --open-clip-siglip (needs `pip install open_clip_torch`, and timm for SigLIP: test-only
+dependencies; random weights, nothing downloaded) both models get the same 224 px images and full-length texts
+(77 tokens for CLIP, 64 for SigLIP), the same SigLIP loss and the same AdamW, so the ratio compares the two
+implementations. Neither computes patch tokens (open_clip's models do not; ours skips them when no loss reads
+them, as train.py does for the baselines).
 """
 
 import argparse
@@ -88,52 +91,71 @@ def methods_and_precisions(args, device) -> dict:
     return {"s_per_step": per_step, "ratios": ratios}
 
 
-def against_open_clip(args, device) -> dict:
+# our preset, open_clip's model, text length, vocabulary size, start id (None: none), end id
+PAIRS = {
+    "clip": ("B/16", "ViT-B-16", 77, 49408, 49406, 49407),
+    "siglip": ("siglip-B/16", "ViT-B-16-SigLIP", 64, 32000, None, 1),
+}
+
+
+def against_open_clip(args, device, pair: str) -> dict:
     import open_clip  # test-only dependency
 
+    preset, name, length, vocab, start, end = PAIRS[pair]
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
-    texts = torch.randint(1, 49406, (args.batch_size, 77), device=device)
-    texts[:, 0], texts[:, -1] = 49406, 49407  # full-length texts: open_clip always runs all 77 positions
+    texts = torch.randint(2, vocab - 2, (args.batch_size, length), device=device)
+    texts[:, -1] = end  # full-length texts: open_clip always runs every position
+    if start is not None:
+        texts[:, 0] = start
     t, b = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
-    cfg = PRESETS["B/16"]
-    ours = CLIP(replace(cfg, text=replace(cfg.text, vocab_size=49408))).to(device)
-    theirs = open_clip.create_model("ViT-B-16", pretrained=None).to(device)
+    cfg = PRESETS[preset]
+    ours = CLIP(replace(cfg, text=replace(cfg.text, vocab_size=vocab))).to(device)
+    theirs = open_clip.create_model(name, pretrained=None).to(device)
 
     def ours_loss():
-        return siglip_loss(ours.encode_image(images)[0], ours.encode_text(texts), t, b)
+        return siglip_loss(ours.encode_image(images, patches=False)[0], ours.encode_text(texts), t, b)
 
     def theirs_loss():
         return siglip_loss(theirs.encode_image(images, normalize=True), theirs.encode_text(texts, normalize=True), t, b)
 
+    names = (f"ours {preset}", f"open_clip {name}")
     runs = {
-        "ours B/16": (ours_loss, torch.optim.AdamW(ours.parameters(), lr=1e-5)),
-        "open_clip ViT-B-16": (theirs_loss, torch.optim.AdamW(theirs.parameters(), lr=1e-5)),
+        names[0]: (ours_loss, torch.optim.AdamW(ours.parameters(), lr=1e-5)),
+        names[1]: (theirs_loss, torch.optim.AdamW(theirs.parameters(), lr=1e-5)),
     }
     per_step = interleaved_timing(runs, args, device)
     print(
-        f"B/16 training step, batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, "
+        f"{preset} training step, batch {args.batch_size}, {device}, fp32, {torch.get_num_threads()} threads, "
         f"{args.steps} steps each"
     )
-    for (name, sec), model in zip(per_step.items(), (ours, theirs)):
-        print(f"  {name:20s} {sec:7.2f} s/step   {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    ratio = per_step["ours B/16"] / per_step["open_clip ViT-B-16"]
-    print(f"  ours / open_clip     {ratio:.2f}x")
+    for (run, sec), model in zip(per_step.items(), (ours, theirs)):
+        print(f"  {run:26s} {sec:7.2f} s/step   {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    ratio = per_step[names[0]] / per_step[names[1]]
+    print(f"  {'ours / open_clip':26s} {ratio:7.2f}x")
     return {"s_per_step": per_step, "ours_over_open_clip": ratio}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="model preset (without --open-clip)")
+    p.add_argument("--model", default="tiny", choices=list(PRESETS), help="model preset (without --open-clip*)")
     p.add_argument("--batch-size", type=int, default=128, help="images per step")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--open-clip", action="store_true", help="time our B/16 against open_clip's ViT-B-16 instead")
+    p.add_argument(
+        "--open-clip-siglip",
+        action="store_true",
+        help="time our siglip-B/16 against open_clip's ViT-B-16-SigLIP instead",
+    )
     p.add_argument("--json", default=None, help="write the timings to this file")
     args = p.parse_args()
     device = pick_device(args.device)
-    result = against_open_clip(args, device) if args.open_clip else methods_and_precisions(args, device)
+    if args.open_clip or args.open_clip_siglip:
+        result = against_open_clip(args, device, "siglip" if args.open_clip_siglip else "clip")
+    else:
+        result = methods_and_precisions(args, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": str(device), **result}, f, indent=1)

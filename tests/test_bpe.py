@@ -56,7 +56,7 @@ def test_state_dict_records_the_kind_and_round_trips():
         assert type(again) is type(tok) and again(["a low red circle"]).equal(tok(["a low red circle"]))
     assert bpe.state_dict()["kind"] == "clip_bpe" and word.state_dict()["kind"] == "word"
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
-        tokenizer_from_state_dict({"kind": "sentencepiece"})
+        tokenizer_from_state_dict({"kind": "wordpiece"})
 
 
 def test_missing_vocabulary_file_says_where_to_get_it(tmp_path):

@@ -192,7 +192,7 @@ class Scripted(torch.nn.Module):
 
 
 def test_torchscript_reader_runs_no_code_and_falls_back_out_loud(tmp_path, monkeypatch, capsys):
-    import pretrained as model
+    import weight_files as model
 
     torch.manual_seed(0)
     path = str(tmp_path / "scripted.pt")

@@ -17,9 +17,10 @@ import torch
 import eval as evaluate
 import train
 from model import CLIP
-from pretrained import balanced_bias, convert_openai_state_dict, load_model, read_torchscript_state_dict
+from pretrained import balanced_bias, convert_openai_state_dict, load_model
 from shapes import ShapesWorld
 from shapes_eval import ShapesBenchmark, evaluate_shapes
+from weight_files import read_torchscript_state_dict
 
 open_clip = pytest.importorskip("open_clip")
 OpenCLIP, CLIPTextCfg, CLIPVisionCfg = open_clip.model.CLIP, open_clip.model.CLIPTextCfg, open_clip.model.CLIPVisionCfg
