@@ -63,6 +63,13 @@ WEIGHTS = {
         "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
         "about 350 MB (estimate)",
     ),
+    # open_clip's ViT-B-16-SigLIP (WebLI), the paper's backbone, as its hub repository ships it. No digest
+    # is published with it: trusted on first use.
+    "timm/ViT-B-16-SigLIP": Remote(
+        "https://huggingface.co/timm/ViT-B-16-SigLIP/resolve/main/open_clip_model.safetensors",
+        None,
+        "about 800 MB (estimate)",
+    ),
 }
 TOKENIZERS = {
     # clip/bpe_simple_vocab_16e6.txt.gz of openai/CLIP, 1,356,917 bytes. The digest is that of the copy
@@ -72,6 +79,13 @@ TOKENIZERS = {
         "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz",
         "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
         "1.3 MB",
+    ),
+    # T5's English SentencePiece model (cc_en.32000), the vocabulary of SigLIP's text tower; trusted on
+    # first use.
+    "t5/cc_en.32000": Remote(
+        "https://storage.googleapis.com/t5-data/vocabs/cc_en.32000/sentencepiece.model",
+        None,
+        "about 0.8 MB (estimate)",
     ),
 }
 # The benchmarks' files. No digest of these could be obtained on the machine this was written on (no

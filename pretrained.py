@@ -274,6 +274,17 @@ def clip_bpe(bpe: str | None = None, cache: str | None = None) -> str:
         return fetch("openai/bpe_simple_vocab_16e6", cache)
 
 
+def siglip_spm(spm: str | None, path: str, name: str, cache: str | None = None) -> str:
+    """SigLIP's SentencePiece model: --spm as given; else one beside the weights; else, for weights named from
+    download.WEIGHTS, T5's file fetched once into the cache."""
+    try:
+        return find_spm_model(spm, beside=path)
+    except FileNotFoundError:
+        if spm is not None or name not in WEIGHTS:
+            raise
+        return fetch("t5/cc_en.32000", cache)
+
+
 def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, cache=None) -> dict:
     """A checkpoint in our format ({"config", "model", "tokenizer", ...}) from any of:
       - a checkpoint of ours, returned as it is;
@@ -300,7 +311,7 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
     state = state.get("state_dict", state)
     if is_siglip(state):
         cfg, state = convert_siglip_state_dict(state)
-        tokenizer = SigLIPTokenizer.from_file(find_spm_model(spm, beside=path), cfg.text.context_length)
+        tokenizer = SigLIPTokenizer.from_file(siglip_spm(spm, path, name, cache), cfg.text.context_length)
         if len(tokenizer) > cfg.text.vocab_size:  # T5's 32,000 pieces, 32,000 rows in ViT-B-16-SigLIP
             raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, the weights embed {cfg.text.vocab_size}")
         cfg.text.pad_id = tokenizer.pad_id

@@ -286,3 +286,18 @@ def test_eval_download_refuses_imagenet_and_hands_cifar_to_torchvision(monkeypat
     with pytest.raises(SystemExit) as err:
         evaluate.main([*argv, "--cache-dir", str(tmp_path)])
     assert calls == [(str(tmp_path / "cifar"), False, True)] and "Connection refused" in str(err.value.code)
+
+
+def test_named_siglip_weights_fetch_their_tokenizer(tmp_path, monkeypatch):
+    """The SigLIP name brings T5's SentencePiece model from the registry when none is given or beside the weights;
+    a named file that is not in the registry, or an --spm that is missing, still says where to get it."""
+    assert "timm/ViT-B-16-SigLIP" in download.WEIGHTS and "t5/cc_en.32000" in download.TOKENIZERS
+    asked = []
+    monkeypatch.setattr(pretrained, "fetch", lambda name, cache=None: asked.append((name, cache)) or "spm-file")
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"")
+    assert pretrained.siglip_spm(None, str(weights), "timm/ViT-B-16-SigLIP", "cache") == "spm-file"
+    assert asked == [("t5/cc_en.32000", "cache")]
+    for spm, name in [(None, str(weights)), (str(tmp_path / "missing.model"), "timm/ViT-B-16-SigLIP")]:
+        with pytest.raises(FileNotFoundError, match="SentencePiece"):
+            pretrained.siglip_spm(spm, str(weights), name)
