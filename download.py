@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from checkpoint import atomic_write
+
 try:
     import fcntl  # POSIX; on Windows concurrent downloads are not serialised
 except ImportError:
@@ -181,9 +183,8 @@ def fetch(name: str, folder: str | None = None) -> str:
                 f"at {path} by hand"
             )
         if remote.sha256 is None:  # trust on first use: later uses are checked against this digest
-            with open(path + ".sha256.tmp", "w") as f:
+            with atomic_write(path + ".sha256") as f:
                 f.write(f"{digest}  {os.path.basename(path)}\n")
-            os.replace(path + ".sha256.tmp", path + ".sha256")
         os.replace(part, path)
     return path
 

@@ -27,12 +27,12 @@ where each category is generated exactly, with counts.
 """
 
 import argparse
-import json
 import os
 
 from tqdm import tqdm
 
 import benchmarks
+from checkpoint import write_json
 from data import image_to_tensor
 from devices import add_device_flag, pick_device
 from pictures import attention_maps, attention_picture, show_image
@@ -235,9 +235,8 @@ def main(argv=None) -> dict | str:
                 results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau)
     print(markdown_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            record = {"bench": args.bench, "data": args.dirs, "n": args.n, "bench_seed": args.bench_seed}
-            json.dump(record | {"results": results}, f, indent=1)
+        record = {"bench": args.bench, "data": args.dirs, "n": args.n, "bench_seed": args.bench_seed}
+        write_json(args.json, record | {"results": results}, indent=1)
         print(f"wrote {args.json}")
     return results
 

@@ -40,6 +40,7 @@ from dataclasses import replace
 
 import torch
 
+from concepts import article
 from data import image_to_tensor
 from metrics import (
     cos,
@@ -240,7 +241,7 @@ def evaluate_shapes(
     for metric, value in retrieval_recall(sim, torch.arange(len(sim)), ks=(1, 5)).items():
         results[metric] = {"accuracy": value, "count": len(sim)}
     # zero-shot: single-object images, classes = every colour-shape pair, prompts averaged over TEMPLATES
-    articled = [("an " if n[0] in "aeiou" else "a ") + n for n in bench.classes]
+    articled = [f"{article(n)} {n}" for n in bench.classes]
     prompts = embed_texts(model, tokenizer, [t.format(a) for a in articled for t in TEMPLATES], batch_size, device)
     classifier = zeroshot_classifier(prompts.view(len(articled), len(TEMPLATES), -1))  # (C, D)
     if pooled:
