@@ -237,3 +237,21 @@ def spm_model_bytes(vocab_size: int = 600, **options) -> bytes:
         sentence_iterator=iter(sentences), model_writer=out, vocab_size=vocab_size, **settings
     )
     return out.getvalue()
+
+
+def crash_after_first_checkpoint(monkeypatch, argv: list[str]) -> None:
+    """train.main(argv), dying (as a kill would) right after it writes its first checkpoint."""
+    import pytest
+
+    import train
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, **state):
+        real_save(path, **state)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(argv)

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import train
 from data import Collate, WordTokenizer
-from fixtures import write_cc3m
+from fixtures import crash_after_first_checkpoint, write_cc3m
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from objective import Objective, accumulated_step, loss_terms, objective_loss
 from shapes import ShapesDataset, ShapesWorld
@@ -203,16 +203,7 @@ def test_train_with_two_micro_batches_equals_batches_of_eight_and_resumes(tmp_pa
     for a, b in zip(*logs):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
-    real_save = train.save_checkpoint
-
-    def crash_after_first_save(path, **state):  # the run dies right after writing step 1
-        real_save(path, **state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*accumulate, "--out", str(tmp_path / "c")])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    crash_after_first_checkpoint(monkeypatch, [*accumulate, "--out", str(tmp_path / "c")])
     assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=False)["step"] == 1
     resumed = torch.load(train.main([*accumulate, "--out", str(tmp_path / "c"), "--resume"]), weights_only=False)
     assert resumed["step"] == 2

@@ -11,6 +11,7 @@ from PIL import Image
 import eval as evaluate
 import train
 from data import Collate
+from fixtures import crash_after_first_checkpoint
 from objective import Objective, loss_terms
 from pretrained import load_model
 from shapes import ShapesDataset, ShapesWorld
@@ -48,16 +49,7 @@ def test_resume_replays_the_uninterrupted_run(tmp_path, monkeypatch):
     common = ["--steps", "4", "--precision", "fp32", "--ckpt-every", "2", *FAST]
     straight = torch.load(train.main([*common, "--out", str(tmp_path / "a")]), weights_only=False)
 
-    real_save = train.save_checkpoint
-
-    def crash_after_first_save(path, **state):  # the run dies right after writing step 2
-        real_save(path, **state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*common, "--out", str(tmp_path / "b")])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    crash_after_first_checkpoint(monkeypatch, [*common, "--out", str(tmp_path / "b")])
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)["step"] == 2
     resumed = torch.load(train.main([*common, "--out", str(tmp_path / "b"), "--resume"]), weights_only=False)
     assert resumed["step"] == 4

@@ -12,7 +12,7 @@ from PIL import Image
 import train
 import webdata
 from data import Collate, WordTokenizer, eval_transform, image_to_tensor, train_transform
-from fixtures import GOOD_CAPTIONS, IMG2DATASET, image_bytes, write_cc3m, write_tar
+from fixtures import GOOD_CAPTIONS, IMG2DATASET, crash_after_first_checkpoint, image_bytes, write_cc3m, write_tar
 from webdata import WebDataset, caption_word_counts, expand_braces, expand_shards, shard_sizes, shuffled
 
 SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
@@ -227,16 +227,7 @@ def test_resume_on_shards_is_exact_at_an_epoch_boundary(tmp_path, monkeypatch):
         write_tar(str(folder / f"{s:05d}.tar"), members)
     common = ["--data", "cc3m", "--data-dir", str(folder), "--steps", "8", "--ckpt-every", "4", "--precision", "fp32"]
     straight = torch.load(train.main([*common, "--out", str(tmp_path / "a"), *FAST]), weights_only=True)
-    real_save = train.save_checkpoint
-
-    def crash_after_save(path, **state):
-        real_save(path, **state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_save)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*common, "--out", str(tmp_path / "b"), *FAST])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    crash_after_first_checkpoint(monkeypatch, [*common, "--out", str(tmp_path / "b"), *FAST])
     resumed = torch.load(train.main([*common, "--out", str(tmp_path / "b"), "--resume", *FAST]), weights_only=True)
     assert resumed["step"] == 8 and straight["step"] == 8
     for k, v in straight["model"].items():
