@@ -23,9 +23,13 @@ train a tiny model from scratch on the shapes world (lr 5e-4). `--init` starts f
 instead: OpenAI's CLIP release, an open_clip state dict of the same architecture, or a checkpoint of ours
 (the model, its tokenizer and its pixel normalisation come from the file; --model is then unused).
 OpenAI's CLIP has no logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`).
+`--init-scale` restarts t of --init weights at a given value (with a bias refitted the same way): the
+threshold regime of released SigLIP weights (t ~ 112), for docs/mechanism.md.
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
-`--concept-labels phrase` and `--concept-logits own` are off by default.
+`--concept-labels phrase|scene` and `--concept-logits own` are off by default.
 Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
+log.jsonl also holds the diagnostics of diagnostics.py: the fraction of positive pairs above the sigmoid's
+threshold and, in the shapes world, the false negatives of the concept labels.
 """
 
 import argparse
@@ -44,6 +48,7 @@ from tqdm import tqdm
 from checkpoint import save_checkpoint
 from data import Collate, WordTokenizer, train_transform
 from devices import add_device_flag, autocast_dtype, log0, setup
+from diagnostics import batch_diagnostics
 from model import CLIP, PRESETS, CLIPConfig
 from objective import METHODS, Objective, loss_terms
 from pictures import plot_losses
@@ -99,9 +104,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concept-labels",
         default="owner",
-        choices=["owner", "phrase"],
+        choices=["owner", "phrase", "scene"],
         help="owner: a phrase is positive only for its own image (authors); "
-        "phrase: for every image with the same normalised phrase",
+        "phrase: for every image with the same normalised phrase; scene (shapes world only): for every "
+        "image holding an object the phrase describes (no false negatives)",
     )
     p.add_argument(
         "--concept-logits",
@@ -129,6 +135,14 @@ def get_parser() -> argparse.ArgumentParser:
         default="auto",
         help="logit bias for --init weights that have none (OpenAI's CLIP) under a sigmoid loss: auto "
         "(midway between matched and unmatched logits of the first batch) or a number",
+    )
+    p.add_argument(
+        "--init-scale",
+        type=float,
+        default=None,
+        metavar="T",
+        help="with --init: start the logit scale at t = T instead of the weights' own, and the bias from "
+        "--init-bias (auto: refitted on the first batch at this t)",
     )
     p.add_argument(
         "--steps",
@@ -179,6 +193,10 @@ def get_args(argv=None) -> argparse.Namespace:
     if args.data == "shapes" and args.epochs is not None:
         p.error("--epochs needs --data cc3m: the shapes world is an endless stream (use --steps)")
     if args.data != "shapes":
+        if args.concept_labels == "scene":
+            p.error(
+                "--concept-labels scene needs --data shapes: only the synthetic world knows which images show a phrase"
+            )
         if args.holdout_combos or args.world != "simple":
             p.error("--holdout-combos and --world only apply to --data shapes")
         if args.data_dir is None:
@@ -197,8 +215,10 @@ def get_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or 600  # with --epochs, shard_plan() sets it from the number of samples
     if args.tau <= 0:
         p.error("--tau must be positive")
-    if args.method != "c2lip" and (args.concept_labels == "phrase" or args.concept_logits == "own"):
-        p.error("--concept-labels phrase and --concept-logits own only apply to --method c2lip")
+    if args.method != "c2lip" and (args.concept_labels != "owner" or args.concept_logits == "own"):
+        p.error("--concept-labels phrase|scene and --concept-logits own only apply to --method c2lip")
+    if args.init_scale is not None and (not args.init or not 0 < args.init_scale <= 100):
+        p.error("--init-scale needs --init, and a value in (0, 100] (t is clamped at 100)")
     if args.init_bias != "auto":
         try:
             float(args.init_bias)
@@ -342,9 +362,13 @@ def endless(loader, dataset: WebDataset, first_epoch: int):
 def make_model(args, cfg: CLIPConfig, init: dict | None, device) -> tuple[CLIP, CLIPConfig, bool]:
     """(the model on its device with --init's weights if any, its config, whether its logit bias is still to
     be fitted on the first batch). The loss decides whether there is a bias: CLIP's softmax form has none;
-    released CLIP weights get one for the sigmoid losses (--init-bias)."""
-    has_bias = init is not None and "logit_bias" in init
+    released CLIP weights get one for the sigmoid losses (--init-bias). --init-scale replaces the weights'
+    t, and with it their bias, which only fits the t it was learned with."""
+    has_bias = init is not None and "logit_bias" in init and args.init_scale is None
     if init is not None:
+        if args.init_scale is not None:
+            init["logit_scale"] = torch.tensor(math.log(args.init_scale))
+            cfg = replace(cfg, init_logit_scale=math.log(args.init_scale))
         if args.method == "clip":
             init.pop("logit_bias", None)
         elif not has_bias:
@@ -472,6 +496,7 @@ def main(argv=None) -> str:
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
                 lr = optimizer.param_groups[0]["lr"]
                 record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, dataset)
+                record |= batch_diagnostics(model, batch, objective.concept_labels)  # a no-grad pass, this batch
                 bar.set_postfix(
                     {k: f"{record[k]:.3f}" for k in terms}
                     | {"t": f"{record['scale']:.1f}"}
