@@ -127,7 +127,7 @@ MECHANISM = Study(
     ],
     root="runs/mechanism",
     pretrain_steps=400,
-    finetune_steps=120,
+    finetune_steps=100,
     batch_size=64,
     pooled_tau=0.1,
     # One pretrained model (seed 0) for every seed: the seeds then differ in their fine-tuning scenes only,
