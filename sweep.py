@@ -26,8 +26,8 @@ folder to redo it), and a failed one (non-zero exit or a non-finite loss) is rep
 sweep goes on. The table shows the mean ± sample standard deviation over seeds; ROOT/results.json holds
 every run's scores, wall time and status.
 
-Departure: the paper fine-tunes at lr 1e-5 for 5 epochs of CC3M; here fine-tuning is 100 steps (hypotheses)
-(both studies) at 1e-4. In the hypotheses study the logit scale and bias learn at their own rate
+Departure: the paper fine-tunes at lr 1e-5 for 5 epochs of CC3M; here fine-tuning is 100 steps at 1e-4 (both
+studies). In the hypotheses study the logit scale and bias learn at their own rate
 (--logit-lr) in every run: at the shared rate they barely move from t = 10, b = -10 in a few hundred steps
 (the README's first comparison), which leaves the sigmoid losses far from fitting. The mechanism study
 instead restarts t at 100 for fine-tuning (train.py --init-scale; studies.py says why).
