@@ -10,9 +10,9 @@ import tarfile
 import torch
 from PIL import Image
 
+from checkpoint import save_checkpoint
 from data import WordTokenizer
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from checkpoint import save_checkpoint
 
 COLOURS = [(200, 30, 30), (30, 160, 60), (40, 70, 220), (230, 210, 40), (240, 240, 240), (20, 20, 20)]
 
@@ -44,12 +44,27 @@ def write_tar(path: str, members: list[tuple[str, bytes]]) -> None:
 # _stats.json and .parquet beside it. Sample 2's JPEG is truncated, sample 3's caption is empty, sample 4
 # has no image member.
 IMG2DATASET = [
-    ("000000000", "a dog chasing a red ball on the grass", "A brown dog runs after a red ball.", ["a brown dog", "a red ball"]),
-    ("000000001", "two people sitting at a wooden table", "Two women sit at a wooden table.", ["two women", "a wooden table"]),
+    (
+        "000000000",
+        "a dog chasing a red ball on the grass",
+        "A brown dog runs after a red ball.",
+        ["a brown dog", "a red ball"],
+    ),
+    (
+        "000000001",
+        "two people sitting at a wooden table",
+        "Two women sit at a wooden table.",
+        ["two women", "a wooden table"],
+    ),
     ("000000002", "a cat sleeping on a sofa", "A grey cat on a sofa.", ["a grey cat", "a sofa"]),
     ("000000003", "   ", "An empty street.", ["an empty street"]),
     ("000000004", "a red car parked by the road", "A red car by the road.", ["a red car", "the road"]),
-    ("000000005", "a plate of food with rice and broccoli", "A plate of rice and broccoli.", ["a plate", "rice", "broccoli"]),
+    (
+        "000000005",
+        "a plate of food with rice and broccoli",
+        "A plate of rice and broccoli.",
+        ["a plate", "rice", "broccoli"],
+    ),
 ]
 # Shard 00001 (the re-hosted copy): .txt only, no .json; one image is a PNG.
 REHOSTED = [
@@ -58,7 +73,9 @@ REHOSTED = [
     ("s0001_0002", "a giraffe standing next to a tall tree", "jpg"),
     ("s0001_0003", "a kitchen with white cabinets", "jpg"),
 ]
-GOOD_CAPTIONS = [c for k, c, _, _ in IMG2DATASET if k in ("000000000", "000000001", "000000005")] + [c for _, c, _ in REHOSTED]
+GOOD_CAPTIONS = [c for k, c, _, _ in IMG2DATASET if k in ("000000000", "000000001", "000000005")] + [
+    c for _, c, _ in REHOSTED
+]
 
 
 def write_cc3m(root: str) -> str:
@@ -70,8 +87,16 @@ def write_cc3m(root: str) -> str:
             jpg = image_bytes(i)
             members.append((f"{key}.jpg", jpg[: len(jpg) // 3] if key == "000000002" else jpg))
         members.append((f"{key}.txt", caption.encode()))
-        meta = {"url": f"http://example.com/{key}.jpg", "caption": caption, "key": key, "status": "success",
-                "width": 40, "height": 30, "shortLLA_captions": llava, "nounphrases": phrases}  # fmt: skip
+        meta = {
+            "url": f"http://example.com/{key}.jpg",
+            "caption": caption,
+            "key": key,
+            "status": "success",
+            "width": 40,
+            "height": 30,
+            "shortLLA_captions": llava,
+            "nounphrases": phrases,
+        }
         members.append((f"{key}.json", json.dumps(meta).encode()))
     write_tar(os.path.join(root, "00000.tar"), members)
     with open(os.path.join(root, "00000_stats.json"), "w") as f:
@@ -99,8 +124,14 @@ def write_sugarcrepe(root: str) -> str:
     for i, name in enumerate(COCO_IMAGES):
         save_image(os.path.join(root, "val2017", name), i)
     for f, name in enumerate(SUGARCREPE_FILES):
-        data = {str(3 * j + 1): {"filename": COCO_IMAGES[j % 3], "caption": f"a red dog next to a blue car {j}",
-                                 "negative_caption": f"a blue dog next to a red car {j}"} for j in range(f + 1)}  # fmt: skip
+        data = {
+            str(3 * j + 1): {
+                "filename": COCO_IMAGES[j % 3],
+                "caption": f"a red dog next to a blue car {j}",
+                "negative_caption": f"a blue dog next to a red car {j}",
+            }
+            for j in range(f + 1)
+        }
         with open(os.path.join(root, name + ".json"), "w") as fh:
             json.dump(data, fh)
     return root
@@ -111,9 +142,16 @@ def write_sugarcrepe_pp(root: str) -> str:
     The images are SugarCrepe's (pass --images)."""
     os.makedirs(root, exist_ok=True)
     for name in SUGARCREPE_PP_FILES:
-        data = [{"id": j, "filename": COCO_IMAGES[j], "caption": "a man holding a green umbrella",
-                 "caption2": "a green umbrella is held by a man", "negative_caption": "a man holding a pink umbrella"}
-                for j in range(2)]  # fmt: skip
+        data = [
+            {
+                "id": j,
+                "filename": COCO_IMAGES[j],
+                "caption": "a man holding a green umbrella",
+                "caption2": "a green umbrella is held by a man",
+                "negative_caption": "a man holding a pink umbrella",
+            }
+            for j in range(2)
+        ]
         with open(os.path.join(root, name + ".json"), "w") as fh:
             json.dump(data, fh)
     return root
@@ -140,8 +178,10 @@ def write_karpathy(root: str) -> str:
 
 
 # every word of the benchmark fixtures, so that an untrained model's scores are not ties of <unk>s
-BENCH_WORDS = ("a red blue dog next to car 0 1 2 3 4 5 6 man holding green pink umbrella is held by photo of cat thing "
-               "another view picture the")
+BENCH_WORDS = (
+    "a red blue dog next to car 0 1 2 3 4 5 6 man holding green pink umbrella is held by photo of cat thing "
+    "another view picture the"
+)
 
 
 def write_checkpoint(path: str, image_size: int = 16, seed: int = 0) -> str:
@@ -156,6 +196,14 @@ def write_checkpoint(path: str, image_size: int = 16, seed: int = 0) -> str:
     from dataclasses import asdict
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_checkpoint(path, model=CLIP(cfg).state_dict(), optimizer={}, step=0, config=asdict(cfg), args={},
-                    tokenizer=tokenizer.state_dict(), seed=seed)  # fmt: skip
+    save_checkpoint(
+        path,
+        model=CLIP(cfg).state_dict(),
+        optimizer={},
+        step=0,
+        config=asdict(cfg),
+        args={},
+        tokenizer=tokenizer.state_dict(),
+        seed=seed,
+    )
     return path

@@ -9,10 +9,17 @@ import torch
 
 import eval as evaluate
 from benchmarks import ZEROSHOT_TEMPLATES
-from pretrained import load_model
 from data import eval_transform, load_image
-from fixtures import (SUGARCREPE_FILES, SUGARCREPE_PP_FILES, write_checkpoint, write_imagefolder,
-                      write_karpathy, write_sugarcrepe, write_sugarcrepe_pp)  # fmt: skip
+from fixtures import (
+    SUGARCREPE_FILES,
+    SUGARCREPE_PP_FILES,
+    write_checkpoint,
+    write_imagefolder,
+    write_karpathy,
+    write_sugarcrepe,
+    write_sugarcrepe_pp,
+)
+from pretrained import load_model
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +46,37 @@ FAST = ["--workers", "0", "--batch-size", "4"]
 
 
 def run_all(bench, out):
-    return evaluate.main([
-        "--ckpt", bench["a"], bench["b"], "--bench", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval", "shapes",
-        "--data-dir", f"sugarcrepe={bench['sc']}", f"sugarcrepe++={bench['scpp']}", f"zeroshot={bench['zs']}",
-        f"retrieval={bench['coco']}", "--images", os.path.join(bench["sc"], "val2017"), "--ann", bench["ann"],
-        "--classnames", bench["classnames"], "--templates", bench["templates"], "--n", "5", "--json", str(out), *FAST,
-    ])  # fmt: skip
+    return evaluate.main(
+        [
+            "--ckpt",
+            bench["a"],
+            bench["b"],
+            "--bench",
+            "sugarcrepe",
+            "sugarcrepe++",
+            "zeroshot",
+            "retrieval",
+            "shapes",
+            "--data-dir",
+            f"sugarcrepe={bench['sc']}",
+            f"sugarcrepe++={bench['scpp']}",
+            f"zeroshot={bench['zs']}",
+            f"retrieval={bench['coco']}",
+            "--images",
+            os.path.join(bench["sc"], "val2017"),
+            "--ann",
+            bench["ann"],
+            "--classnames",
+            bench["classnames"],
+            "--templates",
+            bench["templates"],
+            "--n",
+            "5",
+            "--json",
+            str(out),
+            *FAST,
+        ]
+    )
 
 
 def test_every_benchmark_in_one_call_two_checkpoints_side_by_side(bench, capsys):
@@ -57,7 +89,11 @@ def test_every_benchmark_in_one_call_two_checkpoints_side_by_side(bench, capsys)
         r = results[ckpt]
         # SugarCrepe: file f holds f + 1 examples under non-contiguous keys
         assert [r[f"sugarcrepe/{n}"]["count"] for n in SUGARCREPE_FILES] == [1, 2, 3, 4, 5, 6, 7]
-        assert (r["sugarcrepe/add"]["count"], r["sugarcrepe/replace"]["count"], r["sugarcrepe/swap"]["count"]) == (3, 12, 13)
+        assert (r["sugarcrepe/add"]["count"], r["sugarcrepe/replace"]["count"], r["sugarcrepe/swap"]["count"]) == (
+            3,
+            12,
+            13,
+        )
         files = [r[f"sugarcrepe/{n}"]["accuracy"] for n in SUGARCREPE_FILES]
         assert r["sugarcrepe/mean"]["accuracy"] == pytest.approx(sum(files) / 7)
         assert r["sugarcrepe/swap"]["accuracy"] == pytest.approx((files[5] + files[6]) / 2)
@@ -80,11 +116,25 @@ def encode(model, tokenizer, image_path=None, text=None):
 
 
 def test_scores_match_a_naive_loop(bench):
-    results = evaluate.main([
-        "--ckpt", bench["b"], "--bench", "sugarcrepe", "sugarcrepe++", "zeroshot", "--data-dir", f"sugarcrepe={bench['sc']}",
-        f"sugarcrepe++={bench['scpp']}", f"zeroshot={bench['zs']}", "--images", os.path.join(bench["sc"], "val2017"),
-        "--classnames", bench["classnames"], *FAST,
-    ])[bench["b"]]  # fmt: skip
+    results = evaluate.main(
+        [
+            "--ckpt",
+            bench["b"],
+            "--bench",
+            "sugarcrepe",
+            "sugarcrepe++",
+            "zeroshot",
+            "--data-dir",
+            f"sugarcrepe={bench['sc']}",
+            f"sugarcrepe++={bench['scpp']}",
+            f"zeroshot={bench['zs']}",
+            "--images",
+            os.path.join(bench["sc"], "val2017"),
+            "--classnames",
+            bench["classnames"],
+            *FAST,
+        ]
+    )[bench["b"]]
     model, tok, _ = load_model(bench["b"], torch.device("cpu"))
     images = os.path.join(bench["sc"], "val2017")
     for name in SUGARCREPE_FILES:
@@ -92,7 +142,9 @@ def test_scores_match_a_naive_loop(bench):
         correct = []
         for ex in examples:
             x = encode(model, tok, os.path.join(images, ex["filename"]))
-            correct.append(float(x @ encode(model, tok, text=ex["caption"]) > x @ encode(model, tok, text=ex["negative_caption"])))
+            correct.append(
+                float(x @ encode(model, tok, text=ex["caption"]) > x @ encode(model, tok, text=ex["negative_caption"]))
+            )
         assert results[f"sugarcrepe/{name}"]["accuracy"] == pytest.approx(sum(correct) / len(correct)), name
     itt, tot = [], []
     for ex in json.load(open(os.path.join(bench["scpp"], "swap_obj.json"))):
@@ -125,15 +177,24 @@ def test_missing_data_names_the_layout_and_the_source(bench, tmp_path, capsys):
     a = ["--ckpt", bench["a"]]
     fails_with([*a, "--bench", "sugarcrepe", "--data-dir", str(tmp_path)], "github.com/RAIVNLab/sugar-crepe")
     fails_with([*a, "--bench", "sugarcrepe", "--data-dir", bench["sc"], "--images", str(tmp_path)], "val2017.zip")
-    fails_with([*a, "--bench", "sugarcrepe++", "--data-dir", bench["sc"]], "Sri-Harsha/scpp")  # SugarCrepe's files, not ++
+    fails_with(
+        [*a, "--bench", "sugarcrepe++", "--data-dir", bench["sc"]], "Sri-Harsha/scpp"
+    )  # SugarCrepe's files, not ++
     fails_with([*a, "--bench", "zeroshot", "--data-dir", str(tmp_path / "none")], "ImageFolder")
     fails_with([*a, "--bench", "zeroshot", "--zeroshot-set", "cifar10", "--data-dir", str(tmp_path)], "download=True")
-    fails_with([*a, "--bench", "retrieval", "--data-dir", bench["coco"], "--ann", str(tmp_path / "x.json")], "coco_karpathy_test.json")
-    fails_with([*a, "--bench", "zeroshot", "--data-dir", bench["zs"], "--classnames", bench["templates"]], "--classnames")
+    fails_with(
+        [*a, "--bench", "retrieval", "--data-dir", bench["coco"], "--ann", str(tmp_path / "x.json")],
+        "coco_karpathy_test.json",
+    )
+    fails_with(
+        [*a, "--bench", "zeroshot", "--data-dir", bench["zs"], "--classnames", bench["templates"]], "--classnames"
+    )
     fails_with([*a, "--bench", "retrieval", "--data-dir", bench["coco"]], "--ann", capsys)
     fails_with([*a, "--bench", "sugarcrepe"], "--data-dir", capsys)
     os.remove(os.path.join(bench["coco"], "val2014", "COCO_val2014_000000000002.jpg"))
-    fails_with([*a, "--bench", "retrieval", "--data-dir", bench["coco"], "--ann", bench["ann"]], "1 of 3 images are missing")
+    fails_with(
+        [*a, "--bench", "retrieval", "--data-dir", bench["coco"], "--ann", bench["ann"]], "1 of 3 images are missing"
+    )
     write_karpathy(bench["coco"])  # put it back for the other tests
 
 

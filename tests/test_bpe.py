@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from data import WordTokenizer
 from released_tokenizers import BPETokenizer, clean_text, find_bpe_vocab, pretokenize, tokenizer_from_state_dict
@@ -26,7 +25,9 @@ def test_pretokenize_follows_clips_pattern():
 
 
 def test_clean_text_does_what_ftfy_and_html_do():
-    assert clean_text("  “Curly”\u00a0QUOTES  it’s ﬁne\tＦＵＬＬ　ｗｉｄｔｈ ") == '"curly" quotes it\'s fine full width'
+    assert (
+        clean_text("  “Curly”\u00a0QUOTES  it’s ﬁne\tＦＵＬＬ　ｗｉｄｔｈ ") == '"curly" quotes it\'s fine full width'
+    )
     assert clean_text("Caf&eacute; &amp;amp; e\u0301") == "café & é"  # entities, nested ones, NFC
     assert clean_text("<b>&amp;amp;</b>") == "<b>&</b>"  # HTML-looking text: only CLIP's own two unescapes
 
@@ -75,6 +76,7 @@ def tokenizers():
     return BPETokenizer.from_file(path), open_clip.tokenizer.SimpleTokenizer(path)
 
 
+# ruff: noqa: E501 (the HAND and PIECES tables hold many strings per line, kept as written)
 HAND = [
     "A photo of a cat.", "Hello, World!", "wow!$5 deal", "It's a dog's life, isn't it? They'll've gone; I'm sure you'd agree",
     "'single' and ''double'' quotes", '"quoted" text', "café naïve Ångström façade", "cafe\u0301 with a decomposed accent",
@@ -154,7 +156,9 @@ def test_runs_without_open_clip_or_ftfy(tokenizers, tmp_path):
     (`regex` cannot be blocked this way: NLTK, a run-time dependency, imports it itself;
     test_no_run_time_imports_of_test_only_packages checks that our files never do.)"""
     path = tmp_path / "bpe.txt.gz"
-    src = os.path.join(importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+    src = os.path.join(
+        importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz"
+    )
     with gzip.open(src) as f, gzip.open(path, "wb") as g:
         g.write(f.read())
     code = (

@@ -35,7 +35,10 @@ COCO_STYLE = [
     ("A woman holding an umbrella in the rain, stock photo", ["a woman", "an umbrella", "the rain"]),
     ("A small child eating a slice of pizza in front of a window.", ["a small child", "a slice", "pizza", "a window"]),
     ("Three sheep in the background of a green pasture.", ["three sheep", "a green pasture"]),
-    ("A kitchen with white cabinets and a stainless steel refrigerator.", ["a kitchen", "white cabinets", "a stainless steel refrigerator"]),
+    (
+        "A kitchen with white cabinets and a stainless steel refrigerator.",
+        ["a kitchen", "white cabinets", "a stainless steel refrigerator"],
+    ),
     ("An image of a skateboarder doing a trick on a ramp.", ["a skateboarder", "a trick", "a ramp"]),
     ("A dog and a dog on the grass.", ["a dog", "the grass"]),
 ]
@@ -68,7 +71,9 @@ def test_missing_tagger_names_the_install_command(monkeypatch):
 def test_command_line(tmp_path):
     out = subprocess.run(
         [sys.executable, concepts.__file__, "a small red circle left of a blue star"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "a small red circle | a blue star" in out.stdout
 
@@ -127,6 +132,9 @@ def test_precompute_with_a_caption_key_and_cli_errors(tmp_path):
     for argv in (["--data-dir", shards], ["--out", str(out)], []):
         bad = subprocess.run([sys.executable, webdata.__file__, *argv], capture_output=True, text=True)
         assert bad.returncode == 2 and "--data-dir" in bad.stderr
-    missing = subprocess.run([sys.executable, webdata.__file__, "--data-dir", str(tmp_path / "none"), "--out", str(out)],
-                             capture_output=True, text=True)  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, webdata.__file__, "--data-dir", str(tmp_path / "none"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "img2dataset" in missing.stderr

@@ -57,7 +57,11 @@ def test_world_uses_its_whole_vocabulary():
 def test_collate_owner_and_phrase_ids():
     tok = WordTokenizer.build(["a red circle and a blue star"], context_length=16)
     samples = [
-        {"image": torch.zeros(3, 8, 8), "caption": "a red circle and a blue star", "concepts": ["a red circle", "a blue star"]},
+        {
+            "image": torch.zeros(3, 8, 8),
+            "caption": "a red circle and a blue star",
+            "concepts": ["a red circle", "a blue star"],
+        },
         {"image": torch.ones(3, 8, 8), "caption": "a zebra", "concepts": []},
         {"image": torch.ones(3, 8, 8), "caption": "the red circle", "concepts": ["The red circle"]},
     ]
@@ -88,7 +92,9 @@ def test_normalisations():
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
     torch.testing.assert_close(x, pixels / 127.5 - 1)
     clip = image_to_tensor(img, "clip")
-    torch.testing.assert_close(clip * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None], pixels / 255)
+    torch.testing.assert_close(
+        clip * torch.tensor(CLIP_STD)[:, None, None] + torch.tensor(CLIP_MEAN)[:, None, None], pixels / 255
+    )
 
 
 def test_clip_preprocessing_matches_open_clip():

@@ -80,8 +80,25 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, labels)
 
 def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):
     """The real entry point: torchrun, gloo on CPU, rank 0 writes the checkpoint and the log."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-           "--steps", "2", "--batch-size", "4", "--workers", "0", "--log-every", "1", "--out", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "train.py",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)

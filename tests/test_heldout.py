@@ -40,5 +40,5 @@ def test_heldout_categories_edit_a_heldout_object_and_leave_the_others_alone():
         assert pos == world.caption(scene) and neg != pos
         gone = [o for o in scene.objects if not re.search(rf"\b{o.phrase()}\b", neg)]  # the edited objects
         assert any((o.colour, o.shape) in HELD for o in gone)
-    for idx, pos, neg in swaps:  # a swap keeps the bag of words ('an' read as 'a': it follows the colour)
+    for _, pos, neg in swaps:  # a swap keeps the bag of words ('an' read as 'a': it follows the colour)
         assert sorted(re.sub(r"\ban\b", "a", pos).split()) == sorted(re.sub(r"\ban\b", "a", neg).split())

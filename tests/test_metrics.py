@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from benchmarks import SUGARCREPE
-from metrics import (group_means, itt_correct, pairwise_correct, retrieval_recall, topk_accuracy, tot_correct,
-                     zeroshot_classifier)  # fmt: skip
+from metrics import (
+    group_means,
+    itt_correct,
+    pairwise_correct,
+    retrieval_recall,
+    topk_accuracy,
+    tot_correct,
+    zeroshot_classifier,
+)
 
 
 def test_sugarcrepe_rule_a_tie_is_wrong():
@@ -34,11 +41,13 @@ def test_tot_needs_the_positives_closer_to_each_other_than_to_the_negative():
 
 def test_retrieval_with_ties_and_several_captions_per_image():
     #            t0   t1   t2   t3   t4       texts 0, 1 describe image 0; 2, 3 image 1; 4 image 2
-    sim = torch.tensor([
-        [0.9, 0.1, 0.9, 0.0, 0.2],  # image 0: best own caption t0 (0.9) ties with t2 -> rank 1
-        [0.3, 0.2, 0.1, 0.5, 0.4],  # image 1: best own t3 (0.5), nothing else as high -> rank 0
-        [0.6, 0.7, 0.8, 0.5, 0.1],  # image 2: own t4 (0.1) is last -> rank 4
-    ])  # fmt: skip
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.9, 0.0, 0.2],  # image 0: best own caption t0 (0.9) ties with t2 -> rank 1
+            [0.3, 0.2, 0.1, 0.5, 0.4],  # image 1: best own t3 (0.5), nothing else as high -> rank 0
+            [0.6, 0.7, 0.8, 0.5, 0.1],  # image 2: own t4 (0.1) is last -> rank 4
+        ]
+    )
     text_image = torch.tensor([0, 0, 1, 1, 2])
     # text->image ranks (column j against its image): t0 0; t1 2 (0.2, 0.7 >= 0.1); t2 2; t3 1 (tie 0.5 with
     # image 2); t4 2
@@ -74,8 +83,15 @@ def test_zeroshot_classifier_normalises_each_prompt_before_averaging():
 
 
 def test_group_means_are_unweighted_over_files_with_summed_counts():
-    acc = {"add_att": (0.5, 2), "add_obj": (1.0, 4), "replace_att": (0.0, 1), "replace_obj": (0.5, 1),
-           "replace_rel": (1.0, 1), "swap_att": (0.25, 4), "swap_obj": (0.75, 4)}  # fmt: skip
+    acc = {
+        "add_att": (0.5, 2),
+        "add_obj": (1.0, 4),
+        "replace_att": (0.0, 1),
+        "replace_obj": (0.5, 1),
+        "replace_rel": (1.0, 1),
+        "swap_att": (0.25, 4),
+        "swap_obj": (0.75, 4),
+    }
     per_file = {k: {"accuracy": a, "count": n} for k, (a, n) in acc.items()}
     g = group_means(per_file, SUGARCREPE)
     assert g["add"] == {"accuracy": 0.75, "count": 6}

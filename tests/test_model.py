@@ -82,7 +82,15 @@ def test_text_feature_at_end_token_not_argmax():
 def test_logit_scale_and_bias_init_and_clamp():
     model = CLIP(SMALL)
     assert math.isclose(model.scale().item(), 10.0, rel_tol=1e-6) and model.bias().item() == -10.0
-    clip = CLIP(CLIPConfig(vision=SMALL.vision, text=SMALL.text, embed_dim=24, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None))
+    clip = CLIP(
+        CLIPConfig(
+            vision=SMALL.vision,
+            text=SMALL.text,
+            embed_dim=24,
+            init_logit_scale=math.log(1 / 0.07),
+            init_logit_bias=None,
+        )
+    )
     assert math.isclose(clip.scale().item(), 1 / 0.07, rel_tol=1e-5) and clip.bias().item() == 0.0
     assert clip.logit_bias is None
     with torch.no_grad():
@@ -92,7 +100,13 @@ def test_logit_scale_and_bias_init_and_clamp():
 
 def test_presets():
     b16 = PRESETS["B/16"]
-    assert (b16.vision.image_size, b16.vision.patch_size, b16.vision.width, b16.vision.layers, b16.vision.heads) == (224, 16, 768, 12, 12)
+    assert (b16.vision.image_size, b16.vision.patch_size, b16.vision.width, b16.vision.layers, b16.vision.heads) == (
+        224,
+        16,
+        768,
+        12,
+        12,
+    )
     assert (b16.text.width, b16.text.layers, b16.text.heads, b16.embed_dim) == (512, 12, 8, 512)
     assert CLIPConfig.from_dict(__import__("dataclasses").asdict(b16)) == b16
 
@@ -153,9 +167,13 @@ def test_quick_gelu_option():
 
     x = torch.linspace(-4, 4, 101)
     torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
-    cfg = CLIPConfig(vision=VisionConfig(**{**SMALL.vision.__dict__, "activation": "quick_gelu"}), text=SMALL.text, embed_dim=24)
+    cfg = CLIPConfig(
+        vision=VisionConfig(**{**SMALL.vision.__dict__, "activation": "quick_gelu"}), text=SMALL.text, embed_dim=24
+    )
     model = CLIP(cfg)
-    assert isinstance(model.visual.blocks[0].mlp[1], QuickGELU) and isinstance(model.text.blocks[0].mlp[1], torch.nn.GELU)
+    assert isinstance(model.visual.blocks[0].mlp[1], QuickGELU) and isinstance(
+        model.text.blocks[0].mlp[1], torch.nn.GELU
+    )
     assert set(model.state_dict()) == set(CLIP(SMALL).state_dict())  # the activation has no weights: same keys
 
 

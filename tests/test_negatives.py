@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 import negatives
 from data import Collate, WordTokenizer
+from losses import siglip_loss
+from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from negatives import hard_negative, phrase_slots, slot_words
 from objective import Objective, loss_terms
 from shapes import ShapesDataset, ShapesWorld
-from losses import siglip_loss
-from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from test_losses import naive_sigmoid
 
 
@@ -27,10 +27,16 @@ def slot_texts(caption):
 
 def test_slots_run_from_the_head_noun_leftwards():
     assert slot_texts("a tiny red circle, a large blue star and an orange hexagon.") == [
-        ["circle", "red", "tiny"], ["star", "blue", "large"], ["hexagon", "orange"]]  # fmt: skip
+        ["circle", "red", "tiny"],
+        ["star", "blue", "large"],
+        ["hexagon", "orange"],
+    ]
     assert slot_texts("Two young women sitting at a wooden table") == [["women", "young"], ["table", "wooden"]]
     assert slot_words(["a tiny red circle and a blue star", "a green star"]) == {
-        0: ["circle", "star"], 1: ["blue", "green", "red"], 2: ["tiny"]}  # fmt: skip
+        0: ["circle", "star"],
+        1: ["blue", "green", "red"],
+        2: ["tiny"],
+    }
 
 
 def test_swap_exchanges_the_words_of_one_slot():
@@ -119,8 +125,11 @@ def test_negclip_loss_terms_score_the_batch_negatives():
     tok = WordTokenizer.build([s["caption"] for s in samples], context_length=32)
     batch = Collate(tok, negatives=True)(samples)
     torch.manual_seed(0)
-    cfg = CLIPConfig(VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
-                     TextConfig(vocab_size=len(tok), context_length=32, width=32, layers=1, heads=2), embed_dim=16)  # fmt: skip
+    cfg = CLIPConfig(
+        VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
+        TextConfig(vocab_size=len(tok), context_length=32, width=32, layers=1, heads=2),
+        embed_dim=16,
+    )
     model = CLIP(cfg)
     _, negclip = loss_terms(model, batch, Objective("negclip"))
     _, siglip = loss_terms(model, batch, Objective("siglip"))

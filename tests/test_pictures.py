@@ -24,7 +24,11 @@ def pixels_of(img: np.ndarray, colour) -> np.ndarray:
 
 def test_loss_curve_draws_each_term_where_its_values_are(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "loss": 0.0, "caption": 10 - 0.5 * s, "concept": 12.0}) + "\n" for s in range(1, 11)))
+    log.write_text(
+        "".join(
+            json.dumps({"step": s, "loss": 0.0, "caption": 10 - 0.5 * s, "concept": 12.0}) + "\n" for s in range(1, 11)
+        )
+    )
     out = pictures.plot_losses(str(log), str(tmp_path / "loss.png"))
     img = np.asarray(Image.open(out).convert("RGB"))
     assert img.shape == (400, 640, 3)
@@ -35,7 +39,9 @@ def test_loss_curve_draws_each_term_where_its_values_are(tmp_path):
     assert concept[:, 0].max() < caption[:, 0].min()  # 12 lies above every caption value
     left, right = caption[caption[:, 1] < caption[:, 1].min() + 5], caption[caption[:, 1] > caption[:, 1].max() - 5]
     assert left[:, 0].mean() < right[:, 0].mean() - 200  # the falling term falls across the plot
-    assert len(pixels_of(legend, pictures.LOSS_TERMS["caption"])) and len(pixels_of(legend, pictures.LOSS_TERMS["concept"]))
+    assert len(pixels_of(legend, pictures.LOSS_TERMS["caption"])) and len(
+        pixels_of(legend, pictures.LOSS_TERMS["concept"])
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert pictures.plot_losses(str(empty), str(tmp_path / "none.png")) is None
@@ -81,12 +87,40 @@ def test_heat_maps_follow_the_patches_each_phrase_attends_to():
 def test_show_draws_a_row_per_checkpoint_for_a_scene_or_a_file(tmp_path):
     a = write_checkpoint(str(tmp_path / "a" / "ckpt.pt"), image_size=16)
     b = write_checkpoint(str(tmp_path / "b" / "ckpt.pt"), image_size=24, seed=1)  # 3 x 3 patches
-    out = evaluate.main(["--show", "3", "--concepts", "a red dog", "a blue car", "--ckpt", a, b,
-                         "--out", str(tmp_path / "scene.png"), "--device", "cpu"])  # fmt: skip
+    out = evaluate.main(
+        [
+            "--show",
+            "3",
+            "--concepts",
+            "a red dog",
+            "a blue car",
+            "--ckpt",
+            a,
+            b,
+            "--out",
+            str(tmp_path / "scene.png"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert Image.open(out).size == (GAP + 3 * (CELL + GAP), GAP + 2 * (TITLE + LABEL + CELL + GAP))
     save_image(str(tmp_path / "photo.jpg"), 1, (40, 30))
-    out = evaluate.main(["--show", str(tmp_path / "photo.jpg"), "--concepts", "a cat", "--ckpt", a, "--tau", "0.1",
-                         "--out", str(tmp_path / "photo.png"), "--device", "cpu"])  # fmt: skip
+    out = evaluate.main(
+        [
+            "--show",
+            str(tmp_path / "photo.jpg"),
+            "--concepts",
+            "a cat",
+            "--ckpt",
+            a,
+            "--tau",
+            "0.1",
+            "--out",
+            str(tmp_path / "photo.png"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert Image.open(out).size == (GAP + 2 * (CELL + GAP), GAP + TITLE + LABEL + CELL + GAP)
 
 

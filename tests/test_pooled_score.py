@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import eval as evaluate
 import shapes_eval
 from data import pad_batch
-from shapes import ShapesWorld
-from shapes_eval import CATEGORIES, ShapesBenchmark
 from fixtures import write_checkpoint
 from pool import pooled_similarity
+from shapes import ShapesWorld
+from shapes_eval import CATEGORIES, ShapesBenchmark
 
 
 def test_paired_pooled_cos_is_the_diagonal_of_pooled_similarity():
@@ -32,7 +32,9 @@ class PatchOnlyModel:
         self.proj, self.words = torch.randn(3 * 8 * 8, 16, generator=g), torch.randn(500, 16, generator=g)
 
     def encode_image(self, images):
-        patches = images.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (B, N, 192)
+        patches = (
+            images.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        )  # (B, N, 192)
         return torch.zeros(len(images), 16), F.normalize(patches @ self.proj, dim=-1)
 
     def encode_text(self, tokens):
@@ -41,7 +43,9 @@ class PatchOnlyModel:
 
 def test_pooled_scoring_reads_the_patches():
     vocab = {}
-    tokenizer = lambda texts: pad_batch([[vocab.setdefault(w, len(vocab) + 1) for w in re.findall(r"\w+", t)] for t in texts])  # noqa: E731
+    tokenizer = lambda texts: pad_batch(
+        [[vocab.setdefault(w, len(vocab) + 1) for w in re.findall(r"\w+", t)] for t in texts]
+    )  # noqa: E731
     bench = ShapesBenchmark(ShapesWorld(image_size=16), n=30, per_class=1)
     plain = shapes_eval.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64)
     pooled = shapes_eval.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64, "pooled", 0.1)
@@ -53,7 +57,9 @@ def test_pooled_scoring_reads_the_patches():
 
 def test_eval_score_flag(tmp_path):
     ckpt = write_checkpoint(str(tmp_path / "a" / "ckpt.pt"), image_size=16)
-    results = evaluate.main(["--ckpt", ckpt, "--n", "30", "--score", "plain", "pooled", "--tau", "0.5", "--device", "cpu"])[ckpt]
+    results = evaluate.main(
+        ["--ckpt", ckpt, "--n", "30", "--score", "plain", "pooled", "--tau", "0.5", "--device", "cpu"]
+    )[ckpt]
     for metric in ["swap-att", "heldout-swap-att", "i2t-R@1", "zeroshot-top1"]:
         assert 0 <= results[metric]["accuracy"] <= 1 and 0 <= results[f"pooled/{metric}"]["accuracy"] <= 1
     with pytest.raises(SystemExit) as err:

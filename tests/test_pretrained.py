@@ -20,7 +20,8 @@ from model import CLIP
 from pretrained import balanced_bias, convert_openai_state_dict, load_model, read_torchscript_state_dict
 
 open_clip = pytest.importorskip("open_clip")
-from open_clip.model import CLIP as OpenCLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
+from open_clip.model import CLIP as OpenCLIP  # noqa: E402
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -55,7 +56,9 @@ def as_openai_archive(reference, path, image_size: int):
         reference.register_buffer(name, torch.tensor(value))
     images, tokens = torch.zeros(1, 3, image_size, image_size), open_clip.tokenize(["a dog"])
     with torch.no_grad():
-        traced = torch.jit.trace_module(reference, {"encode_image": (images,), "encode_text": (tokens,)}, check_trace=False)
+        traced = torch.jit.trace_module(
+            reference, {"encode_image": (images,), "encode_text": (tokens,)}, check_trace=False
+        )
     traced.save(str(path))
     for name in scalars:
         delattr(reference, name)
@@ -170,7 +173,9 @@ def test_balanced_bias_by_hand():
 
     B, D = 4, 8
     x = torch.eye(B, D)  # image i = unit vector e_i, so cos(x_i, y_j) = component i of y_j
-    y = torch.cat([0.1 * torch.ones(B, B) + 0.2 * torch.eye(B), torch.zeros(B, D - B)], 1)  # 0.3 on its image, 0.1 elsewhere
+    y = torch.cat(
+        [0.1 * torch.ones(B, B) + 0.2 * torch.eye(B), torch.zeros(B, D - B)], 1
+    )  # 0.3 on its image, 0.1 elsewhere
     y[:, B] = (1 - (y**2).sum(1)).sqrt()  # unit length, topped up along a direction no image has
     assert math.isclose(balanced_bias(Fixed(), {"images": x, "captions": y}), -20.0, rel_tol=1e-5)
 
@@ -178,7 +183,18 @@ def test_balanced_bias_by_hand():
 def test_train_init_from_clip_weights_then_resume_and_eval(tmp_path, capsys):
     weights = tmp_path / "small-random.pt"
     torch.save(small_open_clip().state_dict(), weights)
-    common = ["--init", str(weights), "--batch-size", "4", "--workers", "0", "--log-every", "1", "--out", str(tmp_path / "run")]
+    common = [
+        "--init",
+        str(weights),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     state = torch.load(train.main([*common, "--steps", "2"]), weights_only=False)
     out = capsys.readouterr().out
     assert state["tokenizer"]["kind"] == "clip_bpe" and len(state["tokenizer"]["merges"]) == 48894
@@ -196,8 +212,22 @@ def test_train_init_from_clip_weights_then_resume_and_eval(tmp_path, capsys):
 def test_train_init_bias_follows_the_loss(tmp_path, method, init_bias, expect):
     weights = tmp_path / "small-random.pt"
     torch.save(small_open_clip().state_dict(), weights)
-    args = ["--init", str(weights), "--method", method, "--init-bias", init_bias, "--steps", "1", "--batch-size", "2",
-            "--workers", "0", "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "--init",
+        str(weights),
+        "--method",
+        method,
+        "--init-bias",
+        init_bias,
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     state = torch.load(train.main(args), weights_only=False)
     assert state["config"]["init_logit_bias"] == expect and ("logit_bias" in state["model"]) == (expect is not None)
 
@@ -207,7 +237,18 @@ def test_eval_cli_on_converted_weights(tmp_path):
     (Small custom config: a B/16-sized run embeds 229 images at 224 px, minutes on this CPU.)"""
     path = tmp_path / "ViT-shaped-random.pt"
     torch.save(small_open_clip().state_dict(), path)
-    cmd = [sys.executable, "eval.py", "--bench", "shapes", "--ckpt", str(path), "--n", "5", "--json", str(tmp_path / "r.json")]
+    cmd = [
+        sys.executable,
+        "eval.py",
+        "--bench",
+        "shapes",
+        "--ckpt",
+        str(path),
+        "--n",
+        "5",
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     results = json.load(open(tmp_path / "r.json"))["results"][str(path)]
@@ -215,8 +256,11 @@ def test_eval_cli_on_converted_weights(tmp_path):
 
 
 def test_cli_errors_name_the_flag(tmp_path, capsys):
-    for argv, flag in [(["--init", str(tmp_path / "none.pt")], "--init"), (["--init-bias", "high"], "--init-bias"),
-                       (["--bpe", "x.gz"], "--bpe")]:  # fmt: skip
+    for argv, flag in [
+        (["--init", str(tmp_path / "none.pt")], "--init"),
+        (["--init-bias", "high"], "--init-bias"),
+        (["--bpe", "x.gz"], "--bpe"),
+    ]:
         with pytest.raises(SystemExit) as exit:
             train.get_args(argv)
         assert exit.value.code == 2 and flag in capsys.readouterr().err

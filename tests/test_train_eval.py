@@ -26,14 +26,21 @@ def test_train_writes_checkpoint_and_log(tmp_path, method):
     assert state["step"] == 3 and state["args"]["method"] == method and state["tokenizer"]["vocab"][0] == "<pad>"
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3]
-    terms = {"c2lip": {"caption", "concept", "pooled"}, "siglip": {"caption"}, "clip": {"caption"}, "negclip": {"caption"}}[method]
+    terms = {
+        "c2lip": {"caption", "concept", "pooled"},
+        "siglip": {"caption"},
+        "clip": {"caption"},
+        "negclip": {"caption"},
+    }[method]
     assert terms <= set(records[-1]) and not ({"concept", "pooled"} - terms) & set(records[-1])
     assert ("logit_bias" in state["model"]) == (method != "clip")  # CLIP's softmax form has no bias
     assert Image.open(tmp_path / "loss.png").size == (640, 400)  # the loss curve beside the log
 
 
 def test_train_with_heldout_pairs(tmp_path):
-    state = torch.load(train.main(["--holdout-combos", "--steps", "1", "--out", str(tmp_path), *FAST]), weights_only=False)
+    state = torch.load(
+        train.main(["--holdout-combos", "--steps", "1", "--out", str(tmp_path), *FAST]), weights_only=False
+    )
     assert state["args"]["holdout_combos"] is True
 
 
@@ -80,10 +87,15 @@ def test_cli_errors_name_the_flag(tmp_path):
     assert bad.returncode == 2 and "--steps" in bad.stderr
     bad = subprocess.run([sys.executable, train.__file__, "--method", "negclap"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--method" in bad.stderr
-    bad = subprocess.run([sys.executable, train.__file__, "--holdout-combos", "--data", "wds", "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, train.__file__, "--holdout-combos", "--data", "wds", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "--holdout-combos" in bad.stderr
-    missing = subprocess.run([sys.executable, evaluate.__file__, "--ckpt", str(tmp_path / "none.pt")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, evaluate.__file__, "--ckpt", str(tmp_path / "none.pt")], capture_output=True, text=True
+    )
     assert missing.returncode != 0 and "python train.py" in missing.stderr
 
 
@@ -92,11 +104,30 @@ def test_concept_losses_with_their_own_logit_scale_and_bias(tmp_path):
     parameter group (--logit-lr 0 freezes both pairs while the encoders learn), is logged and saved, and a
     fine-tune from weights without it starts it fresh at t = 10, b = -10."""
     base = train.main(["--method", "siglip", "--steps", "2", "--out", str(tmp_path / "base"), *FAST])
-    own = train.main(["--method", "c2lip", "--concept-logits", "own", "--init", base, "--logit-lr", "0", "--steps", "2",
-                      "--out", str(tmp_path / "own"), *FAST])  # fmt: skip
+    own = train.main(
+        [
+            "--method",
+            "c2lip",
+            "--concept-logits",
+            "own",
+            "--init",
+            base,
+            "--logit-lr",
+            "0",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "own"),
+            *FAST,
+        ]
+    )
     before, after = torch.load(base, weights_only=False)["model"], torch.load(own, weights_only=False)["model"]
-    assert after["concept_logit_scale"].exp().item() == pytest.approx(10.0) and after["concept_logit_bias"].item() == -10.0
-    assert torch.equal(after["logit_bias"], before["logit_bias"]) and torch.equal(after["logit_scale"], before["logit_scale"])
+    assert (
+        after["concept_logit_scale"].exp().item() == pytest.approx(10.0) and after["concept_logit_bias"].item() == -10.0
+    )
+    assert torch.equal(after["logit_bias"], before["logit_bias"]) and torch.equal(
+        after["logit_scale"], before["logit_scale"]
+    )
     assert not torch.equal(after["text.proj"], before["text.proj"])
     record = json.loads(open(tmp_path / "own" / "log.jsonl").readlines()[-1])
     assert record["concept_scale"] == pytest.approx(10.0) and record["concept_bias"] == -10.0
@@ -105,7 +136,9 @@ def test_concept_losses_with_their_own_logit_scale_and_bias(tmp_path):
     scenes = ShapesDataset(ShapesWorld(), 0, "train", 4)
     _, terms = loss_terms(model, Collate(tokenizer)([scenes[i] for i in range(4)]), Objective("c2lip"))
     terms["caption"].backward(retain_graph=True)
-    assert model.concept_logit_scale.grad is None and model.logit_scale.grad is not None  # the caption loss keeps to its pair
+    assert (
+        model.concept_logit_scale.grad is None and model.logit_scale.grad is not None
+    )  # the caption loss keeps to its pair
     model.zero_grad()
     terms["concept"].backward()
     assert model.concept_logit_scale.grad is not None and model.logit_scale.grad is None

@@ -12,8 +12,8 @@ from PIL import Image
 import train
 import webdata
 from data import Collate, WordTokenizer, eval_transform, image_to_tensor, train_transform
-from webdata import WebDataset, caption_word_counts, expand_braces, expand_shards, shard_sizes, shuffled
 from fixtures import GOOD_CAPTIONS, IMG2DATASET, write_cc3m, write_tar
+from webdata import WebDataset, caption_word_counts, expand_braces, expand_shards, shard_sizes, shuffled
 
 SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
 
@@ -57,8 +57,17 @@ def test_caption_and_concept_keys_from_json(cc3m):
 
 def test_precomputed_concepts_file_is_used(cc3m, tmp_path):
     path = tmp_path / "concepts.jsonl"
-    path.write_text(json.dumps({"shard": "00001.tar", "caption_key": None, "count": 1,
-                                "concepts": {"s0001_0003": ["a precomputed phrase"]}}) + "\n")  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "shard": "00001.tar",
+                "caption_key": None,
+                "count": 1,
+                "concepts": {"s0001_0003": ["a precomputed phrase"]},
+            }
+        )
+        + "\n"
+    )
     ds = WebDataset(expand_shards(cc3m), eval_transform(16), concepts_file=str(path))
     by_caption = {s["caption"]: s["concepts"] for s in ds}
     assert by_caption["a kitchen with white cabinets"] == ["a precomputed phrase"]
@@ -70,7 +79,7 @@ def test_readers_split_shards_or_samples_without_overlap(cc3m, monkeypatch):
     for readers in (2, 3):  # 2 readers: a shard each; 3 readers > 2 shards: every third sample
         seen = []
         for reader in range(readers):
-            monkeypatch.setattr(webdata, "reader_index", lambda r=reader: (r, readers))
+            monkeypatch.setattr(webdata, "reader_index", lambda r=reader, n=readers: (r, n))
             seen += [s["caption"] for s in WebDataset(shards, eval_transform(8), shuffle_buffer=0)]
         assert sorted(seen) == sorted(GOOD_CAPTIONS), readers
 
@@ -142,8 +151,9 @@ def test_transforms_and_the_one_normalisation():
     assert x.shape == (3, 16, 16) and torch.allclose(x, torch.ones_like(x))
     assert image_to_tensor(Image.new("RGB", (2, 2), (0, 0, 0))).eq(-1).all()
     assert train_transform(16)(img).shape == (3, 16, 16)
-    torch.testing.assert_close(image_to_tensor(Image.new("RGB", (1, 1), (51, 102, 204))).flatten(),
-                               torch.tensor([51, 102, 204]) / 127.5 - 1)  # fmt: skip
+    torch.testing.assert_close(
+        image_to_tensor(Image.new("RGB", (1, 1), (51, 102, 204))).flatten(), torch.tensor([51, 102, 204]) / 127.5 - 1
+    )
 
 
 FAST = ["--batch-size", "2", "--workers", "0", "--log-every", "1"]
@@ -162,8 +172,21 @@ def test_train_on_cc3m_shards_end_to_end(cc3m, tmp_path):
 
 def test_train_epochs_sets_the_steps_and_reads_json_fields(cc3m, tmp_path):
     out = tmp_path / "run"
-    args = ["--data", "cc3m", "--data-dir", os.path.join(cc3m, "{00000..00001}.tar"), "--epochs", "1",
-            "--caption-key", "shortLLA_captions", "--concept-key", "nounphrases", "--out", str(out), *FAST]  # fmt: skip
+    args = [
+        "--data",
+        "cc3m",
+        "--data-dir",
+        os.path.join(cc3m, "{00000..00001}.tar"),
+        "--epochs",
+        "1",
+        "--caption-key",
+        "shortLLA_captions",
+        "--concept-key",
+        "nounphrases",
+        "--out",
+        str(out),
+        *FAST,
+    ]
     state = torch.load(train.main(args), weights_only=False)
     assert state["step"] == 5  # ceil(9 samples (5 by _stats.json + 4 counted) / batch 2)
     assert "brown" in state["tokenizer"]["vocab"] and "giraffe" not in state["tokenizer"]["vocab"]
