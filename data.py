@@ -4,7 +4,8 @@ Paper map (docs/paper.md, "Notation"): a batch holds B images with their caption
 phrases p_k of every caption (concepts.py), each owned by the image o(k) whose caption it came from:
 
   images (B, C, H, W), captions (B, T), concepts (K, Tc), owner (K,), phrase_ids (K,)
-  and, for the NegCLIP-style baseline, negatives (B, Tn) and has_negative (B,) (Collate(negatives=True))
+  and, for the NegCLIP-style baseline, negatives (B, Tn) and has_negative (B,) (Collate(negatives=True));
+  and, for the shapes world, its ground truth: objects (B, O, 3) and phrase_codes (K, 3) (shapes.object_codes)
 
 owner[k] = o(k). Phrases are tokenized as their own short sequences (never inside the caption) and padded
 among themselves. Where the samples come from is another file's concern: shapes.py (the synthetic world)
@@ -21,7 +22,7 @@ Departure: the paper's tokenizer is SigLIP's SentencePiece model; from scratch, 
 dozen words for the shapes world, the most frequent words for CC3M) keeps models small.
 
 Dimension legend: B images, C=3 channels, H=W image side, T caption tokens, K concept phrases in the
-batch (all images together), Tc phrase tokens, Tn hard-negative tokens.
+batch (all images together), Tc phrase tokens, Tn hard-negative tokens, O object slots per image.
 """
 
 import functools
@@ -76,6 +77,11 @@ class Collate:
             "owner": torch.tensor(owner),  # (K,)
             "phrase_ids": torch.tensor(phrase_ids),  # (K,)
         }
+        if "objects" in samples[0]:  # the shapes world's truth (--concept-labels scene, the training diagnostics)
+            # a caption without phrases is its own phrase (phrases_or_caption), which names no single object
+            codes = [c for s in samples for c in (s["concept_codes"] if s["concepts"] else [(-1, -1, -1)])]
+            batch["objects"] = torch.stack([s["objects"] for s in samples])  # (B, O, 3)
+            batch["phrase_codes"] = torch.tensor(codes, dtype=torch.long).view(-1, 3)  # (K, 3)
         if self.negatives:
             captions = [s["caption"] for s in samples]
             pool = slot_words(captions)

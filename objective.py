@@ -38,7 +38,7 @@ class Objective:
     concept_weight: float = 1.0  # weight of L_npc (c2lip)
     pool_weight: float = 0.01  # weight of L_xac (c2lip)
     tau: float = 1.0  # temperature of the cross-modal pooling (c2lip)
-    concept_labels: str = "owner"  # owner (the authors') | phrase (identical phrases are positives)
+    concept_labels: str = "owner"  # owner (the authors') | phrase (identical phrases) | scene (shapes truth)
 
     @classmethod
     def from_args(cls, args) -> "Objective":
@@ -47,7 +47,8 @@ class Objective:
 
 def embed(net, batch: dict, objective: Objective) -> dict[str, torch.Tensor]:
     """batch (data.Collate) -> {"image" (B, D), "text" (B, D)} and what the method adds: "patch" (B, N, D),
-    "concept" (K, D), "owner" (K,), "phrase_ids" (K,) for c2lip; "negatives" (M, D) for negclip."""
+    "concept" (K, D), "owner" (K,), "phrase_ids" (K,) for c2lip, with the shapes world's truth "objects"
+    (B, O, 3) and "phrase_codes" (K, 3) when the batch has it; "negatives" (M, D) for negclip."""
     # The phrases (c2lip) or the hard negatives (negclip) go through forward as its extra texts:
     # DistributedDataParallel only prepares gradient syncing for what forward computes.
     extra = {"c2lip": "concepts", "negclip": "negatives"}.get(objective.method)
@@ -59,6 +60,7 @@ def embed(net, batch: dict, objective: Objective) -> dict[str, torch.Tensor]:
         out["negatives"] = extra_emb[batch["has_negative"]]  # (M, D): captions no rule applies to have none
     if objective.method == "c2lip":
         out |= {"concept": extra_emb, "owner": batch["owner"], "phrase_ids": batch["phrase_ids"]}
+        out |= {k: batch[k] for k in ("objects", "phrase_codes") if k in batch}  # gathered like the rest
         if patches:  # the patches are the largest tensor: kept only when L_xac reads them
             out["patch"] = patch_emb
     return out
@@ -83,6 +85,7 @@ def objective_loss(model, emb: dict[str, torch.Tensor], objective: Objective):
         return loss, {"caption": loss}
     concept_t, concept_b = model.concept_scale_bias()  # t and b again, unless --concept-logits own
     ids = emb["phrase_ids"] if objective.concept_labels == "phrase" else None
+    scene = (emb["phrase_codes"], emb["objects"]) if objective.concept_labels == "scene" else None
     return c2lip_loss(
         emb["image"],
         emb["text"],
@@ -95,6 +98,7 @@ def objective_loss(model, emb: dict[str, torch.Tensor], objective: Objective):
         pool_weight=objective.pool_weight,
         tau=objective.tau,
         phrase_ids=ids,
+        scene=scene,
         concept_scale=concept_t,
         concept_bias=concept_b,
     )

@@ -40,6 +40,7 @@ SIZES = {"large": 0.42, "tiny": 0.22}  # radius as a fraction of a grid cell's s
 # which no noun-phrase grammar can recover, while "tiny" and "large" are always adjectives.
 
 GRID = 3  # objects sit in distinct cells of a GRID x GRID layout, so they never overlap
+MAX_OBJECTS = GRID * GRID  # rows of object_codes: every scene fits
 
 # Colour-shape pairs that ShapesWorld(holdout=HOLDOUT_COMBOS) (train.py --holdout-combos) keeps out of every
 # training scene: one per colour, no shape more than twice, so each colour and each shape is still seen in
@@ -198,8 +199,31 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown shape {shape!r}")
 
 
+def object_codes(scene: Scene) -> torch.Tensor:
+    """The scene's ground truth as numbers: (MAX_OBJECTS, 3) int64, one row (colour, shape, size) of indices
+    into COLOURS, SHAPES and SIZES per object, then rows of -1. A fixed number of rows, so that the
+    images' codes stack into a batch and gather across ranks like any other tensor."""
+    out = torch.full((MAX_OBJECTS, 3), -1, dtype=torch.long)  # (O, 3)
+    for row, o in zip(out, scene.objects):
+        row[:] = torch.tensor([list(COLOURS).index(o.colour), SHAPES.index(o.shape), list(SIZES).index(o.size)])
+    return out
+
+
+def phrase_code(phrase: str) -> tuple[int, int, int]:
+    """What a phrase of this world says, as the indices of its colour, shape and size words, -1 for a word it
+    does not hold: "a large red circle" -> (0, 0, 0), "a red circle" -> (0, 0, -1)."""
+    words = phrase.lower().split()
+
+    def index(vocabulary) -> int:
+        return next((vocabulary.index(w) for w in words if w in vocabulary), -1)
+
+    return index(list(COLOURS)), index(SHAPES), index(list(SIZES))
+
+
 class ShapesDataset(torch.utils.data.Dataset):
-    """Item i of a split: {'image': (C, H, W), 'caption': str, 'concepts': list[str]}.
+    """Item i of a split: {'image': (C, H, W), 'caption': str, 'concepts': list[str]}, and the ground truth
+    that the scene label rule and the training diagnostics read: 'objects' (object_codes, (O, 3)) and
+    'concept_codes' (phrase_code of each concept phrase).
 
     Concept phrases come from concepts.py (NLTK), exactly as they would for real captions; the
     ground-truth phrases are ShapesWorld.phrases, which the tests compare them against.
@@ -215,7 +239,14 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene = self.world.scene(self.seed, self.split, index)
         caption = self.world.caption(scene)
         image = image_to_tensor(self.world.render(scene), self.normalise)
-        return {"image": image, "caption": caption, "concepts": extract_concepts(caption)}
+        concepts = extract_concepts(caption)
+        return {
+            "image": image,
+            "caption": caption,
+            "concepts": concepts,
+            "objects": object_codes(scene),
+            "concept_codes": [phrase_code(p) for p in concepts],
+        }
 
 
 class StepBatches(torch.utils.data.Sampler):

@@ -6,12 +6,16 @@ several seeds, in one command.
   python sweep.py --rows siglip c2lip --seeds 0 # part of it
   python sweep.py --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip  # docs/study.md, H1
   python sweep.py --list                        # the rows, their flags and what each one tests
+  python sweep.py --study mechanism             # docs/mechanism.md: the threshold regime, scene labels
 
-Protocol, the paper's in miniature ("Training setup" in docs/paper.md: fine-tune a pretrained
-SigLIP model, baseline and C2LIP for the same steps): for each seed, pretrain one SigLIP model on the
-shapes world (PRETRAIN), then fine-tune a copy of it per row for the same number of steps (FINETUNE plus
-the row's flags). Every model is scored on the same held-out benchmark (shapes_eval.py, drawn by
---bench-seed, which no training run uses). Training scenes never hold a colour-shape pair of
+Studies (studies.py): `hypotheses` (the default) and `mechanism`; each sets the protocol's flags, its rows,
+its columns and its defaults (--root, the step counts, --batch-size).
+
+Protocol, the paper's in miniature ("Training setup" in docs/paper.md: fine-tune a pretrained SigLIP model,
+baseline and C2LIP for the same steps): for each seed, pretrain one SigLIP model on the shapes world (the
+study's pretraining flags), then fine-tune a copy of it per row for the same number of steps (its
+fine-tuning flags plus the row's). Every model is scored on the same held-out benchmark (shapes_eval.py,
+drawn by --bench-seed, which no training run uses). Training scenes never hold a colour-shape pair of
 shapes.HOLDOUT_COMBOS, so the heldout-* columns are the compositional-generalisation split.
 
 Each run is a subprocess `python train.py ...` writing ROOT/<row>/seed<k>/ (ROOT/pretrain/seed<k>/ for the
@@ -22,10 +26,11 @@ folder to redo it), and a failed one (non-zero exit or a non-finite loss) is rep
 sweep goes on. The table shows the mean ± sample standard deviation over seeds; ROOT/results.json holds
 every run's scores, wall time and status.
 
-Departure: the paper fine-tunes at lr 1e-5 for 5 epochs of CC3M; here fine-tuning is 100 steps at 1e-4,
-and the logit scale and bias learn at their own rate (--logit-lr) in every run, pretraining included:
-at the shared rate they barely move from t = 10, b = -10 in a few hundred steps (the README's first
-comparison), which leaves the sigmoid losses far from fitting.
+Departure: the paper fine-tunes at lr 1e-5 for 5 epochs of CC3M; here fine-tuning is 100 steps at 1e-4 (both
+studies). In the hypotheses study the logit scale and bias learn at their own rate
+(--logit-lr) in every run: at the shared rate they barely move from t = 10, b = -10 in a few hundred steps
+(the README's first comparison), which leaves the sigmoid losses far from fitting. The mechanism study
+instead restarts t at 100 for fine-tuning (train.py --init-scale; studies.py says why).
 """
 
 import argparse
@@ -43,47 +48,13 @@ from checkpoint import read_log, write_json
 from metrics import cos, embed_texts
 from pretrained import load_model
 from shapes import WORLDS, ShapesWorld
-from shapes_eval import BENCH_SEED, CATEGORIES, ShapesBenchmark, evaluate_shapes
+from shapes_eval import BENCH_SEED, ShapesBenchmark, evaluate_shapes
+from studies import STUDIES, Study
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# the flags every run shares; --pretrain-steps, --finetune-steps and --batch-size add theirs
-PRETRAIN = ["--method", "siglip", "--logit-lr", "0.05", "--holdout-combos"]
-FINETUNE = ["--lr", "1e-4", "--logit-lr", "0.05", "--holdout-combos"]
-
-# row -> (train.py flags added to FINETUNE, what the row tests). "pretrained" is the starting point itself.
-ROWS = {
-    "pretrained": (None, "the pretrained SigLIP model every row starts from, not fine-tuned"),
-    "siglip": (["--method", "siglip"], "the baseline: fine-tuned with the caption loss alone"),
-    "negclip": (["--method", "negclip"], "NegCLIP-style: plus one rule-made hard negative per caption"),
-    "c2lip": (["--method", "c2lip"], "C2LIP with the paper's weights: concept 1.0, pooled 0.01, tau 1"),
-    "c2lip -concept": (["--method", "c2lip", "--concept-weight", "0"], "ablation: without the concept loss"),
-    "c2lip -pooled": (["--method", "c2lip", "--pool-weight", "0"], "ablation: without the pooled loss"),
-    "c2lip pooled 1": (
-        ["--method", "c2lip", "--pool-weight", "1"],
-        "the pooled loss weighted as much as the concept loss",
-    ),
-    "c2lip tau 0.1": (["--method", "c2lip", "--tau", "0.1"], "hypothesis 5: a sharper pooling"),
-    "c2lip pooled 1 tau 0.1": (
-        ["--method", "c2lip", "--pool-weight", "1", "--tau", "0.1"],
-        "hypothesis 5: a sharper pooling that carries weight",
-    ),
-    "c2lip own t,b": (
-        ["--method", "c2lip", "--concept-logits", "own"],
-        "hypothesis 2: the concept losses get their own logit scale and bias",
-    ),
-    "c2lip concept 0.1": (["--method", "c2lip", "--concept-weight", "0.1"], "hypothesis 2: a lighter concept loss"),
-    "c2lip phrase labels": (
-        ["--method", "c2lip", "--concept-labels", "phrase"],
-        "hypothesis 3: a duplicate phrase in the batch is a positive, not a negative",
-    ),
-}
-
-BASELINE = "siglip"  # the row every other is compared with, seed by seed
-
-# the columns of the tables: eval.py's shapes metrics, compositional categories first; then diagnostics()
-COLUMNS = [*CATEGORIES, "i2t-R@1", "t2i-R@1", "zeroshot-top1"]
-DIAGNOSTICS = ["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"]
+ROWS = STUDIES["hypotheses"].rows  # the default study's rows (studies.py holds every study)
+DIAG_TAIL = 5  # diagnostics.py's per-batch measurements are averaged over the last this many log records
 
 
 def folder(root: str, row: str, seed: int) -> str:
@@ -140,19 +111,23 @@ def finite_loss(out: str) -> bool:
     return math.isfinite(last_record(out)["loss"])
 
 
-def score_run(out: str, bench: ShapesBenchmark, bench_seed: int) -> dict:
-    """The shapes benchmark's scores of OUT/ckpt.pt (shapes_eval.py, plain scoring) and the diagnostics below,
-    cached in OUT/eval.json."""
+def score_run(out: str, bench: ShapesBenchmark, bench_seed: int, pooled_tau: float | None = None) -> dict:
+    """The shapes benchmark's scores of OUT/ckpt.pt (shapes_eval.py, plain scoring; with pooled_tau, also
+    scored through the pooling at that tau, named pooled/...) and the diagnostics below, cached in
+    OUT/eval.json."""
     path, key, results = os.path.join(out, "eval.json"), {"bench_seed": bench_seed, "n": len(bench.scenes)}, {}
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
         results = cached["results"] if cached["bench"] == key else {}
-    if "swap-text-cos" in results:
+    if "swap-text-cos" in results and (pooled_tau is None or "pooled/swap-att" in results):
         return results
     model, tokenizer, _ = load_model(os.path.join(out, "ckpt.pt"), torch.device("cpu"))
-    if not results:
+    if "swap-att" not in results:
         results = {k: v["accuracy"] for k, v in evaluate_shapes(model, tokenizer, bench, torch.device("cpu")).items()}
+    if pooled_tau is not None and "pooled/swap-att" not in results:
+        scores = evaluate_shapes(model, tokenizer, bench, torch.device("cpu"), score="pooled", tau=pooled_tau)
+        results |= {k: v["accuracy"] for k, v in scores.items()}
     results |= diagnostics(model, tokenizer, bench, out)
     write_json(path, {"bench": key, "results": results}, indent=1)
     return results
@@ -163,14 +138,19 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
     """What docs/study.md's explanation rests on: the mean cosine between a caption's embedding and its
     swap-att negative's (near 1: the text encoder does not tell the two bindings apart), and the end of
     training from log.jsonl: each unweighted loss term, and the logit scale t and bias b (of the concept
-    losses too, when they have their own)."""
+    losses too, when they have their own); and diagnostics.py's threshold fractions and label counts, each
+    measured on one batch, so averaged over the last DIAG_TAIL log records."""
     pos, neg = ([p[k] for p in bench.pairs["swap-att"]] for k in (1, 2))
     swap_cos = (
         cos(embed_texts(model, tokenizer, pos, 256, "cpu"), embed_texts(model, tokenizer, neg, 256, "cpu"))
         .mean()
         .item()
     )
-    last = last_record(out)
+    log = read_log(os.path.join(out, "log.jsonl"))
+    last = log[-1]
+    tail = log[-DIAG_TAIL:]
+    keys = [k for k in ("above/caption", "above/phrase", "pos/phrase", "fn/phrase") if all(k in r for r in tail)]
+    measured = {k: statistics.fmean(r[k] for r in tail) for k in keys}
     names = {
         "caption": "loss/caption",
         "concept": "loss/concept",
@@ -180,7 +160,7 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
         "concept_scale": "concept t",
         "concept_bias": "concept b",
     }
-    return {"swap-text-cos": swap_cos} | {names[k]: v for k, v in last.items() if k in names}
+    return {"swap-text-cos": swap_cos} | {names[k]: v for k, v in last.items() if k in names} | measured
 
 
 def mean_std(scores: list[dict]) -> dict:
@@ -215,37 +195,60 @@ def markdown(stats: dict[str, dict], columns: list[str], signed: bool = False) -
     return "\n".join(lines)
 
 
+def curve(outs: list[str], key: str = "caption", parts: int = 4) -> list[float]:
+    """The mean of `key` over each of `parts` consecutive stretches of the runs' logs, averaged over the runs.
+    Every training scene is fresh, so the caption loss of the log is a held-out measure: where it stops
+    falling, more steps would not help the run (the study's budget check)."""
+    logs = [[r[key] for r in read_log(os.path.join(out, "log.jsonl"))] for out in outs]
+    parts = min(parts, *map(len, logs))  # a log of fewer records has fewer stretches
+    means = [
+        [statistics.fmean(log[j * len(log) // parts : (j + 1) * len(log) // parts]) for j in range(parts)]
+        for log in logs
+    ]
+    return [statistics.fmean(m[j] for m in means) for j in range(parts)]
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--rows", nargs="+", default=list(ROWS), metavar="ROW", help="rows to run, by name (default: all; see --list)"
-    )
+    p.add_argument("--study", default="hypotheses", choices=list(STUDIES), help="which study (studies.py)")
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run, by name (default: all; see --list)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds, one run per row each")
-    p.add_argument("--root", default="runs/sweep", help="folder of every run, and of results.json")
+    p.add_argument("--root", help="folder of every run, and of results.json (default: the study's)")
     p.add_argument("--n", type=int, default=1000, help="held-out scenes in the benchmark")
     p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the benchmark")
-    p.add_argument("--pretrain-steps", type=int, default=400, help="steps of the SigLIP pretraining, one per seed")
-    p.add_argument("--finetune-steps", type=int, default=100, help="steps of every row's fine-tuning")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step, in every run")
+    p.add_argument("--pretrain-steps", type=int, help="steps of the SigLIP pretraining, one per seed (study: 400)")
+    p.add_argument("--finetune-steps", type=int, help="steps of every row's fine-tuning (study's default)")
+    p.add_argument("--batch-size", type=int, help="images per step, in every run (study's default)")
+    p.add_argument(
+        "--pretrain-seed",
+        type=int,
+        help="fine-tune every seed from this seed's pretrained model (default: the study's)",
+    )
     p.add_argument(
         "--world", default="simple", choices=list(WORLDS), help="the shapes world of every run and of the benchmark"
     )
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     args = p.parse_args(argv)
+    study: Study = STUDIES[args.study]
+    for name in ("rows", "root", "pretrain_steps", "finetune_steps", "batch_size", "pretrain_seed"):  # the study's
+        if getattr(args, name) is None:
+            setattr(args, name, list(study.rows) if name == "rows" else getattr(study, name))
     args.root = os.path.abspath(args.root)  # train.py runs in this file's folder, wherever sweep.py is called from
     for name in ("pretrain_steps", "finetune_steps", "batch_size", "n"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     common = ["--batch-size", str(args.batch_size)] + (["--world", args.world] if args.world != "simple" else [])
-    pretrain = [*PRETRAIN, "--steps", str(args.pretrain_steps), *common]
-    finetune = [*FINETUNE, "--steps", str(args.finetune_steps), *common]
+    pretrain = [*study.pretrain, "--steps", str(args.pretrain_steps), *common]
+    finetune = [*study.finetune, "--steps", str(args.finetune_steps), *common]
+    ROWS, BASELINE = study.rows, study.baseline  # noqa: N806 (the names the rest of main reads)
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
-        p.error(f"--rows: unknown {unknown}; the rows are {list(ROWS)}")
+        p.error(f"--rows: unknown {unknown}; the rows of --study {args.study} are {list(ROWS)}")
     if args.list:
         print(
             f"pretraining: train.py {' '.join(pretrain)}\n"
-            f"fine-tuning: train.py {' '.join(finetune)} --init PRETRAINED + the row's flags"
+            f"fine-tuning: train.py {' '.join(finetune)} --init PRETRAINED + the row's flags\n"
+            f"pretrained model of seed: {'each its own' if args.pretrain_seed is None else args.pretrain_seed}"
         )
         for name, (flags, what) in ROWS.items():
             print(f"  {name:24s} {' '.join(flags) if flags is not None else '(none)':48s} {what}")
@@ -256,14 +259,16 @@ def main(argv=None) -> dict:
     rows = {name: {"flags": ROWS[name][0], "tests": ROWS[name][1], "runs": {}} for name in args.rows}
     jobs = [(name, seed) for name in args.rows for seed in args.seeds]  # row by row: a partial sweep has whole rows
     for k, (name, seed) in enumerate(jobs):
-        pretrained = folder(args.root, "pretrain", seed)
-        base = run_training(pretrained, pretrain, seed)
+        start_seed = seed if args.pretrain_seed is None else args.pretrain_seed
+        pretrained = folder(args.root, "pretrain", start_seed)
+        base = run_training(pretrained, pretrain, start_seed)
         if name == "pretrained" or base["status"] != "done":
             out, run = pretrained, base
         else:
             out = folder(args.root, name, seed)
             run = run_training(out, [*finetune, *ROWS[name][0]], seed, init=os.path.join(pretrained, "ckpt.pt"))
-        run = dict(run, metrics=score_run(out, bench, args.bench_seed) if run["status"] == "done" else None)
+        metrics = score_run(out, bench, args.bench_seed, study.pooled_tau) if run["status"] == "done" else None
+        run = dict(run, metrics=metrics, out=out)
         rows[name]["runs"][seed] = run
         shown = f"swap-att {run['metrics']['swap-att']:.3f}" if run["metrics"] else run.get("error", "")
         print(
@@ -275,20 +280,26 @@ def main(argv=None) -> dict:
         row |= summarise(row["runs"], base)
 
     paired = {name: row["paired"] for name, row in rows.items() if name != BASELINE and row["paired"]["n"]}
-    table = "\n\n".join(
-        [
-            "Scores, mean ± std over seeds:",
-            markdown(rows, COLUMNS),
-            f"Difference to {BASELINE} of the same seed (same pretrained start), mean ± std:",
-            markdown(paired, COLUMNS, signed=True),
-            "Diagnostics (diagnostics() in sweep.py), mean ± std:",
-            markdown(rows, DIAGNOSTICS),
-        ]
-    )
+    parts = [
+        "Scores, mean ± std over seeds:",
+        markdown(rows, study.columns),
+        f"Difference to {BASELINE} of the same seed (same pretrained start), mean ± std:",
+        markdown(paired, study.columns, signed=True),
+        "Diagnostics (diagnostics() in sweep.py), mean ± std:",
+        markdown(rows, study.diagnostics),
+    ]
+    done = [run["out"] for run in rows.get(BASELINE, {"runs": {}})["runs"].values() if run["status"] == "done"]
+    if done:  # the budget check: has the baseline stopped improving?
+        losses = " -> ".join(f"{v:.3f}" for v in curve(done))
+        parts.append(
+            f"{BASELINE}'s caption loss on fresh scenes, by quarter of its fine-tune (mean of {len(done)}): {losses}"
+        )
+    table = "\n\n".join(parts)
     print(table)
     wall = time.time() - t0
     print(f"{len(jobs)} runs in {wall / 60:.1f} min (runs reused from earlier calls take no time)")
     result = {
+        "study": args.study,
         "world": args.world,
         "pretrain": pretrain,
         "finetune": finetune,

@@ -31,7 +31,11 @@ model, its tokenizer and its preprocessing come from the file; --model is then u
 logit bias; the sigmoid losses get one chosen on the first batch (`--init-bias`). The paper warms up for 50
 steps (`--warmup 50`); the default is 5% of the run.
 `--logit-lr` gives the logit scale and bias their own learning rate (the paper uses one);
-`--concept-labels phrase` and `--concept-logits own` are off by default.
+`--concept-labels phrase|scene` and `--concept-logits own` are off by default. `--init-scale` restarts t of
+--init weights at a given value (with a bias refitted the same way): the threshold regime of released SigLIP
+weights (t ~ 112), for docs/mechanism.md. log.jsonl also holds the diagnostics of diagnostics.py: the
+fraction of positive pairs above the sigmoid's threshold and, in the shapes world, the false negatives of
+the concept labels.
 Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (redrawn at every checkpoint).
 """
 
@@ -64,6 +68,7 @@ from checkpoint import (
 )
 from data import Collate, WordTokenizer, train_transform
 from devices import add_device_flag, autocast_dtype, device_problem, log0, setup
+from diagnostics import batch_diagnostics
 from download import WEIGHTS, DownloadError
 from model import CLIP, PRESETS, CLIPConfig
 from objective import METHODS, Objective, accumulated_step, loss_terms
@@ -101,8 +106,9 @@ def get_parser() -> argparse.ArgumentParser:
     loss("--concept-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
     loss("--pool-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
     loss("--tau", type=float, default=1.0, help="temperature of the cross-modal pooling (paper: 1)")
-    labels = "owner: a phrase is positive for its own image only (authors); phrase: for every image with that phrase"
-    loss("--concept-labels", default="owner", choices=["owner", "phrase"], help=labels)
+    labels = "owner: a phrase is positive for its own image only (authors); phrase: for every image with that "
+    labels += "phrase; scene (shapes world): for every image holding an object the phrase describes"
+    loss("--concept-labels", default="owner", choices=["owner", "phrase", "scene"], help=labels)
     logits = "shared: the concept losses use the caption loss's t and b (paper); own: a pair from t = 10, b = -10"
     loss("--concept-logits", default="shared", choices=["shared", "own"], help=logits)
     model = p.add_argument_group("model").add_argument
@@ -110,6 +116,8 @@ def get_parser() -> argparse.ArgumentParser:
     init = f"start from SigLIP's or CLIP's released weights (.safetensors/.bin/.pt) or our checkpoint, {WEIGHT_NAMES}"
     model("--init", metavar="PATH_OR_NAME", help=init)
     add_weight_flags(p)
+    scale = "with --init: start the logit scale at t = T (the bias from --init-bias, auto: refitted at this t)"
+    model("--init-scale", type=float, metavar="T", help=scale)
     model(
         "--init-bias", default="auto", help="logit bias for --init weights without one: auto (first batch) or a number"
     )
@@ -148,8 +156,10 @@ def get_args(argv=None) -> argparse.Namespace:
     if args.data != "shapes":
         check_shards(p, args)
     args.steps = args.steps or 600  # with --epochs, train() sets it from the number of samples
-    if args.method != "c2lip" and (args.concept_labels == "phrase" or args.concept_logits == "own"):
-        p.error("--concept-labels phrase and --concept-logits own only apply to --method c2lip")
+    if args.method != "c2lip" and (args.concept_labels != "owner" or args.concept_logits == "own"):
+        p.error("--concept-labels phrase|scene and --concept-logits own only apply to --method c2lip")
+    if args.init_scale is not None and (not args.init or not 0 < args.init_scale <= 100):
+        p.error("--init-scale needs --init, and a value in (0, 100] (t is clamped at 100)")
     if args.method == "clip" and args.batch_size * int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--method clip needs a global --batch-size of at least 2: with one image its softmax loss is 0")
     if args.init_bias != "auto":
@@ -199,6 +209,8 @@ def check_shards(p: argparse.ArgumentParser, args) -> None:
     """--data cc3m: the shards exist and a --concepts file fits them, or an argparse error naming the flag."""
     if args.holdout_combos or args.world != "simple":
         p.error("--holdout-combos and --world only apply to --data shapes")
+    if args.concept_labels == "scene":
+        p.error("--concept-labels scene needs --data shapes: only the synthetic world knows which images show a phrase")
     if args.data_dir is None:
         p.error(f"--data {args.data} needs --data-dir.\n{SHARD_LAYOUT}")
     try:
@@ -314,9 +326,13 @@ def batches(args, cfg: CLIPConfig, tokenizer, start: int, rank: int, world_size:
 def make_model(args, cfg: CLIPConfig, init: dict | None, device) -> tuple[CLIP, CLIPConfig, bool]:
     """(the model on its device with --init's weights if any, its config, whether its logit bias is still to
     be fitted on the first batch). The loss decides whether there is a bias: CLIP's softmax form has none;
-    released CLIP weights get one for the sigmoid losses (--init-bias)."""
-    has_bias = init is not None and "logit_bias" in init
+    released CLIP weights get one for the sigmoid losses (--init-bias). --init-scale replaces the weights'
+    t, and with it their bias, which only fits the t it was learned with."""
+    has_bias = init is not None and "logit_bias" in init and args.init_scale is None
     if init is not None:
+        if args.init_scale is not None:
+            init["logit_scale"] = torch.tensor(math.log(args.init_scale))
+            cfg = replace(cfg, init_logit_scale=math.log(args.init_scale))
         if args.method == "clip":
             init.pop("logit_bias", None)
         elif not has_bias:
@@ -445,6 +461,7 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 lr = optimizer.param_groups[0]["lr"]
                 shards_seen = {"epoch": dataset.epoch, "skipped": dataset.skipped} if shards else None
                 record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, shards_seen)
+                record |= batch_diagnostics(model, micro_batches[0], objective.concept_labels)  # no-grad, this batch
                 skipped = {"skipped": sum(record["skipped"].values())} if record.get("skipped") else {}
                 bar.set_postfix({k: f"{record[k]:.3f}" for k in terms} | {"t": f"{record['scale']:.1f}"} | skipped)
                 log.write(json.dumps(record) + "\n")

@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from data import Collate, WordTokenizer
+from losses import concept_labels
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from objective import Objective, loss_terms
 from shapes import ShapesDataset, ShapesWorld
@@ -21,7 +23,7 @@ CFG = CLIPConfig(
     text=TextConfig(vocab_size=64, context_length=48, width=32, layers=1, heads=2),
     embed_dim=16,
 )
-OBJECTIVE = Objective("c2lip", concept_weight=1.0, pool_weight=0.5, tau=0.5, concept_labels="phrase")
+LABELS = ["phrase", "scene"]  # both label rules that compare phrases or scenes across the ranks' images
 WORLD = 2
 
 
@@ -34,30 +36,40 @@ def make_batches():
     return collate(samples), [collate(samples[r * per_rank : (r + 1) * per_rank]) for r in range(WORLD)]
 
 
-def one_step(model, batch):
-    loss, terms = loss_terms(model, batch, OBJECTIVE)
+def objective(labels: str) -> Objective:
+    return Objective("c2lip", concept_weight=1.0, pool_weight=0.5, tau=0.5, concept_labels=labels)
+
+
+def one_step(model, batch, labels):
+    loss, terms = loss_terms(model, batch, objective(labels))
     torch.testing.assert_close(loss, terms["caption"] + 1.0 * terms["concept"] + 0.5 * terms["pooled"])
     loss.backward()
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     return {k: v.item() for k, v in terms.items()}, {n: p.grad.clone() for n, p in raw.named_parameters()}
 
 
-def worker(rank, init_file, out):
+def worker(rank, init_file, out, labels):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.manual_seed(0)
     model = DistributedDataParallel(CLIP(CFG))
     _, local = make_batches()
-    terms, grads = one_step(model, local[rank])
+    terms, grads = one_step(model, local[rank], labels)
     if rank == 0:
         torch.save({"terms": terms, "grads": grads}, out)
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("labels", LABELS)
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, labels):
+    whole = make_batches()[0]
+    scene = (whole["phrase_codes"], whole["objects"])
+    if labels == "scene":  # the batch holds pairs across the two ranks' halves that the scene rule makes positive
+        across = concept_labels(whole["owner"], 6, scene=scene)[3:, whole["owner"] < 3]
+        assert (across > 0).any()
     torch.manual_seed(0)
-    terms, grads = one_step(CLIP(CFG), make_batches()[0])
+    terms, grads = one_step(CLIP(CFG), whole, labels)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt"), labels), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "out.pt")
     assert set(got["terms"]) == {"caption", "concept", "pooled"}
     for k, v in terms.items():

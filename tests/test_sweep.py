@@ -70,3 +70,23 @@ def test_a_run_stopped_by_a_signal_is_resumed_not_failed(tmp_path, monkeypatch):
 def test_unknown_row_is_named():
     with pytest.raises(SystemExit):
         sweep.main(["--rows", "c2lip", "nonsense"])
+
+
+def test_mechanism_study_shares_one_pretraining_and_scores_through_the_pooling(tmp_path):
+    argv = [*TINY, "--study", "mechanism", "--root", str(tmp_path), "--rows", "siglip", "c2lip scene"]
+    result = sweep.main(argv)
+    assert os.listdir(tmp_path / "pretrain") == ["seed0"]  # seeds 0 and 1 fine-tune the pretrained model of seed 0
+    for seed in (0, 1):
+        args = torch.load(tmp_path / "c2lip_scene" / f"seed{seed}" / "ckpt.pt", weights_only=False)["args"]
+        assert args["init"] == os.path.join(str(tmp_path), "pretrain", "seed0", "ckpt.pt") and args["seed"] == seed
+        assert args["init_scale"] == 100 and args["concept_labels"] == "scene"
+    metrics = result["rows"]["c2lip scene"]["runs"][0]["metrics"]
+    assert 0 <= metrics["pooled/phrase-att"] <= 1 and metrics["t"] == pytest.approx(100, rel=1e-3)
+    assert metrics["fn/phrase"] == 0 and metrics["pos/phrase"] >= 1  # the scene rule leaves no false negative
+    with open(tmp_path / "siglip" / "seed1" / "log.jsonl") as f:
+        tail = [json.loads(line) for line in f.readlines()[-sweep.DIAG_TAIL :]]
+    siglip = result["rows"]["siglip"]["runs"][1]["metrics"]
+    assert siglip["above/caption"] == pytest.approx(sum(r["above/caption"] for r in tail) / len(tail))
+    assert (
+        "| c2lip scene | 2 | " in result["markdown"] and "siglip's caption loss on fresh scenes" in result["markdown"]
+    )
