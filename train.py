@@ -193,10 +193,9 @@ def check_numbers(p: argparse.ArgumentParser, args) -> None:
     for name in ("steps", "batch_size", "accum_freq", "ckpt_every", "log_every", "vocab_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("lr", "tau"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name} must be positive")
-    for name in ("logit_lr", "weight_decay", "grad_clip", "workers", "shuffle_buffer", "max_nonfinite"):
+    if not args.tau > 0:
+        p.error("--tau must be positive")
+    for name in ("lr", "logit_lr", "weight_decay", "grad_clip", "workers", "shuffle_buffer", "max_nonfinite"):
         if getattr(args, name) is not None and not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more")
     if not args.warmup >= 0:
