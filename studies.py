@@ -13,6 +13,8 @@ from that seed's pretrained model and is compared with the baseline row of the s
 
 from dataclasses import dataclass
 
+from shapes_eval import CATEGORIES
+
 
 @dataclass(frozen=True)
 class Study:
@@ -65,20 +67,7 @@ HYPOTHESES = Study(
         ),
     },
     # eval.py's shapes metrics, compositional categories first
-    columns=[
-        "swap-att",
-        "swap-obj",
-        "replace-att",
-        "replace-obj",
-        "add-obj",
-        "add-att",
-        "phrase-att",
-        "heldout-swap-att",
-        "heldout-replace-att",
-        "i2t-R@1",
-        "t2i-R@1",
-        "zeroshot-top1",
-    ],
+    columns=[*CATEGORIES, "i2t-R@1", "t2i-R@1", "zeroshot-top1"],
     diagnostics=["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"],
 )
 

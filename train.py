@@ -382,11 +382,8 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
         truncate_log(log_path, start)  # the steps after the checkpoint are replayed: logged once, not twice
 
     # ---- data, tokenizer, model
-    shards = (
-        shard_plan(args.data_dir, args.out, args.batch_size * world_size * args.accum_freq)
-        if args.data != "shapes"
-        else None
-    )
+    global_batch = args.batch_size * world_size * args.accum_freq
+    shards = shard_plan(args.data_dir, args.out, global_batch) if args.data != "shapes" else None
     if shards and args.epochs is not None:
         args.steps = max(1, round(args.epochs * shards.steps_per_epoch))
     cfg, tokenizer, init = config_and_tokenizer(args, resume, shards)
