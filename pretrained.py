@@ -101,6 +101,19 @@ def rename(state: dict, top: dict, towers: dict, ignored: set, what: str) -> tup
     return names, list(layers.values())
 
 
+def config_of(state: dict, vision: dict, text: dict, embed_dim: int, activation: str, head_width: int) -> CLIPConfig:
+    """The config of released weights: each tower's fields as read off the shapes, its heads head_width wide,
+    and the weights' own logit scale and bias (None: the weights have no bias)."""
+    bias = state.get("logit_bias")
+    return CLIPConfig(
+        vision=VisionConfig(heads=vision["width"] // head_width, activation=activation, **vision),
+        text=TextConfig(heads=text["width"] // head_width, activation=activation, **text),
+        embed_dim=embed_dim,
+        init_logit_scale=float(state["logit_scale"]),
+        init_logit_bias=None if bias is None else float(bias),
+    )
+
+
 def convert_openai_state_dict(
     state: dict, activation: str = "quick_gelu", head_width: int = 64
 ) -> tuple[CLIPConfig, dict]:
@@ -125,30 +138,9 @@ def convert_openai_state_dict(
         raise ValueError(
             f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, {head_width}-wide heads"
         )
-    bias = state.get("logit_bias")
-    cfg = CLIPConfig(
-        vision=VisionConfig(
-            image_size=grid * patch,
-            patch_size=patch,
-            width=v_width,
-            layers=v_layers,
-            heads=v_width // head_width,
-            activation=activation,
-            normalise="clip",
-        ),
-        text=TextConfig(
-            vocab_size=vocab,
-            context_length=state["positional_embedding"].shape[0],
-            width=t_width,
-            layers=t_layers,
-            heads=t_width // head_width,
-            pad_id=0,
-            activation=activation,
-        ),
-        embed_dim=state["visual.proj"].shape[1],
-        init_logit_scale=float(state["logit_scale"]),
-        init_logit_bias=None if bias is None else float(bias),
-    )
+    vision = dict(image_size=grid * patch, patch_size=patch, width=v_width, layers=v_layers, normalise="clip")
+    text = dict(vocab_size=vocab, context_length=state["positional_embedding"].shape[0], width=t_width, pad_id=0)
+    cfg = config_of(state, vision, text | dict(layers=t_layers), state["visual.proj"].shape[1], activation, head_width)
     expected = {
         "input_resolution": cfg.vision.image_size,
         "context_length": cfg.text.context_length,
@@ -233,30 +225,9 @@ def convert_siglip_state_dict(state: dict, activation: str = "gelu", head_width:
             f"unexpected shapes: {positions} image positions, widths {v_width}/{t_width}, joint width {embed_dim} "
             f"(the MAP head has no projection: it must be the image width), {head_width}-wide heads"
         )
-    bias = state.get("logit_bias")
-    cfg = CLIPConfig(
-        vision=VisionConfig(
-            image_size=grid * patch,
-            patch_size=patch,
-            width=v_width,
-            layers=v_layers,
-            heads=v_width // head_width,
-            activation=activation,
-            **SIGLIP_VISION,
-        ),
-        text=TextConfig(
-            vocab_size=vocab,
-            context_length=state["text.positional_embedding"].shape[0],
-            width=t_width,
-            layers=t_layers,
-            heads=t_width // head_width,
-            activation=activation,
-            **SIGLIP_TEXT,
-        ),
-        embed_dim=embed_dim,
-        init_logit_scale=float(state["logit_scale"]),
-        init_logit_bias=None if bias is None else float(bias),
-    )
+    vision = dict(image_size=grid * patch, patch_size=patch, width=v_width, layers=v_layers, **SIGLIP_VISION)
+    text = dict(vocab_size=vocab, context_length=state["text.positional_embedding"].shape[0], width=t_width)
+    cfg = config_of(state, vision, text | dict(layers=t_layers, **SIGLIP_TEXT), embed_dim, activation, head_width)
     return cfg, {ours: SIGLIP_LAYOUT.get(ours, lambda t: t)(state[theirs].float()) for theirs, ours in names.items()}
 
 
