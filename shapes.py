@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from concepts import article, extract_concepts
-from data import image_to_tensor
+from data import WordTokenizer, image_to_tensor
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -150,6 +150,14 @@ class ShapesWorld:
         return TEMPLATES[scene.template].format(
             objects=list_phrases([o.phrase() for o in objects]), n=NUMBERS.get(len(objects), str(len(objects)))
         )
+
+    def words(self) -> set[str]:
+        """Every word (data.WordTokenizer.split) that a training caption of this world can hold: the templates'
+        words, the object words, and the numbers of objects a scene can have. A benchmark negative may hold no
+        other word: the tokenizer would read it as <unk>, and a model could tell the negative by that alone."""
+        counts = [NUMBERS.get(n, str(n)) for n in range(self.min_objects, self.max_objects + 1)]
+        texts = [t.format(objects="", n="") for t in TEMPLATES] + [*COLOURS, *SHAPES, *SIZES, *counts]
+        return {w for text in texts + ["a an and ,"] for w in WordTokenizer.split(text)}
 
     @staticmethod
     def phrases(scene: Scene) -> list[str]:

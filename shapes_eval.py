@@ -21,7 +21,9 @@ in training) of the world a checkpoint was trained in:
                                    the compositional-generalisation split for runs trained with
                                    `train.py --holdout-combos`, which never saw those pairs together
                     In the dense world an edit that names the same colour-shape pairs again (swapping the
-                    colours of two circles) is no negative, and another edit is drawn.
+                    colours of two circles) is no negative, and another edit is drawn. A negative holding a
+                    word that no training caption holds ("five shapes: ..." for an object added to a scene of
+                    four in the simple world) is left out: the word alone would give it away.
   retrieval         image->text and text->image R@1 and R@5 over the held-out scenes (one caption each)
   zero-shot         single-object images classified among every colour-shape pair from prompts such as
                     "a photo of a red circle.", averaged over templates (CLIP's prompt ensemble)
@@ -41,7 +43,7 @@ from dataclasses import replace
 import torch
 
 from concepts import article
-from data import image_to_tensor
+from data import WordTokenizer, image_to_tensor
 from metrics import (
     cos,
     embed_image_tokens,
@@ -179,10 +181,14 @@ class ShapesBenchmark:
         self.images = torch.stack([image_to_tensor(world.render(s), normalise) for s in self.scenes])  # (B, C, H, W)
         self.captions = [world.caption(s) for s in self.scenes]
         self.pairs = {c: [] for c in CATEGORIES}  # category -> [(scene index, true text, negative text)]
+        words = world.words()
         for idx, scene in enumerate(self.scenes):
             # the held-out pairs draw from their own generator: the other categories stay as they were
             for cat, (pos, neg) in (negatives(scene, rng) | heldout_negatives(scene, holdout, held_rng)).items():
-                self.pairs[cat].append((idx, pos, neg))
+                # A word no training caption holds gives the negative away ("five shapes: ..." when an object
+                # is added to a scene of the most objects): the scene admits no negative of that category.
+                if set(WordTokenizer.split(neg)) <= words:
+                    self.pairs[cat].append((idx, pos, neg))
         # zero-shot: one object per image, classes = every (colour, shape) pair
         self.classes = [f"{c} {s}" for c in COLOURS for s in SHAPES]
         singles, self.labels = [], []

@@ -3,7 +3,8 @@
 
 import re
 
-from shapes import HOLDOUT_COMBOS, ShapesWorld
+from data import WordTokenizer
+from shapes import HOLDOUT_COMBOS, WORLDS, ShapesWorld
 from shapes_eval import CATEGORIES, ShapesBenchmark
 
 HELD = set(HOLDOUT_COMBOS)
@@ -42,3 +43,19 @@ def test_heldout_categories_edit_a_heldout_object_and_leave_the_others_alone():
         assert any((o.colour, o.shape) in HELD for o in gone)
     for _, pos, neg in swaps:  # a swap keeps the bag of words ('an' read as 'a': it follows the colour)
         assert sorted(re.sub(r"\ban\b", "a", pos).split()) == sorted(re.sub(r"\ban\b", "a", neg).split())
+
+
+def test_no_negative_holds_a_word_that_no_training_caption_holds():
+    """The word tokenizer reads an unseen word as <unk>, which alone would tell a negative from its caption:
+    in the simple world an object added to a scene of four made "five shapes: ..." (36 of 1,000 add-obj)."""
+    for name, kwargs in WORLDS.items():
+        world = ShapesWorld(image_size=16, **kwargs)
+        seen = {w for i in range(3000) for w in WordTokenizer.split(world.caption(world.scene(0, "train", i)))}
+        assert world.words() == seen  # the vocabulary is exactly what training captions hold
+        bench = ShapesBenchmark(world, n=300)
+        for cat, pairs in bench.pairs.items():
+            unseen = {w for _, _, neg in pairs for w in WordTokenizer.split(neg)} - seen
+            assert not unseen, (name, cat, unseen)
+        four = [i for i, s in enumerate(bench.scenes) if len(s.objects) == world.max_objects and s.template == 5]
+        assert four and not {idx for idx, _, _ in bench.pairs["add-obj"]} & set(four)  # "{n} shapes: ...": left out
+        assert len(bench.pairs["add-obj"]) == len(bench.scenes) - len(four)
