@@ -144,6 +144,7 @@ FILES = WEIGHTS | TOKENIZERS | BENCHMARK_FILES
 
 CACHE_ENV = "C2LIP_CACHE"
 CHUNK = 1 << 20
+FETCHED: dict[str, str] = {}  # path -> name of every file fetch() returned in this process (see refetch_hint)
 
 
 def cache_dir(folder: str | None = None) -> str:
@@ -212,6 +213,7 @@ def fetch(name: str, folder: str | None = None) -> str:
                 get(remote, path)
     if not fetched:  # a fresh download was checked on its way in
         verify(path, remote)
+    FETCHED[os.path.abspath(path)] = name
     return path
 
 
@@ -274,6 +276,12 @@ def verify(path: str, remote: Remote) -> None:
         )
     with contextlib.suppress(OSError):  # a read-only cache: checked, and hashed again next time
         write_record(path, digest)
+
+
+def refetch_hint(path: str) -> str:
+    """For a reader's error about a file fetch() returned: '; <it> is ... delete it to download it again'."""
+    name = FETCHED.get(os.path.abspath(path))
+    return f"; {path} is the cached download of {name}: delete it to download it again" if name else ""
 
 
 def fetch_zip(name: str, folder: str | None = None) -> str:

@@ -1,7 +1,8 @@
 """Downloads that a bad network cannot turn into trusted files (download.py, transfer.py), against the local
 server of test_download.py misbehaving on purpose: a file that changes between two tries, bodies of unknown
-length or cut short, an HTML page served with status 200, a zip that holds the cache's own file names, a
-read-only cache, re-hashing, two releases whose files share a name, and the digests that are published."""
+length or cut short, an HTML page served with status 200, a cached file that then does not parse, a zip that
+holds the cache's own file names, a read-only cache, re-hashing, two releases whose files share a name, and
+the digests that are published."""
 
 import builtins
 import errno
@@ -12,13 +13,18 @@ import shutil
 import zipfile
 
 import pytest
+import torch
 
 import download
+import eval as evaluate
+import pretrained
 import test_download
 from download import DownloadError, Remote
+from fixtures import write_karpathy
 from released_tokenizers import find_spm_model
 from test_download import payload, serve, validator, zipped
 
+CPU = torch.device("cpu")
 server = test_download.server  # the local HTTP server, a fixture
 
 
@@ -103,6 +109,47 @@ def test_an_html_page_served_with_200_is_refused(server, monkeypatch, tmp_path, 
     assert sorted(os.listdir(tmp_path / "coco")) == ["coco_karpathy_test.json.lock"]  # nothing kept, nothing trusted
     serve(server, monkeypatch, "test/page.html", page, pinned=False)  # a file that is HTML is not refused
     assert open(download.fetch("test/page.html", str(tmp_path)), "rb").read() == page
+
+
+def test_a_cached_benchmark_file_that_does_not_parse_names_itself_to_delete(server, monkeypatch, tmp_path):
+    write_karpathy(str(tmp_path / "coco"))
+    server.content_type = "application/json"
+    serve(server, monkeypatch, "coco/coco_karpathy_test.json", b'[{"image": "val2014/a.jpg", "capt', pinned=False)
+    serve(server, monkeypatch, "coco/val2014.zip", zipped(str(tmp_path / "coco" / "val2014"), "val2014"), pinned=False)
+    cache = str(tmp_path / "cache")
+    argv = ["--ckpt", "unused.pt", "--bench", "retrieval", "--download", "--cache-dir", cache]
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(argv)
+    cached = os.path.join(cache, "coco", "coco_karpathy_test.json")
+    assert f"{cached} is the cached download of coco/coco_karpathy_test.json: delete it" in str(err.value.code)
+
+
+def test_cached_weights_and_tokenizers_that_do_not_parse_name_themselves_to_delete(server, monkeypatch, tmp_path):
+    cache = str(tmp_path / "cache")
+    serve(server, monkeypatch, "openai/ViT-B-16", b"\x80\x02 not a pickle, not a zip" * 100, pinned=False)
+    with pytest.raises(SystemExit) as err:
+        pretrained.load_model("openai/ViT-B-16", CPU, cache=cache)
+    message = str(err.value.code)
+    assert message.startswith("error: openai/ViT-B-16: not a weights file") and "\n" not in message
+    assert (
+        f"{os.path.join(cache, 'openai', 'ViT-B-16.pt')} is the cached download of openai/ViT-B-16: delete" in message
+    )
+    # CLIP weights whose BPE vocabulary comes from the cache, and the cached vocabulary is not gzip
+    open_clip = pytest.importorskip("open_clip")
+    vision = open_clip.model.CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=16)
+    text = open_clip.model.CLIPTextCfg(width=64, heads=1, layers=1)
+    weights = str(tmp_path / "clip.pt")
+    torch.save(open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).state_dict(), weights)
+
+    def not_installed(path):
+        raise FileNotFoundError("no open_clip copy")
+
+    monkeypatch.setattr(pretrained, "find_bpe_vocab", not_installed)
+    serve(server, monkeypatch, "openai/bpe_simple_vocab_16e6", b"#version: 0.2 but not gzip\n", pinned=False)
+    with pytest.raises(SystemExit) as err:
+        pretrained.load_model(weights, CPU, cache=cache)
+    bpe = os.path.join(cache, "openai", "bpe_simple_vocab_16e6.txt.gz")
+    assert f"{bpe} is the cached download of openai/bpe_simple_vocab_16e6: delete it" in str(err.value.code)
 
 
 def test_a_zip_is_extracted_into_its_own_folder_and_cannot_replace_cached_files(server, monkeypatch, tmp_path):
