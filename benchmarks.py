@@ -139,7 +139,7 @@ def read_json_file(path: str, bench: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except ValueError as err:  # empty, truncated, not JSON, not UTF-8
-        fail(f"--bench {bench}: {path} is not valid JSON ({err}).\n{LAYOUT[bench]}")
+        fail(f"--bench {bench}: {path} is not valid JSON ({err}){download.refetch_hint(path)}.\n{LAYOUT[bench]}")
 
 
 def check_images(paths: list[str], bench: str) -> None:
@@ -165,7 +165,9 @@ def load_sugarcrepe(data_dir: str, images: str, bench: str = "sugarcrepe") -> di
         path = os.path.join(data_dir, name + ".json")
         data = read_json_file(path, bench)
         if not isinstance(data, dict if bench == "sugarcrepe" else list) or not data:
-            fail(f"--bench {bench}: {path} is not in the official format.\n{LAYOUT[bench]}")
+            fail(
+                f"--bench {bench}: {path} is not in the official format{download.refetch_hint(path)}.\n{LAYOUT[bench]}"
+            )
         records = data.items() if bench == "sugarcrepe" else enumerate(data)
         files[name] = []
         for key, r in records:
@@ -250,7 +252,10 @@ def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch
         or not records
         or not all(isinstance(r, dict) and "image" in r and "caption" in r for r in records)
     ):
-        fail(f"--bench retrieval: {ann} is not in the expected format.\n{LAYOUT['retrieval']}")
+        fail(
+            f"--bench retrieval: {ann} is not in the expected format{download.refetch_hint(ann)}.\n"
+            + LAYOUT["retrieval"]
+        )
     paths, texts, text_image = [], [], []
     for i, r in enumerate(records):
         captions = [r["caption"]] if isinstance(r["caption"], str) else r["caption"]

@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 import torch
 
-from download import WEIGHTS, add_cache_flag, fetch, resolve_weights
+from download import WEIGHTS, add_cache_flag, fetch, refetch_hint, resolve_weights
 from model import CLIP, SIGLIP_TEXT, SIGLIP_VISION, CLIPConfig, TextConfig, VisionConfig
 from released_tokenizers import BPETokenizer, SigLIPTokenizer, find_bpe_vocab, find_spm_model, tokenizer_from_state_dict
 from weight_files import read_state_dict
@@ -256,6 +256,19 @@ def siglip_spm(spm: str | None, path: str, name: str, cache: str | None = None) 
         return fetch("t5/cc_en.32000", cache)
 
 
+def read_tokenizer(kind, path: str, context_length: int):
+    """kind.from_file(path, context_length); a file it cannot read is a ValueError in one line naming it. Any
+    exception: a gzip or protobuf reader meets garbage in many ways (a proxy's page saved as the file)."""
+    try:
+        return kind.from_file(path, context_length)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a tokenizer file {kind.__name__} can read ({type(err).__name__}){refetch_hint(path)}"
+        ) from None
+
+
 def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, cache=None) -> dict:
     """A checkpoint in our format ({"config", "model", "tokenizer", ...}) from any of:
       - a checkpoint of ours, returned as it is;
@@ -274,7 +287,9 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
     try:
         state = read_state_dict(path)
     except Exception as err:  # pickle, zip and runtime errors: whatever it is, it is not weights we can read
-        raise ValueError(f"not a weights file torch can read safely ({type(err).__name__})") from None
+        raise ValueError(
+            f"not a weights file torch can read safely ({type(err).__name__}){refetch_hint(path)}"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a state dict or a checkpoint")
     if "model" in state and "config" in state:
@@ -282,13 +297,13 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
     state = state.get("state_dict", state)
     if is_siglip(state):
         cfg, state = convert_siglip_state_dict(state)
-        tokenizer = SigLIPTokenizer.from_file(siglip_spm(spm, path, name, cache), cfg.text.context_length)
+        tokenizer = read_tokenizer(SigLIPTokenizer, siglip_spm(spm, path, name, cache), cfg.text.context_length)
         if len(tokenizer) > cfg.text.vocab_size:  # T5's 32,000 pieces, 32,000 rows in ViT-B-16-SigLIP
             raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, the weights embed {cfg.text.vocab_size}")
         cfg.text.pad_id = tokenizer.pad_id
     else:
         cfg, state = convert_openai_state_dict(state, activation)
-        tokenizer = BPETokenizer.from_file(clip_bpe(bpe, cache), cfg.text.context_length)
+        tokenizer = read_tokenizer(BPETokenizer, clip_bpe(bpe, cache), cfg.text.context_length)
     return {"config": asdict(cfg), "model": state, "tokenizer": tokenizer.state_dict(), "converted_from": name}
 
 

@@ -1,8 +1,10 @@
 """download.py against a local HTTP server that the tests start on the loopback address (no internet): a fetch
 with its bar, a cache hit that makes no request, a digest mismatch refused, an interrupted transfer resumed
-with Range, the offline message, zip extraction; then a named weights file through pretrained.load_model and
-eval.py --download on SugarCrepe's and SugarCrepe++'s formats."""
+with Range and If-Range, the offline message, zip extraction; then a named weights file through
+pretrained.load_model and eval.py --download on SugarCrepe's and SugarCrepe++'s formats. The server misbehaves
+on purpose in test_download_trust.py."""
 
+import email.utils
 import hashlib
 import http.server
 import io
@@ -34,33 +36,59 @@ FAST = ["--workers", "0", "--batch-size", "4"]
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """GET of server.files[path]; honours "Range: bytes=N-" when server.ranges; cuts the body of a path in
-    server.cut after that many bytes, once (the connection closes mid-body)."""
+    """GET of server.files[path]. Each version of a file has a validator: a strong ETag (server.validator
+    "etag", the default), a Last-Modified date ("last-modified"), or none (None). "Range: bytes=N-" is honoured
+    when server.ranges, unless If-Range names another version (then the whole file, 200) or server.if_range
+    is False (a server that ignores If-Range). The body's end is told by server.length: "content-length"
+    (the default), "chunked", or None (the connection closes). server.content_type is sent as it is. The body
+    of a path in server.cut is cut after that many bytes of the file, once (the connection closes mid-body)."""
 
     timeout = 10  # a stuck client cannot hold a handler thread for longer
 
     def do_GET(self):
         server = self.server
-        server.log.append((self.path, self.headers.get("Range")))
+        server.log.append((self.path, self.headers.get("Range"), self.headers.get("If-Range")))
         body = server.files.get(self.path)
         if body is None:
             self.send_error(404)
             return
-        start, header = 0, self.headers.get("Range")
-        if header and server.ranges:
+        version = validator(server, body)
+        start, header, if_range = 0, self.headers.get("Range"), self.headers.get("If-Range")
+        if header and server.ranges and (if_range in (None, version) or not server.if_range):
             start = int(header.removeprefix("bytes=").split("-")[0])
-            self.send_response(206)
+        if server.length == "chunked":
+            self.protocol_version = "HTTP/1.1"  # chunked transfer coding is HTTP/1.1's
+        self.send_response(206 if start else 200)
+        if start:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
+        if version:
+            self.send_header("ETag" if server.validator == "etag" else "Last-Modified", version)
+        if server.content_type:
+            self.send_header("Content-Type", server.content_type)
+        if server.length == "content-length":
+            self.send_header("Content-Length", str(len(body) - start))
+        elif server.length == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         cut = server.cut.pop(self.path, None)
-        self.wfile.write(body[start:] if cut is None else body[start:cut])
-        self.close_connection = cut is not None
+        rest = body[start:] if cut is None else body[start:cut]
+        if server.length == "chunked":  # one chunk announcing the whole rest of the file, then the last chunk
+            rest = f"{len(body) - start:x}\r\n".encode() + rest + (b"\r\n0\r\n\r\n" if cut is None else b"")
+        self.wfile.write(rest)
+        self.close_connection = True
 
     def log_message(self, *args):
         pass
+
+
+def validator(server, body: bytes) -> str | None:
+    """The validator of this version of a file: a strong ETag or a date, both from its digest."""
+    digest = hashlib.sha256(body).hexdigest()
+    if server.validator == "etag":
+        return f'"{digest[:16]}"'
+    if server.validator == "last-modified":
+        return email.utils.formatdate(1_600_000_000 + int(digest[:6], 16), usegmt=True)
+    return None
 
 
 @pytest.fixture
@@ -68,7 +96,8 @@ def server():
     """A server on 127.0.0.1 (a free port) in a thread, stopped when the test ends."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
-    httpd.files, httpd.log, httpd.cut, httpd.ranges = {}, [], {}, True
+    httpd.files, httpd.log, httpd.cut, httpd.ranges, httpd.if_range = {}, [], {}, True, True
+    httpd.validator, httpd.length, httpd.content_type = "etag", "content-length", "application/octet-stream"
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -81,10 +110,12 @@ def server():
 
 
 def serve(server, monkeypatch, name: str, body: bytes, pinned: bool = True, url_path: str | None = None) -> bytes:
-    """Serve `body` and point the registry entry `name` at it (with its true digest when `pinned`)."""
+    """Serve `body` and point the registry entry `name` at it (with its true digest when `pinned`), kept in the
+    cache where the registry keeps it, or (a name of a test) at the name itself."""
     url_path = url_path or "/" + os.path.basename(name if "." in os.path.basename(name) else name + ".pt")
     server.files[url_path] = body
-    remote = Remote(server.url + url_path, hashlib.sha256(body).hexdigest() if pinned else None, "test")
+    path = download.FILES[name].path if name in download.FILES else name
+    remote = Remote(server.url + url_path, hashlib.sha256(body).hexdigest() if pinned else None, "test", path)
     monkeypatch.setitem(download.FILES, name, remote)
     if name in download.WEIGHTS:
         monkeypatch.setitem(download.WEIGHTS, name, remote)
@@ -124,7 +155,9 @@ def test_cache_hit_makes_no_request_and_is_checked(server, monkeypatch, tmp_path
 
 def test_checksum_mismatch_is_refused_and_leaves_nothing(server, monkeypatch, tmp_path):
     server.files["/weights.pt"] = b"not the release" * 1000
-    monkeypatch.setitem(download.FILES, "test/weights", Remote(server.url + "/weights.pt", "0" * 64, "test"))
+    monkeypatch.setitem(
+        download.FILES, "test/weights", Remote(server.url + "/weights.pt", "0" * 64, "test", "test/weights.pt")
+    )
     with pytest.raises(DownloadError, match="expected 0000") as err:
         download.fetch("test/weights", str(tmp_path))
     assert "refused" in str(err.value) and "\n" not in str(err.value)
@@ -139,7 +172,8 @@ def test_interrupted_transfer_leaves_no_whole_file_then_resumes_with_range(serve
         download.fetch("test/big.bin", str(tmp_path))
     assert not os.path.exists(path) and os.path.getsize(path + ".part") == 100_000
     assert download.fetch("test/big.bin", str(tmp_path)) == path and open(path, "rb").read() == body
-    assert server.log == [("/big.bin", None), ("/big.bin", "bytes=100000-")] and not os.path.exists(path + ".part")
+    resumed = ("/big.bin", "bytes=100000-", validator(server, body))  # If-Range: the version the .part is of
+    assert server.log == [("/big.bin", None, None), resumed] and not os.path.exists(path + ".part")
 
 
 def test_a_server_that_ignores_range_restarts_from_zero(server, monkeypatch, tmp_path):
@@ -147,8 +181,9 @@ def test_a_server_that_ignores_range_restarts_from_zero(server, monkeypatch, tmp
     server.ranges = False
     os.makedirs(tmp_path / "test")
     open(tmp_path / "test" / "big.bin.part", "wb").write(b"stale bytes of another try")
+    open(tmp_path / "test" / "big.bin.part.validator", "w").write(validator(server, body))
     path = download.fetch("test/big.bin", str(tmp_path))
-    assert open(path, "rb").read() == body and server.log[0][1] == "bytes=26-"
+    assert open(path, "rb").read() == body and server.log[0][1:] == ("bytes=26-", validator(server, body))
 
 
 def closed_port_url() -> str:
@@ -164,7 +199,7 @@ def test_offline_is_one_line_naming_the_url_the_cache_path_and_the_manual_step(m
         download.fetch("test/offline", str(tmp_path))
     message = str(err.value)
     assert "\n" not in message and url in message and "by hand" in message
-    assert str(tmp_path / "test" / "ViT-B-16.pt") in message
+    assert str(tmp_path / "test" / "offline" / "ViT-B-16.pt") in message  # the full name, then the URL's file
 
 
 def test_cache_folder_flag_then_environment_then_xdg(monkeypatch, tmp_path):
@@ -187,13 +222,14 @@ def zipped(folder: str, arcroot: str) -> bytes:
     return out.getvalue()
 
 
-def test_zip_is_extracted_once_and_marked_when_complete(server, monkeypatch, tmp_path):
+def test_zip_is_extracted_once_into_a_folder_of_its_own(server, monkeypatch, tmp_path):
     os.makedirs(tmp_path / "src")
     open(tmp_path / "src" / "a.jpg", "wb").write(b"jpeg bytes")
     serve(server, monkeypatch, "coco/val2017.zip", zipped(str(tmp_path / "src"), "val2017"), pinned=False)
     root = download.fetch_zip("coco/val2017.zip", str(tmp_path / "cache"))
-    assert root == str(tmp_path / "cache" / "coco") and open(os.path.join(root, "val2017", "a.jpg"), "rb").read()
-    assert os.path.exists(os.path.join(root, "val2017.zip.extracted"))
+    assert root == str(tmp_path / "cache" / "coco" / "val2017.unzipped")
+    assert open(os.path.join(root, "val2017", "a.jpg"), "rb").read() == b"jpeg bytes"
+    assert not os.path.exists(str(tmp_path / "cache" / "coco" / "val2017.zip.extracting"))
     os.remove(os.path.join(root, "val2017", "a.jpg"))  # a finished extraction is not redone
     assert download.fetch_zip("coco/val2017.zip", str(tmp_path / "cache")) == root and len(server.log) == 1
     assert not os.path.exists(os.path.join(root, "val2017", "a.jpg"))
@@ -234,7 +270,7 @@ def test_clip_bpe_is_fetched_when_neither_given_nor_installed(server, monkeypatc
     monkeypatch.setattr(pretrained, "find_bpe_vocab", not_installed)
     body = serve(server, monkeypatch, "openai/bpe_simple_vocab_16e6", b"#version: 0.2\nl o\n", url_path="/bpe.txt.gz")
     path = pretrained.clip_bpe(None, str(tmp_path))
-    assert path == str(tmp_path / "openai" / "bpe.txt.gz") and open(path, "rb").read() == body
+    assert path == str(tmp_path / "openai" / "bpe_simple_vocab_16e6.txt.gz") and open(path, "rb").read() == body
     assert pretrained.clip_bpe("mine.txt.gz", str(tmp_path)) == "mine.txt.gz" and len(server.log) == 1
 
 
