@@ -311,3 +311,29 @@ def test_a_rewritten_shard_is_counted_again_and_bad_utf8_is_skipped(tmp_path):
     write_tar(str(folder / "00000.tar"), [("a.png", image.getvalue()), ("a.txt", "caf\xe9".encode("latin-1"))])
     ds = WebDataset(shards, lambda img: img, shuffle_buffer=0)
     assert list(ds) == [] and ds.skipped == {"bad_encoding": 1}
+
+
+# ----------------------------------------------------------------------------- 15. one line, not a traceback
+
+
+def test_show_a_corrupt_image_stops_with_one_line(bench, tmp_path):
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(b"\xff\xd8\xff not a jpeg")
+    argv = ["--ckpt", bench["ckpt"], "--show", str(image), "--concepts", "a dog", "--out", str(tmp_path / "a.png")]
+    exits_with(lambda: evaluate.main(argv), f"--show {image}: cannot decode the image")
+
+
+@pytest.mark.parametrize("image", [None, 3, ["a.jpg"], ""])
+def test_retrieval_refuses_a_record_whose_image_is_not_a_path(bench, image):
+    records = json.load(open(bench["ann"]))
+    records[1]["image"] = image
+    json.dump(records, open(bench["ann"], "w"))
+    argv = ["--bench", "retrieval", "--data-dir", os.path.dirname(bench["ann"]), "--ann", bench["ann"]]
+    evaluate_fails(bench, argv, f"record 1 of {bench['ann']} needs an image path")
+
+
+def test_sugarcrepe_refuses_a_duplicate_key_instead_of_dropping_a_record(bench):
+    path = os.path.join(bench["sc"], "swap_att.json")
+    text = open(path).read()  # keys "1", "4", "7", ...: the second record now shares the first one's key
+    open(path, "w").write(text.replace('"4":', '"1":', 1))
+    evaluate_fails(bench, ["--bench", "sugarcrepe", "--data-dir", bench["sc"]], f"{path} holds the key '1' twice")
