@@ -105,6 +105,16 @@ def truncate_log(path: str, step: int) -> None:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
+def out_problem(out: str) -> str | None:
+    """Why `out` cannot be a run's folder (it, or a folder above it, is a file), or None."""
+    existing = out
+    while existing and not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder: pass a folder for the run (it is made if missing)"
+    return None
+
+
 class RunInUse(RuntimeError):
     pass
 

@@ -61,6 +61,7 @@ from checkpoint import (
     ignore_signals,
     locked,
     log_record,
+    out_problem,
     resume_state,
     save_checkpoint,
     skip_or_stop,
@@ -185,6 +186,8 @@ def get_args(argv=None) -> argparse.Namespace:
     if message := device_problem(args.device):
         p.error(f"--device {args.device}: {message}")
     args.out = args.out or os.path.join("runs", args.method)
+    if problem := out_problem(args.out):
+        p.error(f"--out {args.out}: {problem}")
     return args
 
 

@@ -316,6 +316,14 @@ def test_a_rewritten_shard_is_counted_again_and_bad_utf8_is_skipped(tmp_path):
 # ----------------------------------------------------------------------------- 15. one line, not a traceback
 
 
+def test_out_that_is_a_file_is_refused_naming_the_flag(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    for out in (notes, notes / "run"):
+        exits_with(lambda o=out: train.get_args(["--out", str(o)]), f"--out {out}: {notes} is a file", capsys)
+    assert notes.read_text() == "my notes\n"
+
+
 def test_show_a_corrupt_image_stops_with_one_line(bench, tmp_path):
     image = tmp_path / "photo.jpg"
     image.write_bytes(b"\xff\xd8\xff not a jpeg")
