@@ -6,7 +6,8 @@ optimizer, config, step, tokenizer and seed), keeps the checkpoint before it as 
 appends a JSON record to OUT/log.jsonl every --log-every steps. Every file is written to a temporary
 name and then renamed, so an interrupted write never leaves a half file where a whole one was; a
 checkpoint is only ever written from finite weights (train.py checks them), and it is read back with
-torch.load(weights_only=True): tensors and plain data, never code.
+torch.load(weights_only=True): tensors and plain data, never code. A checkpoint that cannot be used is
+refused in one line, which names ckpt-prev.pt and its step when that one can be read.
 """
 
 import contextlib
@@ -18,6 +19,8 @@ import sys
 import torch
 
 from devices import log0
+from model import CLIPConfig
+from released_tokenizers import tokenizer_from_state_dict
 
 try:
     import fcntl  # POSIX; on Windows the lock below is skipped
@@ -69,7 +72,8 @@ def previous(path: str) -> str:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint of ours, read with weights_only=True. ValueError with one line saying what is wrong:
-    not a file, not a torch file, or not a checkpoint of this repository."""
+    not a file, not a torch file, not a checkpoint of this repository, or a config or tokenizer that does
+    not fit (checkpoint_parts)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
     try:
@@ -78,7 +82,49 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"{path} is not a checkpoint torch can read safely ({type(err).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config", "tokenizer", "step"} <= set(state):
         raise ValueError(f"{path} is a torch file but not a checkpoint of train.py (no model, config, tokenizer, step)")
+    try:
+        checkpoint_parts(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return state
+
+
+def checkpoint_parts(state: dict) -> tuple[CLIPConfig, object]:
+    """(config, tokenizer) of a checkpoint in our format ({"model", "config", "tokenizer", ...}). ValueError in
+    one line naming what is missing or does not fit: one of the three, a config that is not model.py's, a
+    tokenizer of an unknown kind or malformed, or one with more tokens or a longer context than the model."""
+    missing = [k for k in ("model", "config", "tokenizer") if k not in state]
+    if missing or not isinstance(state["model"], dict):
+        what = f"no {' and no '.join(missing)}" if missing else "a model that is not a state dict"
+        raise ValueError(f"a checkpoint with {what}: not one train.py wrote (model, config, tokenizer), nor weights")
+    try:
+        cfg = CLIPConfig.from_dict(state["config"])
+    except KeyError as err:
+        raise ValueError(f"its config has no {err}: not a checkpoint train.py wrote (vision, text, ...)") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"its config is not model.py's, not a checkpoint train.py wrote ({err})") from None
+    tokenizer = tokenizer_from_state_dict(state["tokenizer"])
+    if len(tokenizer) > cfg.text.vocab_size or tokenizer.context_length > cfg.text.context_length:
+        raise ValueError(
+            f"its tokenizer ({len(tokenizer)} tokens, a context of {tokenizer.context_length}) does not fit its "
+            f"model ({cfg.text.vocab_size} tokens, a context of {cfg.text.context_length})"
+        )
+    return cfg, tokenizer
+
+
+def previous_hint(path: str, flag: str) -> str:
+    """For a message about a checkpoint that cannot be used: '' or, when the one before it (<name>-prev.pt)
+    can be read, a clause naming it, its step and how to use it instead (`flag`: --resume, --ckpt, --init)."""
+    prev = previous(path)
+    if prev == path or not os.path.isfile(prev):
+        return ""
+    try:
+        step = load_checkpoint(prev)["step"]
+    except ValueError:
+        return ""
+    move = f"move it into place (mv {prev} {path})"
+    use = f"{move} and run again with --resume" if flag == "--resume" else f"pass it to {flag}, or {move}"
+    return f"; {prev}, the checkpoint before it, can be read and holds step {step}: {use}"
 
 
 def read_log(path: str) -> list[dict]:
@@ -184,7 +230,7 @@ def resume_state(args, ckpt_path: str, log_path: str) -> dict | None:
     try:
         state = load_checkpoint(path)
     except ValueError as err:
-        sys.exit(f"error: --resume: {err}")
+        sys.exit(f"error: --resume: {err}{previous_hint(path, '--resume')}")
     changed = [k for k, v in state.get("args", {}).items() if k not in RESUMABLE_CHANGES and vars(args).get(k, v) != v]
     if changed:
         theirs = " ".join(f"--{k.replace('_', '-')} {state['args'][k]}" for k in changed)

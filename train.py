@@ -58,10 +58,12 @@ from tqdm import tqdm
 from checkpoint import (
     RunInUse,
     Stop,
+    checkpoint_parts,
     ignore_signals,
     locked,
     log_record,
     out_problem,
+    previous_hint,
     resume_state,
     save_checkpoint,
     skip_or_stop,
@@ -75,7 +77,6 @@ from model import CLIP, PRESETS, CLIPConfig
 from objective import METHODS, Objective, accumulated_step, loss_terms
 from pictures import plot_losses
 from pretrained import WEIGHT_NAMES, add_weight_flags, balanced_bias, load_weights, weight_options
-from released_tokenizers import tokenizer_from_state_dict
 from shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
 from webdata import (
     SHARD_LAYOUT,
@@ -271,14 +272,14 @@ def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) ->
     if resume:
         if args.init:
             log0(f"resuming {args.out}: --init {args.init} is not read again")
-        return CLIPConfig.from_dict(resume["config"]), tokenizer_from_state_dict(resume["tokenizer"]), None
+        return *checkpoint_parts(resume), None  # resume_state checked them
     if args.init:
         try:
             ckpt = load_weights(args.init, **weight_options(args))
-        except DownloadError as err:
-            sys.exit(f"error: --init {args.init}: {err}")
-        cfg = replace(CLIPConfig.from_dict(ckpt["config"]), concept_logits=args.concept_logits == "own")
-        return cfg, tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt["model"]
+            cfg, tokenizer = checkpoint_parts(ckpt)
+        except (DownloadError, ValueError, FileNotFoundError) as err:  # offline; not weights; no tokenizer file
+            sys.exit(f"error: --init {args.init}: {err}{previous_hint(args.init, '--init')}")
+        return replace(cfg, concept_logits=args.concept_logits == "own"), tokenizer, ckpt["model"]
     cfg = PRESETS[args.model]
     if args.data == "shapes":  # a few thousand captions hold every word of this small world
         world = shapes_world(args, cfg.vision.image_size)

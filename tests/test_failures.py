@@ -316,6 +316,40 @@ def test_a_rewritten_shard_is_counted_again_and_bad_utf8_is_skipped(tmp_path):
 # ----------------------------------------------------------------------------- 15. one line, not a traceback
 
 
+def tokenizer_of_999_words(state):
+    state["tokenizer"]["vocab"] = [f"w{i}" for i in range(999)]  # more tokens than the model embeds
+
+
+@pytest.mark.parametrize(
+    "spoil,needle",
+    [
+        (lambda s: s.pop("tokenizer"), "a checkpoint with no tokenizer"),
+        (lambda s: s["config"].pop("text"), "its config has no 'text'"),
+        (lambda s: s["tokenizer"].update(kind="wordpiece"), "unknown tokenizer kind 'wordpiece'"),
+        (lambda s: s["tokenizer"].pop("vocab"), "the checkpoint's word tokenizer is malformed (no field 'vocab')"),
+        (lambda s: s.update(tokenizer="word"), "the checkpoint's tokenizer is a str, not a tokenizer's state"),
+        (tokenizer_of_999_words, "its tokenizer (1003 tokens, a context of 24) does not fit its model (65 tokens"),
+    ],
+)
+def test_a_checkpoint_lacking_a_part_stops_eval_init_and_resume_with_one_line(tmp_path, spoil, needle):
+    path = write_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    state = torch.load(path, weights_only=True)
+    spoil(state)
+    torch.save(state, path)
+    exits_with(lambda: evaluate.main(["--ckpt", path, "--n", "5"]), f"{path}: {needle}")
+    exits_with(lambda: run(["--init", path, "--steps", "1"], tmp_path / "new"), f"--init {path}: {needle}")
+    if "tokenizer" in state:  # without one, resume_state has always refused it
+        exits_with(lambda: run(["--resume", "--steps", "1"], tmp_path / "run"), f"--resume: {path}: {needle}")
+
+
+def test_init_refuses_a_file_that_is_not_weights_and_a_folder_in_one_line(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not weights at all")
+    exits_with(lambda: run(["--init", str(garbage)], tmp_path / "a"), "not a weights file torch can read safely")
+    folder = os.path.dirname(write_checkpoint(str(tmp_path / "run" / "ckpt.pt")))
+    exits_with(lambda: run(["--init", folder], tmp_path / "b"), f"its checkpoint is {folder}/ckpt.pt")
+
+
 def test_out_that_is_a_file_is_refused_naming_the_flag(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -345,3 +379,16 @@ def test_sugarcrepe_refuses_a_duplicate_key_instead_of_dropping_a_record(bench):
     text = open(path).read()  # keys "1", "4", "7", ...: the second record now shares the first one's key
     open(path, "w").write(text.replace('"4":', '"1":', 1))
     evaluate_fails(bench, ["--bench", "sugarcrepe", "--data-dir", bench["sc"]], f"{path} holds the key '1' twice")
+
+
+def test_an_unreadable_checkpoint_names_the_one_before_it_and_its_step(tmp_path):
+    run(["--steps", "3", "--ckpt-every", "2"], tmp_path)  # ckpt.pt: step 3, ckpt-prev.pt: step 2
+    ckpt, prev = tmp_path / "ckpt.pt", tmp_path / "ckpt-prev.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])  # torn by a crash, a full disk, a bad copy
+    found = f"; {prev}, the checkpoint before it, can be read and holds step 2:"
+    message = exits_with(lambda: run(["--steps", "4", "--resume"], tmp_path), found)
+    assert f"mv {prev} {ckpt}" in message
+    exits_with(lambda: evaluate.main(["--ckpt", str(ckpt), "--n", "5"]), found + " pass it to --ckpt")
+    exits_with(lambda: run(["--init", str(ckpt)], tmp_path / "b"), found + " pass it to --init")
+    ckpt.unlink()
+    exits_with(lambda: evaluate.main(["--ckpt", str(ckpt), "--n", "5"]), found + " pass it to --ckpt")
