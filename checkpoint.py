@@ -7,12 +7,14 @@ appends a JSON record to OUT/log.jsonl every --log-every steps. Every file is wr
 name and then renamed, so an interrupted write never leaves a half file where a whole one was; a
 checkpoint is only ever written from finite weights (train.py checks them), and it is read back with
 torch.load(weights_only=True): tensors and plain data, never code. A checkpoint that cannot be used is
-refused in one line, which names ckpt-prev.pt and its step when that one can be read.
+refused in one line, which names ckpt-prev.pt and its step when that one can be read; a full disk stops
+the run with both files as they were.
 """
 
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 
@@ -58,10 +60,17 @@ def read_json(path: str):
 
 
 def save_checkpoint(path: str, **state) -> None:
-    """Write the checkpoint atomically; the one it replaces stays beside it as <name>-prev.pt."""
+    """Write the checkpoint atomically; the one it replaces stays beside it as <name>-prev.pt. A write that
+    fails (a full disk) leaves both files as they were and no temporary file."""
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as err:  # torch's zip writer, closed after a failed write, fails again and hides why
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
         f.flush()
+        os.fsync(f.fileno())  # a full disk can also surface here, and must before the old files are moved
         if os.path.exists(path):
             os.replace(path, previous(path))
 
@@ -127,6 +136,19 @@ def previous_hint(path: str, flag: str) -> str:
     return f"; {prev}, the checkpoint before it, can be read and holds step {step}: {use}"
 
 
+def saved_steps(path: str) -> str:
+    """Which step each checkpoint file of a run holds, for a message after a write failed: 'A holds step 4,
+    B holds step 2'. Steps are read through a memory map, without reading the weights."""
+    held = []
+    for f in (path, previous(path)):
+        if os.path.exists(f):
+            try:
+                held.append(f"{f} holds step {torch.load(f, map_location='cpu', weights_only=True, mmap=True)['step']}")
+            except Exception:  # torn, or not ours: said as such, the message is about the write
+                held.append(f"{f} cannot be read")
+    return ", ".join(held) if held else "no checkpoint was written yet"
+
+
 def read_log(path: str) -> list[dict]:
     """The records of a log.jsonl, in order. A line that is not a whole JSON record (a write torn by a
     crash) is left out rather than failing every later reader."""
@@ -159,6 +181,12 @@ def out_problem(out: str) -> str | None:
     if existing and not os.path.isdir(existing):
         return f"{existing} is a file, not a folder: pass a folder for the run (it is made if missing)"
     return None
+
+
+def resume_command(command: str) -> str:
+    """The command that continues a run: `command` with --resume, without --overwrite (they exclude each other)."""
+    words = [w for w in shlex.split(command) if w != "--overwrite"]
+    return shlex.join(words + ["--resume"] * ("--resume" not in words))
 
 
 class RunInUse(RuntimeError):

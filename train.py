@@ -41,6 +41,7 @@ Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (red
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import math
@@ -64,8 +65,10 @@ from checkpoint import (
     log_record,
     out_problem,
     previous_hint,
+    resume_command,
     resume_state,
     save_checkpoint,
+    saved_steps,
     skip_or_stop,
     truncate_log,
 )
@@ -370,6 +373,14 @@ def main(argv=None) -> str:
             return train(args, rank, world_size, device, stop, command)
     except RunInUse as err:
         sys.exit(f"error: --out {err}; wait for it, or pass another --out")
+    except OSError as err:  # a full disk: a checkpoint is written whole or not at all, the ones there stay good
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        held = saved_steps(os.path.join(args.out, "ckpt.pt"))
+        sys.exit(
+            f"error: writing to {args.out}: {err.strerror}; the run stops with {held}, as they were before the "
+            f"failed write. Free some space, then continue with: {resume_command(command)}"
+        )
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
@@ -468,9 +479,8 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 log.flush()
             if stop.requested():
                 checkpoint(step + 1)
-                again = command if "--resume" in command.split() else command + " --resume"
                 log0(f"\nstopped by {signal.Signals(stop.signal).name} after step {step + 1}; saved {ckpt_path}")
-                log0(f"resume with:  {again}")
+                log0(f"resume with:  {resume_command(command)}")
                 sys.exit(128 + stop.signal)
             if (step + 1) % args.ckpt_every == 0:
                 checkpoint(step + 1)

@@ -2,10 +2,12 @@
 lost or overwritten by accident, and bad inputs stop with one line naming what is wrong (or are skipped and
 counted). Every fixture is made here, in the real formats."""
 
+import errno
 import io
 import json
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -350,6 +352,62 @@ def test_init_refuses_a_file_that_is_not_weights_and_a_folder_in_one_line(tmp_pa
     exits_with(lambda: run(["--init", folder], tmp_path / "b"), f"its checkpoint is {folder}/ckpt.pt")
 
 
+def full_disk_at(monkeypatch, module, opened: str, call: int) -> dict:
+    """module's open(), but the write of the `call`-th file opened whose name holds `opened` fails with
+    ENOSPC after its first bytes; returns the bytes of the run's checkpoints when that write begins."""
+    real, calls, before = open, [], {}
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            if self.written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written = self.f.write(data)
+            return self.written
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, *args, **kwargs):
+        f = real(path, *args, **kwargs)
+        if opened in os.path.basename(path):
+            calls.append(path)
+            if len(calls) == call:
+                folder = os.path.dirname(path)
+                saved = [os.path.join(folder, n) for n in ("ckpt.pt", "ckpt-prev.pt")]
+                before.update({os.path.basename(f): open(f, "rb").read() for f in saved if os.path.exists(f)})
+                return Full(f)
+        return f
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+    return before
+
+
+def test_a_full_disk_while_saving_keeps_both_checkpoints_and_says_which_step_each_holds(tmp_path, monkeypatch):
+    import checkpoint
+
+    before = full_disk_at(monkeypatch, checkpoint, "ckpt.pt.tmp", 3)  # the third checkpoint, at step 3
+    message = exits_with(lambda: run(["--steps", "4", "--ckpt-every", "1", "--overwrite"], tmp_path), "No space left")
+    assert f"{tmp_path}/ckpt.pt holds step 2, {tmp_path}/ckpt-prev.pt holds step 1" in message, message
+    assert message.endswith("--resume") and "--overwrite" not in message
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt-prev.pt", "ckpt.pt", "log.jsonl", "loss.png"]
+
+
+def test_a_full_disk_while_logging_stops_with_one_line(tmp_path, monkeypatch):
+    full_disk_at(monkeypatch, train, "log.jsonl", 1)  # the log's second line, at step 2
+    message = exits_with(lambda: run(["--steps", "4", "--ckpt-every", "1"], tmp_path), "No space left")
+    assert f"the run stops with {tmp_path}/ckpt.pt holds step 1" in message and message.endswith("--resume")
+
+
 def test_out_that_is_a_file_is_refused_naming_the_flag(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -392,3 +450,17 @@ def test_an_unreadable_checkpoint_names_the_one_before_it_and_its_step(tmp_path)
     exits_with(lambda: run(["--init", str(ckpt)], tmp_path / "b"), found + " pass it to --init")
     ckpt.unlink()
     exits_with(lambda: evaluate.main(["--ckpt", str(ckpt), "--n", "5"]), found + " pass it to --ckpt")
+
+
+def test_the_command_printed_to_resume_an_overwrite_run_resumes_it(tmp_path, monkeypatch, capsys):
+    class StopAtOnce(train.Stop):  # as if Ctrl-C came during the first step
+        def requested(self):
+            self.signal = signal.SIGINT
+            return True
+
+    run(["--steps", "1"], tmp_path)
+    monkeypatch.setattr(train, "Stop", StopAtOnce)
+    exits_with(lambda: run(["--steps", "3", "--overwrite"], tmp_path), str(128 + signal.SIGINT))
+    command = capsys.readouterr().out.split("resume with:")[1].strip()
+    monkeypatch.undo()
+    assert torch.load(train.main(shlex.split(command)[2:]), weights_only=True)["step"] == 3
