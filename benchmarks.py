@@ -132,12 +132,32 @@ def embed_examples(model: CLIP, tokenizer, files: dict[str, list[tuple]], args, 
 # ----------------------------------------------------------------------------- the real benchmarks: files
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs: list[tuple]) -> dict:
+    """json's object_pairs_hook: an object, refused if a key repeats. json itself keeps the last value, which
+    silently drops a SugarCrepe record that shares its index with another."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def read_json_file(path: str, bench: str):
     if not os.path.isfile(path):
         fail(f"--bench {bench}: no file {path}.\n{LAYOUT[bench]}")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=unique_keys)
+    except DuplicateKey as err:
+        fail(
+            f"--bench {bench}: {path} holds the key {err.args[0]!r} twice in one object: one of them would be "
+            "dropped unseen. Fix the file, or fetch the official one again"
+        )
     except ValueError as err:  # empty, truncated, not JSON, not UTF-8
         fail(f"--bench {bench}: {path} is not valid JSON ({err}){download.refetch_hint(path)}.\n{LAYOUT[bench]}")
 
@@ -258,6 +278,8 @@ def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch
         )
     paths, texts, text_image = [], [], []
     for i, r in enumerate(records):
+        if not isinstance(r["image"], str) or not r["image"].strip():
+            fail(f"--bench retrieval: record {i} of {ann} needs an image path under DIR, not {r['image']!r}")
         captions = [r["caption"]] if isinstance(r["caption"], str) else r["caption"]
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
             fail(f"--bench retrieval: record {i} of {ann} ({r['image']}) needs a non-empty list of captions")

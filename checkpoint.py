@@ -6,18 +6,23 @@ optimizer, config, step, tokenizer and seed), keeps the checkpoint before it as 
 appends a JSON record to OUT/log.jsonl every --log-every steps. Every file is written to a temporary
 name and then renamed, so an interrupted write never leaves a half file where a whole one was; a
 checkpoint is only ever written from finite weights (train.py checks them), and it is read back with
-torch.load(weights_only=True): tensors and plain data, never code.
+torch.load(weights_only=True): tensors and plain data, never code. A checkpoint that cannot be used is
+refused in one line, which names ckpt-prev.pt and its step when that one can be read; a full disk stops
+the run with both files as they were.
 """
 
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 
 import torch
 
 from devices import log0
+from model import CLIPConfig
+from released_tokenizers import tokenizer_from_state_dict
 
 try:
     import fcntl  # POSIX; on Windows the lock below is skipped
@@ -55,10 +60,17 @@ def read_json(path: str):
 
 
 def save_checkpoint(path: str, **state) -> None:
-    """Write the checkpoint atomically; the one it replaces stays beside it as <name>-prev.pt."""
+    """Write the checkpoint atomically; the one it replaces stays beside it as <name>-prev.pt. A write that
+    fails (a full disk) leaves both files as they were and no temporary file."""
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as err:  # torch's zip writer, closed after a failed write, fails again and hides why
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
         f.flush()
+        os.fsync(f.fileno())  # a full disk can also surface here, and must before the old files are moved
         if os.path.exists(path):
             os.replace(path, previous(path))
 
@@ -69,7 +81,8 @@ def previous(path: str) -> str:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint of ours, read with weights_only=True. ValueError with one line saying what is wrong:
-    not a file, not a torch file, or not a checkpoint of this repository."""
+    not a file, not a torch file, not a checkpoint of this repository, or a config or tokenizer that does
+    not fit (checkpoint_parts)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
     try:
@@ -78,7 +91,62 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"{path} is not a checkpoint torch can read safely ({type(err).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config", "tokenizer", "step"} <= set(state):
         raise ValueError(f"{path} is a torch file but not a checkpoint of train.py (no model, config, tokenizer, step)")
+    try:
+        checkpoint_parts(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return state
+
+
+def checkpoint_parts(state: dict) -> tuple[CLIPConfig, object]:
+    """(config, tokenizer) of a checkpoint in our format ({"model", "config", "tokenizer", ...}). ValueError in
+    one line naming what is missing or does not fit: one of the three, a config that is not model.py's, a
+    tokenizer of an unknown kind or malformed, or one with more tokens or a longer context than the model."""
+    missing = [k for k in ("model", "config", "tokenizer") if k not in state]
+    if missing or not isinstance(state["model"], dict):
+        what = f"no {' and no '.join(missing)}" if missing else "a model that is not a state dict"
+        raise ValueError(f"a checkpoint with {what}: not one train.py wrote (model, config, tokenizer), nor weights")
+    try:
+        cfg = CLIPConfig.from_dict(state["config"])
+    except KeyError as err:
+        raise ValueError(f"its config has no {err}: not a checkpoint train.py wrote (vision, text, ...)") from None
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"its config is not model.py's, not a checkpoint train.py wrote ({err})") from None
+    tokenizer = tokenizer_from_state_dict(state["tokenizer"])
+    if len(tokenizer) > cfg.text.vocab_size or tokenizer.context_length > cfg.text.context_length:
+        raise ValueError(
+            f"its tokenizer ({len(tokenizer)} tokens, a context of {tokenizer.context_length}) does not fit its "
+            f"model ({cfg.text.vocab_size} tokens, a context of {cfg.text.context_length})"
+        )
+    return cfg, tokenizer
+
+
+def previous_hint(path: str, flag: str) -> str:
+    """For a message about a checkpoint that cannot be used: '' or, when the one before it (<name>-prev.pt)
+    can be read, a clause naming it, its step and how to use it instead (`flag`: --resume, --ckpt, --init)."""
+    prev = previous(path)
+    if prev == path or not os.path.isfile(prev):
+        return ""
+    try:
+        step = load_checkpoint(prev)["step"]
+    except ValueError:
+        return ""
+    move = f"move it into place (mv {prev} {path})"
+    use = f"{move} and run again with --resume" if flag == "--resume" else f"pass it to {flag}, or {move}"
+    return f"; {prev}, the checkpoint before it, can be read and holds step {step}: {use}"
+
+
+def saved_steps(path: str) -> str:
+    """Which step each checkpoint file of a run holds, for a message after a write failed: 'A holds step 4,
+    B holds step 2'. Steps are read through a memory map, without reading the weights."""
+    held = []
+    for f in (path, previous(path)):
+        if os.path.exists(f):
+            try:
+                held.append(f"{f} holds step {torch.load(f, map_location='cpu', weights_only=True, mmap=True)['step']}")
+            except Exception:  # torn, or not ours: said as such, the message is about the write
+                held.append(f"{f} cannot be read")
+    return ", ".join(held) if held else "no checkpoint was written yet"
 
 
 def read_log(path: str) -> list[dict]:
@@ -103,6 +171,22 @@ def truncate_log(path: str, step: int) -> None:
         kept = [r for r in read_log(path) if r["step"] <= step]
         with atomic_write(path) as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def out_problem(out: str) -> str | None:
+    """Why `out` cannot be a run's folder (it, or a folder above it, is a file), or None."""
+    existing = out
+    while existing and not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder: pass a folder for the run (it is made if missing)"
+    return None
+
+
+def resume_command(command: str) -> str:
+    """The command that continues a run: `command` with --resume, without --overwrite (they exclude each other)."""
+    words = [w for w in shlex.split(command) if w != "--overwrite"]
+    return shlex.join(words + ["--resume"] * ("--resume" not in words))
 
 
 class RunInUse(RuntimeError):
@@ -174,7 +258,7 @@ def resume_state(args, ckpt_path: str, log_path: str) -> dict | None:
     try:
         state = load_checkpoint(path)
     except ValueError as err:
-        sys.exit(f"error: --resume: {err}")
+        sys.exit(f"error: --resume: {err}{previous_hint(path, '--resume')}")
     changed = [k for k, v in state.get("args", {}).items() if k not in RESUMABLE_CHANGES and vars(args).get(k, v) != v]
     if changed:
         theirs = " ".join(f"--{k.replace('_', '-')} {state['args'][k]}" for k in changed)

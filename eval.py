@@ -165,7 +165,7 @@ def show_attention(args, device) -> str:
         tau, size = checkpoint_tau(args, ckpt), model.cfg.vision.image_size
         try:
             picture = show_image(args.show, size, args.bench_seed, checkpoint_world(ckpt))
-        except FileNotFoundError as err:
+        except OSError as err:  # not a file, or an image that cannot be decoded
             benchmarks.fail(str(err))
         image = picture if image is None else image  # the first model's copy is drawn; each model reads its own
         pixels = image_to_tensor(picture, model.cfg.vision.normalise)

@@ -83,13 +83,18 @@ CELL, GAP, TITLE, LABEL = 160, 8, 16, 40  # picture layout in pixels: cell side,
 
 def show_image(spec: str, size: int, seed: int, world: str = "simple") -> Image.Image:
     """--show's image: a shapes test scene index (of the benchmark seed, in the model's world) rendered at the
-    model's size, or an image file cropped as eval_transform crops it."""
+    model's size, or an image file cropped as eval_transform crops it. OSError naming --show for a path that
+    is not a file or an image that cannot be decoded."""
     if spec.isdigit():
         world = ShapesWorld(size, **WORLDS[world])
         return world.render(world.scene(seed, "test", int(spec)))
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--show {spec}: neither a shapes test scene index nor an image file")
-    return T.Compose(eval_transform(size).transforms[:-1])(load_image(spec))  # resize and crop, still a picture
+    try:
+        image = load_image(spec)
+    except OSError as err:  # its message names the file and what PIL said
+        raise OSError(f"--show {err}") from None
+    return T.Compose(eval_transform(size).transforms[:-1])(image)  # resize and crop, still a picture
 
 
 @torch.no_grad()

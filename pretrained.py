@@ -24,9 +24,10 @@ from dataclasses import asdict
 
 import torch
 
+from checkpoint import checkpoint_parts, previous_hint
 from download import WEIGHTS, add_cache_flag, fetch, refetch_hint, resolve_weights
 from model import CLIP, SIGLIP_TEXT, SIGLIP_VISION, CLIPConfig, TextConfig, VisionConfig
-from released_tokenizers import BPETokenizer, SigLIPTokenizer, find_bpe_vocab, find_spm_model, tokenizer_from_state_dict
+from released_tokenizers import BPETokenizer, SigLIPTokenizer, find_bpe_vocab, find_spm_model
 from weight_files import read_state_dict
 
 # ----------------------------------------------------------------------------- CLIP (OpenAI/open_clip naming)
@@ -283,7 +284,10 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
     (code, say) is not weights."""
     name, path = path, resolve_weights(path, cache)
     if not os.path.isfile(path):
-        raise ValueError("not a file")
+        inside = os.path.join(path, "ckpt.pt")  # a run's folder given for its checkpoint
+        raise ValueError(
+            f"not a file (a run's folder? its checkpoint is {inside})" if os.path.isfile(inside) else "not a file"
+        )
     try:
         state = read_state_dict(path)
     except Exception as err:  # pickle, zip and runtime errors: whatever it is, it is not weights we can read
@@ -292,7 +296,7 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
         ) from None
     if not isinstance(state, dict):
         raise ValueError(f"holds a {type(state).__name__}, not a state dict or a checkpoint")
-    if "model" in state and "config" in state:
+    if "model" in state or "config" in state:  # ours (checkpoint_parts says what it lacks), not a state dict
         return state
     state = state.get("state_dict", state)
     if is_siglip(state):
@@ -369,14 +373,15 @@ def load_model(path: str, device: torch.device, **options):
         sys.exit(
             f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
             f" (or pass released weights: OpenAI's ViT-B-16.pt, open_clip's SigLIP open_clip_model.safetensors, or a"
-            f" name: {', '.join(WEIGHTS)})"
+            f" name: {', '.join(WEIGHTS)}){previous_hint(path, '--ckpt')}"
         )
     try:
         ckpt = load_weights(path, **options)
-        model = CLIP(CLIPConfig.from_dict(ckpt["config"]))
+        cfg, tokenizer = checkpoint_parts(ckpt)
+        model = CLIP(cfg)
         model.load_state_dict(ckpt["model"])
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no tokenizer; other weights; offline
-        sys.exit(f"error: {path}: {err}")
+        sys.exit(f"error: {path}: {err}{previous_hint(path, '--ckpt')}")
     if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
         sys.exit(f"error: {path}: the weights hold NaN or inf values (a diverged run?); refusing to score them")
-    return model.to(device).eval(), tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt
+    return model.to(device).eval(), tokenizer, ckpt

@@ -297,12 +297,22 @@ class SigLIPTokenizer:
         return cls(state["model"], state["context_length"])
 
 
+TOKENIZERS = {"word": WordTokenizer, "clip_bpe": BPETokenizer, "sentencepiece": SigLIPTokenizer}  # kind -> class
+
+
 def tokenizer_from_state_dict(state: dict):
-    """The tokenizer a checkpoint was trained with, whichever kind it is."""
-    if state.get("kind") == "word":
-        return WordTokenizer.from_state_dict(state)
-    if state.get("kind") == "clip_bpe":
-        return BPETokenizer.from_state_dict(state)
-    if state.get("kind") == "sentencepiece":
-        return SigLIPTokenizer.from_state_dict(state)
-    raise ValueError(f"unknown tokenizer kind {state.get('kind')!r} in the checkpoint")
+    """The tokenizer a checkpoint was trained with, whichever kind it is. ValueError in one line for a state
+    of an unknown kind or a malformed one (a field missing or of the wrong type): it comes from a file."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the checkpoint's tokenizer is a {type(state).__name__}, not a tokenizer's state (a dict)")
+    kind = state.get("kind")
+    if not isinstance(kind, str) or kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint (train.py writes {', '.join(TOKENIZERS)})")
+    try:
+        tokenizer = TOKENIZERS[kind].from_state_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        detail = f"no field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+        raise ValueError(f"the checkpoint's {kind} tokenizer is malformed ({detail})") from None
+    if not isinstance(tokenizer.context_length, int) or tokenizer.context_length < 2:  # the end token must fit
+        raise ValueError(f"the checkpoint's {kind} tokenizer has a context of {tokenizer.context_length!r} tokens")
+    return tokenizer

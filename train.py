@@ -41,6 +41,7 @@ Beside ckpt.pt and log.jsonl the run draws loss.png, one line per loss term (red
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import math
@@ -58,11 +59,16 @@ from tqdm import tqdm
 from checkpoint import (
     RunInUse,
     Stop,
+    checkpoint_parts,
     ignore_signals,
     locked,
     log_record,
+    out_problem,
+    previous_hint,
+    resume_command,
     resume_state,
     save_checkpoint,
+    saved_steps,
     skip_or_stop,
     truncate_log,
 )
@@ -74,7 +80,6 @@ from model import CLIP, PRESETS, CLIPConfig
 from objective import METHODS, Objective, accumulated_step, loss_terms
 from pictures import plot_losses
 from pretrained import WEIGHT_NAMES, add_weight_flags, balanced_bias, load_weights, weight_options
-from released_tokenizers import tokenizer_from_state_dict
 from shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
 from webdata import (
     SHARD_LAYOUT,
@@ -185,6 +190,8 @@ def get_args(argv=None) -> argparse.Namespace:
     if message := device_problem(args.device):
         p.error(f"--device {args.device}: {message}")
     args.out = args.out or os.path.join("runs", args.method)
+    if problem := out_problem(args.out):
+        p.error(f"--out {args.out}: {problem}")
     return args
 
 
@@ -268,14 +275,14 @@ def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) ->
     if resume:
         if args.init:
             log0(f"resuming {args.out}: --init {args.init} is not read again")
-        return CLIPConfig.from_dict(resume["config"]), tokenizer_from_state_dict(resume["tokenizer"]), None
+        return *checkpoint_parts(resume), None  # resume_state checked them
     if args.init:
         try:
             ckpt = load_weights(args.init, **weight_options(args))
-        except DownloadError as err:
-            sys.exit(f"error: --init {args.init}: {err}")
-        cfg = replace(CLIPConfig.from_dict(ckpt["config"]), concept_logits=args.concept_logits == "own")
-        return cfg, tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt["model"]
+            cfg, tokenizer = checkpoint_parts(ckpt)
+        except (DownloadError, ValueError, FileNotFoundError) as err:  # offline; not weights; no tokenizer file
+            sys.exit(f"error: --init {args.init}: {err}{previous_hint(args.init, '--init')}")
+        return replace(cfg, concept_logits=args.concept_logits == "own"), tokenizer, ckpt["model"]
     cfg = PRESETS[args.model]
     if args.data == "shapes":  # a few thousand captions hold every word of this small world
         world = shapes_world(args, cfg.vision.image_size)
@@ -366,6 +373,14 @@ def main(argv=None) -> str:
             return train(args, rank, world_size, device, stop, command)
     except RunInUse as err:
         sys.exit(f"error: --out {err}; wait for it, or pass another --out")
+    except OSError as err:  # a full disk: a checkpoint is written whole or not at all, the ones there stay good
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        held = saved_steps(os.path.join(args.out, "ckpt.pt"))
+        sys.exit(
+            f"error: writing to {args.out}: {err.strerror}; the run stops with {held}, as they were before the "
+            f"failed write. Free some space, then continue with: {resume_command(command)}"
+        )
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()
@@ -464,9 +479,8 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 log.flush()
             if stop.requested():
                 checkpoint(step + 1)
-                again = command if "--resume" in command.split() else command + " --resume"
                 log0(f"\nstopped by {signal.Signals(stop.signal).name} after step {step + 1}; saved {ckpt_path}")
-                log0(f"resume with:  {again}")
+                log0(f"resume with:  {resume_command(command)}")
                 sys.exit(128 + stop.signal)
             if (step + 1) % args.ckpt_every == 0:
                 checkpoint(step + 1)
