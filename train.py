@@ -272,7 +272,7 @@ def config_and_tokenizer(args, resume: dict | None, shards: ShardPlan | None) ->
     if args.init:
         try:
             ckpt = load_weights(args.init, **weight_options(args))
-        except DownloadError as err:
+        except (DownloadError, FileNotFoundError, ValueError) as err:  # offline; no tokenizer; not weights
             sys.exit(f"error: --init {args.init}: {err}")
         cfg = replace(CLIPConfig.from_dict(ckpt["config"]), concept_logits=args.concept_logits == "own")
         return cfg, tokenizer_from_state_dict(ckpt["tokenizer"]), ckpt["model"]
