@@ -11,12 +11,15 @@ the allow-list (module.name) is refused, never handed to torch.jit.load, whose T
 create and overwrite files. Nothing in it costs more memory than the bytes it holds: zip members must be
 stored (torch never compresses tensors or pickles; a deflated member inflates to whatever it claims), inside
 the file and apart (two names over one payload are read twice); a TorchScript storage is read to its declared
-numel x itemsize only. A refusal is a WeightFileError (a ValueError) whose message is one line.
+numel x itemsize only; a safetensors header is checked as the safetensors library checks it (at most 100 MB,
+tensors covering the data exactly, in order, shapes matching byte counts) and may not name a tensor twice.
+A refusal is a WeightFileError (a ValueError) whose message is one line.
 
 Paper map: none (the paper fine-tunes pretrained weights; this is how they get in).
 """
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -251,6 +254,7 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 
 
 def is_safetensors(path: str) -> bool:
@@ -260,27 +264,73 @@ def is_safetensors(path: str) -> bool:
     return len(start) == 9 and start[8:] == b"{" and struct.unpack("<Q", start[:8])[0] > 1
 
 
+def _unique_keys(pairs: list) -> dict:
+    """json.loads keeps the last of two equal keys; a header that names a tensor twice is refused instead."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise WeightFileError(f"the header names {key!r} twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def safetensors_layout(header: dict, data_bytes: int) -> list[tuple[int, int, str, torch.dtype, list[int]]]:
+    """(begin, end, name, dtype, shape) of every tensor in a safetensors header, in file order, checked as
+    the safetensors library checks them: offsets two non-negative integers, shapes lists of non-negative
+    integers whose product x the dtype's size is the tensor's byte count, tensors one after another from
+    byte 0 that cover the `data_bytes` after the header exactly (no gap, no overlap, nothing left over), and
+    "__metadata__" strings to strings. Raises WeightFileError naming the first tensor that fails."""
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightFileError("__metadata__ must map strings to strings")
+    tensors = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise WeightFileError(f"{name}: needs dtype, shape and data_offsets")
+        kind, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(kind, str) or kind not in SAFETENSORS_DTYPES:
+            raise WeightFileError(f"{name} has dtype {kind}, which this reader does not know")
+        if not isinstance(shape, list) or not all(map(_is_count, shape)):
+            raise WeightFileError(f"{name} has shape {json.dumps(shape)}: not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise WeightFileError(f"{name} has data_offsets {json.dumps(offsets)}: not two non-negative integers")
+        (begin, end), dtype = offsets, SAFETENSORS_DTYPES[kind]
+        if end - begin != dtype.itemsize * math.prod(shape):  # an end before its begin is refused here too
+            raise WeightFileError(f"{name} spans bytes {begin} to {end}, not the size of a {kind} {shape}")
+        tensors.append((begin, end, name, dtype, shape))
+    tensors.sort(key=lambda t: t[:2])
+    position = 0
+    for begin, end, name, _, _ in tensors:
+        if begin != position:
+            raise WeightFileError(f"{name} starts at byte {begin} of the data, not {position}: a gap or an overlap")
+        position = end
+    if position != data_bytes:
+        raise WeightFileError(f"the tensors cover {position} bytes, the file holds {data_bytes} after its header")
+    return tensors
+
+
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, each read into a buffer of its own (one copy in memory)."""
+    """Every tensor of a .safetensors file, each read into a buffer of its own (one copy in memory, of bytes
+    that each belong to one tensor). Raises WeightFileError for a header safetensors_layout refuses."""
     if sys.byteorder != "little":
-        raise ValueError("reading safetensors (little-endian) needs a little-endian machine")
+        raise WeightFileError("reading safetensors (little-endian) needs a little-endian machine")
     tensors = {}
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > os.fstat(f.fileno()).st_size - 8:
-            raise ValueError(f"{path}: a header of {length} bytes does not fit in the file: not safetensors")
-        header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which this reader does not know")
-            dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            if end - begin != dtype.itemsize * int(torch.Size(info["shape"]).numel()):
-                raise ValueError(f"{path}: {name} holds {end - begin} bytes, not a {info['dtype']} {info['shape']}")
-            f.seek(8 + length + begin)
-            raw = bytearray(f.read(end - begin))
-            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(info["shape"])
+        size = os.fstat(f.fileno()).st_size
+        (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if length > min(MAX_HEADER, size - 8):
+            raise WeightFileError(f"a header of {length:,} bytes: more than the file holds or {MAX_HEADER:,}")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeightFileError(f"the header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise WeightFileError(f"the header is a JSON {type(header).__name__}, not an object")
+        for begin, end, name, dtype, shape in safetensors_layout(header, size - 8 - length):
+            raw = bytearray(end - begin)  # read straight into it: the tensors follow one another
+            if f.readinto(raw) != len(raw):
+                raise WeightFileError(f"{name}: the file ends early")
+            tensors[name] = (torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)).reshape(shape)
     return tensors
 
 

@@ -1,10 +1,12 @@
 """Weight files that cannot run code or cost more memory than they hold (weight_files.py): a crafted TorchScript
 archive is refused in one line and never reaches torch.jit.load; storages of plain numbers (complex, float8,
 unsigned) are read as torch reads them; zip members that are compressed, oversized or overlapping are refused
-before anything is read (ours or torch.load's); eval.py / train.py show the reader's own line. Every file is made
-here, in the real formats."""
+before anything is read (ours or torch.load's); safetensors headers are checked as the safetensors library checks
+them; and eval.py / train.py show the reader's own line. Every file is made here, in the real formats."""
 
 import copy
+import json
+import struct
 import zipfile
 from typing import Tuple
 
@@ -13,7 +15,7 @@ import torch
 
 import eval as evaluate
 import train
-from weight_files import STORAGE_DTYPES, read_state_dict, read_torchscript_state_dict
+from weight_files import MAX_HEADER, STORAGE_DTYPES, read_safetensors, read_state_dict, read_torchscript_state_dict
 
 
 def never(what: str):
@@ -181,3 +183,77 @@ def test_torch_save_zips_are_checked_before_torch_load(tmp_path, monkeypatch):
                 read_state_dict(crafted)
         message = one_line_exit(lambda c=crafted: evaluate.main(["--ckpt", c, "--n", "5"]))
         assert needle in message
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def write_safetensors(path, header, data: bytes = b"", text: str | None = None) -> str:
+    raw = (text or json.dumps(header)).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+def f32(begin: int, end: int, shape=None) -> dict:
+    return {"dtype": "F32", "shape": shape if shape is not None else [(end - begin) // 4], "data_offsets": [begin, end]}
+
+
+BAD_HEADERS = [  # (header, data bytes, what the refusal says)
+    ({f"t{i}": f32(0, 1 << 20) for i in range(3)}, 1 << 20, "t1 starts at byte 0 of the data, not 1048576"),
+    ({"a": f32(0, 8), "b": f32(4, 12)}, 12, "b starts at byte 4 of the data, not 8"),  # overlapping
+    ({"a": f32(0, 4), "b": f32(8, 12)}, 12, "b starts at byte 8 of the data, not 4"),  # a gap
+    ({"a": f32(0, 4)}, 8, "the tensors cover 4 bytes, the file holds 8"),  # bytes no tensor owns
+    ({"a": f32(8, 4, [1])}, 8, "a spans bytes 8 to 4"),  # an end before its begin
+    ({"a": f32(-4, 4, [2])}, 8, "a has data_offsets [-4, 4]"),
+    ({"a": {**f32(0, 4), "data_offsets": [0, 4, 8]}}, 4, "not two non-negative integers"),
+    ({"a": f32(0, 4, [-1, -1])}, 4, "a has shape [-1, -1]"),
+    ({"a": f32(0, 4, [True])}, 4, "a has shape [true]"),
+    ({"__metadata__": {"format": 1}, "a": f32(0, 4)}, 4, "__metadata__ must map strings to strings"),
+    ('{"a": %s, "a": %s}' % (json.dumps(f32(0, 4)), json.dumps(f32(0, 4))), 4, "the header names 'a' twice"),
+]
+
+
+@pytest.mark.parametrize("header,size,needle", BAD_HEADERS)
+def test_safetensors_headers_are_checked_as_the_library_checks_them(tmp_path, header, size, needle):
+    text = header if isinstance(header, str) else None
+    path = write_safetensors(tmp_path / "bad.safetensors", header, bytes(size), text)
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
+        read_safetensors(path)
+    load_file = pytest.importorskip("safetensors.torch").load_file
+    if "twice" not in needle:  # the library keeps the last of two equal names; we refuse them
+        with pytest.raises(pytest.importorskip("safetensors").SafetensorError):
+            load_file(path)
+
+
+def test_safetensors_order_of_the_header_does_not_matter(tmp_path):
+    """Tensors are contiguous in the order of their offsets, whatever order the header lists them in."""
+    data = struct.pack("<3f", 1.0, 2.0, 3.0)
+    path = write_safetensors(
+        tmp_path / "ok.safetensors", {"b": f32(4, 12), "e": f32(0, 0, [0, 3]), "a": f32(0, 4)}, data
+    )
+    got = read_safetensors(path)
+    assert got["a"].tolist() == [1.0] and got["b"].tolist() == [2.0, 3.0] and got["e"].shape == (0, 3)
+
+
+def test_safetensors_header_length_is_bounded(tmp_path):
+    """A header of more than 100,000,000 bytes is refused before any of it is read (a sparse file: nothing is
+    written to disk)."""
+    path = tmp_path / "huge-header.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", MAX_HEADER + 1) + b"{")
+        f.truncate(8 + MAX_HEADER + 1 + 8)
+    with pytest.raises(ValueError, match="a header of 100,000,001 bytes"):
+        read_safetensors(str(path))
+
+
+def test_the_cli_shows_the_readers_own_line(tmp_path):
+    path = write_safetensors(
+        tmp_path / "f8.safetensors", {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}, bytes(2)
+    )
+    message = one_line_exit(lambda: evaluate.main(["--ckpt", path, "--n", "5"]))
+    assert message == f"error: {path}: w has dtype F8_E4M3, which this reader does not know"
+    garbage = tmp_path / "garbage.pt"  # what torch.load refuses keeps the generic line
+    garbage.write_bytes(b"not a checkpoint at all")
+    message = one_line_exit(lambda: evaluate.main(["--ckpt", str(garbage), "--n", "5"]))
+    assert "not a weights file torch can read safely (UnpicklingError)" in message
