@@ -28,7 +28,7 @@ from checkpoint import checkpoint_parts, previous_hint
 from download import WEIGHTS, add_cache_flag, fetch, refetch_hint, resolve_weights
 from model import CLIP, SIGLIP_TEXT, SIGLIP_VISION, CLIPConfig, TextConfig, VisionConfig
 from released_tokenizers import BPETokenizer, SigLIPTokenizer, find_bpe_vocab, find_spm_model
-from weight_files import read_state_dict
+from weight_files import WeightFileError, read_state_dict
 
 # ----------------------------------------------------------------------------- CLIP (OpenAI/open_clip naming)
 # OpenAI's release (a TorchScript archive) and open_clip's state dicts share one naming; only the names
@@ -280,8 +280,9 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
         `cache` and checked (DownloadError when that fails).
     CLIP weights get CLIP's BPE tokenizer (clip_bpe) and `activation` (their shapes cannot tell); SigLIP
     weights get SigLIP's SentencePiece tokenizer, read from `spm` (default: beside the weights). Anything
-    else is a ValueError in one line: torch.load runs with weights_only=True, and a file that needs more
-    (code, say) is not weights."""
+    else is a ValueError in one line: our readers' own (weight_files.WeightFileError, saying what was wrong),
+    or, for what torch.load refuses (it runs with weights_only=True: a file that needs code is not weights),
+    "not a weights file torch can read safely"."""
     name, path = path, resolve_weights(path, cache)
     if not os.path.isfile(path):
         inside = os.path.join(path, "ckpt.pt")  # a run's folder given for its checkpoint
@@ -290,7 +291,9 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
         )
     try:
         state = read_state_dict(path)
-    except Exception as err:  # pickle, zip and runtime errors: whatever it is, it is not weights we can read
+    except WeightFileError as err:  # our readers' own line says what was wrong
+        raise WeightFileError(f"{err}{refetch_hint(path)}") from None
+    except Exception as err:  # what torch.load raises: pickle, zip and runtime errors, all "not weights"
         raise ValueError(
             f"not a weights file torch can read safely ({type(err).__name__}){refetch_hint(path)}"
         ) from None

@@ -4,12 +4,22 @@ safetensors. pretrained.py renames what they hold onto model.py's modules.
   read_state_dict        any supported file -> its dict (a state dict, or a checkpoint of ours or open_clip's)
   read_torchscript_state_dict   OpenAI's CLIP release, a TorchScript zip, unpickled with an allow-list
   read_safetensors       a .safetensors file (open_clip's hub repositories ship them): a JSON header and
-                         raw little-endian buffers, read with a dozen lines instead of the safetensors package
+                         raw little-endian buffers, read with a few dozen lines instead of the safetensors package
+
+What is checked, and why: a downloaded file may be crafted. Nothing in it runs: a pickle naming anything off
+the allow-list (module.name) is refused, never handed to torch.jit.load, whose TorchScript __setstate__ can
+create and overwrite files. Nothing in it costs more memory than the bytes it holds: zip members must be
+stored (torch never compresses tensors or pickles; a deflated member inflates to whatever it claims), inside
+the file and apart (two names over one payload are read twice); a TorchScript storage is read to its declared
+numel x itemsize only; a safetensors header is checked as the safetensors library checks it (at most 100 MB,
+tensors covering the data exactly, in order, shapes matching byte counts) and may not name a tensor twice.
+A refusal is a WeightFileError (a ValueError) whose message is one line.
 
 Paper map: none (the paper fine-tunes pretrained weights; this is how they get in).
 """
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -19,38 +29,130 @@ from collections import OrderedDict
 
 import torch
 
+CHUNK = 1 << 20  # bytes read at a time into a storage's buffer: the transient copy stays this small
+
+
+class WeightFileError(ValueError):
+    """A weights file these readers refuse; the message is one line saying what was wrong with it."""
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # JSON's true and pickle's True are not counts, though a bool is an int
+
+
+# ----------------------------------------------------------------------------- zips: every byte in the file once
+
+
+def check_zip_members(path: str, members: list[zipfile.ZipInfo]) -> None:
+    """Refuses any of `members` whose bytes are not plainly in the file, once: a compressed member (its
+    inflated size is what its header claims, not what the file holds: 1 MB of deflated zeros is 1 GiB read),
+    one whose declared size runs past the file's end, or two whose bytes overlap (a zip's directory may
+    point many names at one payload, and each name is read into memory of its own)."""
+    spans = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for info in members:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise WeightFileError(
+                    f"{info.filename} is compressed, which torch never does to weights (a compressed member can "
+                    "inflate to any size): re-save the tensors with torch.save"
+                )
+            f.seek(info.header_offset)
+            local = f.read(30)  # the member's own header: 30 bytes, then its name and an extra field
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise WeightFileError(f"{info.filename} has no header where the zip's directory says: a damaged zip")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            end = info.header_offset + 30 + name_length + extra_length + info.compress_size
+            if info.file_size != info.compress_size or end > size:
+                raise WeightFileError(f"{info.filename} claims {info.file_size} bytes, which the file does not hold")
+            spans.append((info.header_offset, end, info.filename))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise WeightFileError(f"zip members {first} and {second} share bytes: one payload under two names")
+
+
+# ----------------------------------------------------------------------------- TorchScript archives
 # Reading OpenAI's release without running it. The file is a TorchScript archive: a zip holding
 # <root>/data.pkl (a pickle of the module tree: each module an object of a "__torch__.*" class whose state
 # is a dict of its attributes, tensors among them), <root>/data/<key> (raw tensor storages) and
-# <root>/code/ (the model's TorchScript source). torch.jit.load would compile that code; unpickling
-# data.pkl with an allow-list of the few globals a weights pickle needs reads the tensors and nothing else.
+# <root>/code/ (the model's TorchScript source). torch.jit.load would compile that code and run it;
+# unpickling data.pkl with an allow-list of the few globals a weights pickle needs reads the tensors and
+# nothing else. The storage types: every one that holds plain numbers, named as TorchScript names them
+# (c10's scalar type + "Storage"); quantized storages need rebuild functions that are not on the list.
 STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
+    f"{name}Storage": getattr(torch, dtype)
+    for name, dtype in [
+        ("Float", "float32"),
+        ("Half", "float16"),
+        ("BFloat16", "bfloat16"),
+        ("Double", "float64"),
+        ("ComplexFloat", "complex64"),
+        ("ComplexDouble", "complex128"),
+        ("Long", "int64"),
+        ("Int", "int32"),
+        ("Short", "int16"),
+        ("Char", "int8"),
+        ("Byte", "uint8"),
+        ("Bool", "bool"),
+        ("UInt16", "uint16"),  # these and the float8 types below: only on torch versions that have them
+        ("UInt32", "uint32"),
+        ("UInt64", "uint64"),
+        ("Float8_e4m3fn", "float8_e4m3fn"),
+        ("Float8_e5m2", "float8_e5m2"),
+        ("Float8_e4m3fnuz", "float8_e4m3fnuz"),
+        ("Float8_e5m2fnuz", "float8_e5m2fnuz"),
+        ("Float8_e8m0fnu", "float8_e8m0fnu"),
+    ]
+    if hasattr(torch, dtype)
 }
 
 
+# What a user who trusts an archive can do: read it once where code may run, and keep only its tensors.
+TRUSTED = "If you trust the file: torch.save(torch.jit.load(FILE).state_dict(), 'weights.pt'), and pass that"
+
+
 class _ScriptObject:
-    """Stands in for any TorchScript class while unpickling: keeps the attribute dict, runs nothing."""
+    """Stands in for a TorchScript class while unpickling (a subclass per class, named as data.pkl names it):
+    keeps the attribute dict, runs nothing. A state that is not a dict is refused: only the class's own
+    TorchScript __setstate__, code, could say what it means."""
+
+    state: dict = {}  # an object pickled without a state has no attributes
 
     def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise WeightFileError(
+                f"data.pkl's {type(self).__name__} keeps its state as a {type(state).__name__}, which only its "
+                f"own TorchScript __setstate__ (code, which this reader does not run) can read. {TRUSTED}"
+            )
         self.state = state
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return storage.as_strided(size, stride, offset)
+    return storage.as_strided(size, stride, offset)  # a view: as_strided refuses one that leaves the storage
 
 
 # Scripted (not traced) modules also pickle typed lists and dicts through these; each returns its value.
 TYPED_CONTAINERS = {"build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag"}
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, nbytes: int) -> bytearray:
+    """The member's bytes, which must be exactly `nbytes` (what data.pkl says its storage holds), read in
+    chunks into one buffer: however large the member claims to be, no more than `nbytes` is read."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise WeightFileError(f"data.pkl refers to {name}, which the archive does not hold") from None
+    if info.file_size != nbytes:
+        raise WeightFileError(f"{name} holds {info.file_size} bytes, data.pkl says its storage holds {nbytes}")
+    raw = bytearray(nbytes)
+    with archive.open(info) as member:
+        for start in range(0, nbytes, CHUNK):
+            chunk = member.read(min(CHUNK, nbytes - start))
+            if len(chunk) != min(CHUNK, nbytes - start):
+                raise WeightFileError(f"{name} ends early")
+            raw[start : start + len(chunk)] = chunk
+    return raw
 
 
 class _WeightsUnpickler(pickle.Unpickler):
@@ -60,7 +162,7 @@ class _WeightsUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
-            return _ScriptObject
+            return type(f"{module}.{name}", (_ScriptObject,), {})
         if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
             return _rebuild_tensor
         if (module, name) == ("collections", "OrderedDict"):
@@ -69,13 +171,20 @@ class _WeightsUnpickler(pickle.Unpickler):
             return name
         if module == "torch.jit._pickle" and name in TYPED_CONTAINERS:
             return lambda value, *type_tag: value
-        raise pickle.UnpicklingError(f"{module}.{name} is not on the allow-list of a weights archive")
+        raise WeightFileError(
+            f"data.pkl names {module}.{name}, which is not on this reader's allow-list (tensors of plain numbers "
+            f"and their containers): only torch.jit.load, which runs the archive's code, could read it. {TRUSTED}"
+        )
 
     def persistent_load(self, pid):
-        _, storage_type, key, _, numel = pid  # ("storage", type, key, device, numel)
+        # ("storage", type, key, device, numel), the type being a name find_class returned
+        kind = pid[1] if isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[1], str) else None
+        if kind not in STORAGE_DTYPES or pid[0] != "storage" or not isinstance(pid[2], str) or not _is_count(pid[4]):
+            raise WeightFileError(f"data.pkl refers to {str(pid)[:80]}, not to a storage of plain numbers")
+        _, storage_type, key, _, numel = pid
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.root}data/{key}"))
             dtype = STORAGE_DTYPES[storage_type]
+            raw = _read_member(self.archive, f"{self.root}data/{key}", numel * dtype.itemsize)
             self.storages[key] = torch.frombuffer(raw, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
         return self.storages[key]
 
@@ -84,37 +193,52 @@ def is_torchscript(path: str) -> bool:
     """TorchScript archives carry their code; torch.save zips (ours, open_clip's) do not."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any("code/" in n for n in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("code/" in n for n in archive.namelist())
+    except zipfile.BadZipFile:
+        return False  # read_state_dict says what is wrong with it
+
+
+def _module_tensors(obj: _ScriptObject, prefix: str):
+    for name, value in obj.state.items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + name, value
+        elif isinstance(value, _ScriptObject):
+            yield from _module_tensors(value, prefix + name + ".")
 
 
 def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Every tensor attribute of the module tree in a TorchScript archive, named as state_dict() names
     them: parameters and buffers, plus any tensor kept as a plain attribute (a causal attn_mask; the
-    scalars input_resolution, context_length, vocab_size of OpenAI's release)."""
-    with zipfile.ZipFile(path) as archive:
-        root = min((n for n in archive.namelist() if n.endswith("data.pkl")), key=len)[: -len("data.pkl")]
-        if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
-            raise ValueError(f"{path}: big-endian archives are not supported")
-        try:
+    scalars input_resolution, context_length, vocab_size of OpenAI's release). Raises WeightFileError, in
+    one line, for anything else: an archive that only its own code could read is not weights."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if not pickles:
+                raise WeightFileError("a zip with code/ but no data.pkl: not a TorchScript archive")
+            root = min(pickles, key=len)[: -len("data.pkl")]
+            read = (root + "data.pkl", root + "byteorder")  # and the storages, under data/: all this reader reads
+            check_zip_members(
+                path, [i for i in archive.infolist() if i.filename in read or i.filename.startswith(root + "data/")]
+            )
+            if root + "byteorder" in archive.namelist() and archive.read(root + "byteorder") != b"little":
+                raise WeightFileError("a big-endian archive, which this reader does not support")
             top = _WeightsUnpickler(archive, root).load()
-        except pickle.UnpicklingError as err:
-            # An archive from a torch version that pickles something this allow-list has not met. Loading
-            # it with torch compiles its TorchScript code (run by torch's interpreter, which cannot call
-            # arbitrary Python), so it is the fallback, said out loud, not the way in.
-            print(f"note: {path}: {err}; reading it with torch.jit.load instead")
-            return torch.jit.load(path, map_location="cpu").state_dict()
-
-    def walk(obj: _ScriptObject, prefix: str):
-        for name, value in (obj.state if isinstance(obj.state, dict) else {}).items():
-            if isinstance(value, torch.Tensor):
-                yield prefix + name, value
-            elif isinstance(value, _ScriptObject):
-                yield from walk(value, prefix + name + ".")
-
-    return dict(walk(top, ""))
+            if not isinstance(top, _ScriptObject):
+                raise WeightFileError(f"data.pkl holds a {type(top).__name__}, not a module")
+            return dict(_module_tensors(top, ""))
+    except WeightFileError:
+        raise
+    except Exception as err:  # a damaged zip, a pickle that is not a module tree, a view outside its storage
+        detail = " ".join(str(err).split())[:300]  # one line, whatever torch or zipfile wrote
+        raise WeightFileError(
+            f"not a TorchScript archive this reader understands ({type(err).__name__}: {detail})"
+        ) from None
 
 
+# ----------------------------------------------------------------------------- safetensors
 # A safetensors file: 8 bytes, the header's length as a little-endian unsigned 64-bit integer; the header,
 # JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} (and an optional "__metadata__" of strings);
 # then the tensors' raw bytes, row-major and little-endian, offsets counted from the end of the header.
@@ -130,6 +254,7 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 
 
 def is_safetensors(path: str) -> bool:
@@ -139,36 +264,91 @@ def is_safetensors(path: str) -> bool:
     return len(start) == 9 and start[8:] == b"{" and struct.unpack("<Q", start[:8])[0] > 1
 
 
+def _unique_keys(pairs: list) -> dict:
+    """json.loads keeps the last of two equal keys; a header that names a tensor twice is refused instead."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise WeightFileError(f"the header names {key!r} twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def safetensors_layout(header: dict, data_bytes: int) -> list[tuple[int, int, str, torch.dtype, list[int]]]:
+    """(begin, end, name, dtype, shape) of every tensor in a safetensors header, in file order, checked as
+    the safetensors library checks them: offsets two non-negative integers, shapes lists of non-negative
+    integers whose product x the dtype's size is the tensor's byte count, tensors one after another from
+    byte 0 that cover the `data_bytes` after the header exactly (no gap, no overlap, nothing left over), and
+    "__metadata__" strings to strings. Raises WeightFileError naming the first tensor that fails."""
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightFileError("__metadata__ must map strings to strings")
+    tensors = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise WeightFileError(f"{name}: needs dtype, shape and data_offsets")
+        kind, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(kind, str) or kind not in SAFETENSORS_DTYPES:
+            raise WeightFileError(f"{name} has dtype {kind}, which this reader does not know")
+        if not isinstance(shape, list) or not all(map(_is_count, shape)):
+            raise WeightFileError(f"{name} has shape {json.dumps(shape)}: not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise WeightFileError(f"{name} has data_offsets {json.dumps(offsets)}: not two non-negative integers")
+        (begin, end), dtype = offsets, SAFETENSORS_DTYPES[kind]
+        if end - begin != dtype.itemsize * math.prod(shape):  # an end before its begin is refused here too
+            raise WeightFileError(f"{name} spans bytes {begin} to {end}, not the size of a {kind} {shape}")
+        tensors.append((begin, end, name, dtype, shape))
+    tensors.sort(key=lambda t: t[:2])
+    position = 0
+    for begin, end, name, _, _ in tensors:
+        if begin != position:
+            raise WeightFileError(f"{name} starts at byte {begin} of the data, not {position}: a gap or an overlap")
+        position = end
+    if position != data_bytes:
+        raise WeightFileError(f"the tensors cover {position} bytes, the file holds {data_bytes} after its header")
+    return tensors
+
+
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, each read into a buffer of its own (one copy in memory)."""
+    """Every tensor of a .safetensors file, each read into a buffer of its own (one copy in memory, of bytes
+    that each belong to one tensor). Raises WeightFileError for a header safetensors_layout refuses."""
     if sys.byteorder != "little":
-        raise ValueError("reading safetensors (little-endian) needs a little-endian machine")
+        raise WeightFileError("reading safetensors (little-endian) needs a little-endian machine")
     tensors = {}
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > os.fstat(f.fileno()).st_size - 8:
-            raise ValueError(f"{path}: a header of {length} bytes does not fit in the file: not safetensors")
-        header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{path}: {name} has dtype {info['dtype']}, which this reader does not know")
-            dtype, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            if end - begin != dtype.itemsize * int(torch.Size(info["shape"]).numel()):
-                raise ValueError(f"{path}: {name} holds {end - begin} bytes, not a {info['dtype']} {info['shape']}")
-            f.seek(8 + length + begin)
-            raw = bytearray(f.read(end - begin))
-            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            tensors[name] = flat.reshape(info["shape"])
+        size = os.fstat(f.fileno()).st_size
+        (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if length > min(MAX_HEADER, size - 8):
+            raise WeightFileError(f"a header of {length:,} bytes: more than the file holds or {MAX_HEADER:,}")
+        try:
+            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeightFileError(f"the header is not JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise WeightFileError(f"the header is a JSON {type(header).__name__}, not an object")
+        for begin, end, name, dtype, shape in safetensors_layout(header, size - 8 - length):
+            raw = bytearray(end - begin)  # read straight into it: the tensors follow one another
+            if f.readinto(raw) != len(raw):
+                raise WeightFileError(f"{name}: the file ends early")
+            tensors[name] = (torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)).reshape(shape)
     return tensors
 
 
 def read_state_dict(path: str) -> dict:
     """The dict a weights file holds: a TorchScript archive's tensors, a safetensors file's tensors, or
     whatever torch.save wrote (a state dict, open_clip's {"state_dict": ...}, a checkpoint of ours), loaded
-    with weights_only=True: a downloaded file may hold tensors and plain data, not code."""
+    with weights_only=True: a downloaded file may hold tensors and plain data, not code. A torch.save zip's
+    members are checked first (check_zip_members): torch.load would inflate a compressed one, or read one
+    payload once for every name pointing at it."""
     if is_torchscript(path):
         return read_torchscript_state_dict(path)
     if is_safetensors(path):
         return read_safetensors(path)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.infolist()
+        except zipfile.BadZipFile as err:
+            raise WeightFileError(f"a damaged zip ({err})") from None
+        check_zip_members(path, members)
     return torch.load(path, map_location="cpu", weights_only=True)

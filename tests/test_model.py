@@ -191,7 +191,11 @@ class Scripted(torch.nn.Module):
         return self.conv(x) * self.scale
 
 
-def test_torchscript_reader_runs_no_code_and_falls_back_out_loud(tmp_path, monkeypatch, capsys):
+def test_torchscript_reader_runs_no_code_and_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    """Read without torch.jit.load; a pickle naming anything off the allow-list is refused in one line naming it,
+    never handed to torch.jit.load (whose TorchScript __setstate__ can create and overwrite files)."""
+    import zipfile
+
     import weight_files as model
 
     torch.manual_seed(0)
@@ -199,11 +203,17 @@ def test_torchscript_reader_runs_no_code_and_falls_back_out_loud(tmp_path, monke
     torch.jit.script(Scripted()).save(path)
     expect = torch.jit.load(path).state_dict()
     assert model.is_torchscript(path) and not model.is_torchscript(__file__)
-    with monkeypatch.context() as m:
-        m.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load must not be needed"))
-        got = model.read_torchscript_state_dict(path)
-    assert set(got) == set(expect) == {"conv.weight", "mask"} and all(torch.equal(got[k], expect[k]) for k in got)
-    # something off the allow-list: torch.jit.load reads it instead, and says so
-    monkeypatch.setattr(model, "TYPED_CONTAINERS", set())
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load must never be reached"))
     got = model.read_torchscript_state_dict(path)
-    assert "torch.jit.load" in capsys.readouterr().out and all(torch.equal(got[k], expect[k]) for k in expect)
+    assert set(got) == set(expect) == {"conv.weight", "mask"} and all(torch.equal(got[k], expect[k]) for k in got)
+    crafted = str(tmp_path / "crafted.pt")  # the same archive, its pickle naming os.system (posix.system)
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            dst.writestr(name, data.replace(b"collections\nOrderedDict\n", b"posix\nsystem\n"))
+    for archive, needle in [(crafted, "posix.system"), (path, "torch.jit._pickle.build_intlist")]:
+        if archive == path:  # something the list has not met: refused all the same, named
+            monkeypatch.setattr(model, "TYPED_CONTAINERS", set())
+        with pytest.raises(ValueError) as err:
+            model.read_state_dict(archive)
+        assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
