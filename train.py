@@ -420,13 +420,14 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 sys.exit(f"error: step {step}: the weights are no longer finite; {ckpt_path} keeps the last good ones")
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg))
             state |= dict(step=step, args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed)
+            state["nonfinite"] = nonfinite  # a streak of skipped steps goes on across a resume
             save_checkpoint(ckpt_path, **state)
             plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
     # ---- loop
     model.train()
     bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
-    t0, nonfinite = time.time(), 0
+    t0, nonfinite = time.time(), resume.get("nonfinite", 0) if resume else 0
     # a step's K micro-batches, drawn K at a time from the one stream (zip of K references to one iterator)
     steps = zip(*[stream] * args.accum_freq)
     with open(log_path if rank == 0 else os.devnull, "a") as log:
@@ -443,17 +444,17 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 loss, terms = accumulated_step(net, micro_batches, objective, dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
             # A non-finite loss or gradient must never reach the weights. Checking it waits for the device
-            # once per step, as AMP's GradScaler does for the same reason.
-            if not torch.isfinite(loss.detach() + grad_norm):
-                nonfinite += 1
+            # once per step, as AMP's GradScaler does for the same reason. A skipped step still reaches the
+            # stop check and the checkpoint below: a signal during a streak of them must stop the run.
+            finite = bool(torch.isfinite(loss.detach() + grad_norm))
+            nonfinite = 0 if finite else nonfinite + 1
+            if finite:
+                optimizer.step()
+            else:
                 skip_or_stop(args, step, nonfinite, ckpt_path)
-                bar.update()
-                continue
-            nonfinite = 0
-            optimizer.step()
             bar.update()
             # .item() waits for the device: read the values at the log interval only, not every step
-            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            if finite and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
                 lr = optimizer.param_groups[0]["lr"]
                 shards_seen = {"epoch": dataset.epoch, "skipped": dataset.skipped} if shards else None
                 record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, shards_seen)
