@@ -3,11 +3,15 @@
   python precompute_concepts.py --data-dir /data/cc3m --out /data/cc3m-concepts.jsonl --workers 16   # Ctrl-C, rerun
 
 Extracting phrases with NLTK in the DataLoader workers costs CPU on every epoch; this writes them once. The
-file holds one JSON line per shard, {"shard": "00000.tar", "caption_key": null, "concepts": {"<sample key>":
-["a dog", ...], ...}, "count": n}, and "error" for a shard that could not be read to its end (its phrases up to
-there are kept, and a rerun does not try it again). `train.py --concepts FILE` reads it (webdata.py). Shards
-are known by file name, so one file serves one shard set. An interrupted run resumes where it stopped; an
-existing file that is not a concepts file is never written to.
+file holds one JSON line per shard:
+  {"shard": "00000.tar", "caption_key": null, "concepts": {"<sample key>": ["a dog", ...], ...},
+   "count": n, "failed": f, "cut": c}
+count: the samples with phrases; failed: the captions NLTK failed on (an error, or nltk.redos's wall-clock
+limit), which have no entry; cut: the captions over concepts.MAX_CAPTION_CHARS, whose phrases come from their
+start. "error" marks a shard that could not be read to its end (its phrases up to there are kept, and a rerun
+does not try it again). `train.py --concepts FILE` reads it (webdata.py). Shards are known by file name, so one
+file serves one shard set. An interrupted run resumes where it stopped; an existing file that is not a
+concepts file is never written to.
 """
 
 import argparse
@@ -21,7 +25,7 @@ import time
 
 from tqdm import tqdm
 
-from concepts import extract_concepts
+from concepts import MAX_CAPTION_CHARS, ConceptError, extract_concepts
 from webdata import concepts_index, expand_shards, shard_captions
 
 
@@ -30,12 +34,18 @@ def _shard_job(job: tuple[str, str | None]) -> dict:
     keeps the phrases read before the error, and says so: a rerun does not try it again."""
     shard, caption_key = job
     record = {"shard": os.path.basename(shard), "caption_key": caption_key, "concepts": {}}
+    failed = cut = 0
     try:
         for key, caption in shard_captions(shard, caption_key):
-            record["concepts"][key] = extract_concepts(caption)
+            try:
+                record["concepts"][key] = extract_concepts(caption)
+            except ConceptError:  # that caption only (nltk.redos's wall-clock limit trips more on a loaded machine)
+                failed += 1
+                continue
+            cut += len(caption) > MAX_CAPTION_CHARS
     except (tarfile.TarError, OSError) as err:
         record["error"] = f"{type(err).__name__}: {err}"
-    return record | {"count": len(record["concepts"])}
+    return record | {"count": len(record["concepts"]), "failed": failed, "cut": cut}
 
 
 def precompute(shards: list[str], out: str, workers: int, caption_key: str | None = None) -> float:
@@ -55,12 +65,14 @@ def precompute(shards: list[str], out: str, workers: int, caption_key: str | Non
         multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
     )
     captions, failed, t0 = 0, [], time.time()
+    bad_captions = cut = 0
     try:
         with open(out, "a") as f, tqdm(total=len(todo), desc="concepts", unit="shard") as bar:
             for record in pool.imap_unordered(_shard_job, todo) if pool else map(_shard_job, todo):
                 f.write(json.dumps(record) + "\n")
                 f.flush()  # a finished shard survives an interruption
                 captions += record["count"]
+                bad_captions, cut = bad_captions + record["failed"], cut + record["cut"]
                 failed += [f"{record['shard']} ({record['error']})"] if "error" in record else []
                 bar.update()
                 bar.set_postfix(captions_per_s=f"{captions / (time.time() - t0):.0f}", unreadable=len(failed))
@@ -73,6 +85,13 @@ def precompute(shards: list[str], out: str, workers: int, caption_key: str | Non
     if failed:
         print(f"{len(failed)} shard(s) could not be read to their end; their phrases up to there are kept:")
         print("\n".join(f"  {f}" for f in failed))
+    if cut:
+        print(f"{cut} caption(s) over {MAX_CAPTION_CHARS} characters: phrases taken from their start only")
+    if bad_captions:
+        print(
+            f"{bad_captions} caption(s) NLTK failed on (an error, or its time limit) have no phrases in {out} "
+            "(each shard's line counts them as 'failed'); train.py tries them again and skips those that fail"
+        )
     return rate
 
 

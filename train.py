@@ -456,8 +456,8 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
             # .item() waits for the device: read the values at the log interval only, not every step
             if finite and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
                 lr = optimizer.param_groups[0]["lr"]
-                shards_seen = {"epoch": dataset.epoch, "skipped": dataset.skipped} if shards else None
-                record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, shards_seen)
+                seen = dict(epoch=dataset.epoch, skipped=dataset.skipped, noted=dataset.noted) if shards else None
+                record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, seen)
                 record |= batch_diagnostics(model, micro_batches[0], objective.concept_labels)  # no-grad, this batch
                 skipped = {"skipped": sum(record["skipped"].values())} if record.get("skipped") else {}
                 bar.set_postfix({k: f"{record[k]:.3f}" for k in terms} | {"t": f"{record['scale']:.1f}"} | skipped)
@@ -474,6 +474,8 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
     bar.close()
     if getattr(dataset, "skipped", None):
         log0(f"skipped samples (corrupt or incomplete, each pass counts them again): {dataset.skipped}")
+    if getattr(dataset, "noted", None):
+        log0(f"samples kept but changed (each pass counts them again): {dataset.noted}")
 
     # ---- checkpoint
     checkpoint(args.steps)

@@ -13,8 +13,9 @@ library's tarfile (no `webdataset` package): members grouped by key, <key>.jpg|j
   check_concepts_file   a file of phrases precomputed once (precompute_concepts.py) checked against the shards
 
 Every sample that cannot be used is skipped and counted by reason (SKIP_REASONS), never fatal: a missing or
-corrupt image, an empty or non-UTF-8 caption, a shard that cannot be read to its end (cut mid-member or at
-a member header).
+corrupt image, an empty or non-UTF-8 caption, a caption NLTK fails to cut into phrases (concepts.ConceptError),
+a shard that cannot be read to its end (cut mid-member or at a member header). A sample kept but not as it
+came is counted too (NOTED_REASONS): a caption cut to concepts.MAX_CAPTION_CHARS before its phrases were taken.
 """
 
 import glob
@@ -34,12 +35,13 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import read_json, write_json
-from concepts import extract_concepts
+from concepts import MAX_CAPTION_CHARS, ConceptError, extract_concepts
 from data import WordTokenizer, load_image
 from devices import log0, rank_and_world
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the first one present is the sample's image
-SKIP_REASONS = ("missing_image", "empty_caption", "corrupt_image", "corrupt_shard", "bad_encoding")
+SKIP_REASONS = ("missing_image", "empty_caption", "corrupt_image", "corrupt_shard", "bad_encoding", "concepts_failed")
+NOTED_REASONS = ("caption_cut",)  # samples kept, but not as they came
 SHARD_LAYOUT = """Expected webdataset tar shards: a folder of *.tar files, a glob ('DIR/*.tar') or a brace range
 ('DIR/{00000..00331}.tar'). Each shard holds samples as members named <key>.<ext>: <key>.jpg (or .jpeg, .png,
 .webp) with <key>.txt (the caption) and optionally <key>.json (metadata, or the caption and concept fields that
@@ -231,10 +233,11 @@ class WebDataset(torch.utils.data.IterableDataset):
     the JSON field caption_key; concept phrases from the JSON field concept_key when the sample has it, else
     from a file written by `python precompute_concepts.py --out FILE`, else extracted here (concepts.py).
 
-    A missing image, an empty caption, a corrupt image or an unreadable shard is skipped and counted, never
-    fatal. The counts live in shared memory that DataLoader workers inherit, so .skipped, read in the main
-    process, holds every reader's counts (since this object was made: each pass counts its bad samples
-    again). Set .epoch before each pass: it seeds the shuffles.
+    A missing image, an empty caption, a corrupt image, a caption NLTK fails on or an unreadable shard is
+    skipped and counted, never fatal; .noted counts the samples kept but changed (NOTED_REASONS). The counts
+    live in shared memory that DataLoader workers inherit, so .skipped, read in the main process, holds every
+    reader's counts (since this object was made: each pass counts its bad samples again). Set .epoch before
+    each pass: it seeds the shuffles.
     """
 
     def __init__(
@@ -251,15 +254,25 @@ class WebDataset(torch.utils.data.IterableDataset):
         self.concepts_file, self.shuffle_buffer, self.seed, self.epoch = concepts_file, shuffle_buffer, seed, 0
         self.concepts_index = concepts_index(concepts_file) if concepts_file else {}
         self._skips = multiprocessing.Array("q", len(SKIP_REASONS))  # shared with the DataLoader workers
+        self._notes = multiprocessing.Array("q", len(NOTED_REASONS))
 
     @property
     def skipped(self) -> dict[str, int]:
         """{reason: samples skipped so far} over all readers of this process's DataLoaders."""
         return {reason: n for reason, n in zip(SKIP_REASONS, self._skips[:]) if n}
 
+    @property
+    def noted(self) -> dict[str, int]:
+        """{reason: samples kept but changed so far}, like .skipped."""
+        return {reason: n for reason, n in zip(NOTED_REASONS, self._notes[:]) if n}
+
     def _skip(self, reason: str) -> None:
         with self._skips.get_lock():
             self._skips[SKIP_REASONS.index(reason)] += 1
+
+    def _note(self, reason: str) -> None:
+        with self._notes.get_lock():
+            self._notes[NOTED_REASONS.index(reason)] += 1
 
     def _groups(self, shards: list[str], stride: int, offset: int):
         """(key, raw group, precomputed phrases or None) of every stride-th sample of the shards."""
@@ -300,8 +313,15 @@ class WebDataset(torch.utils.data.IterableDataset):
         named = meta.get(self.concept_key) if self.concept_key else None
         if isinstance(named, list) and all(isinstance(p, str) for p in named):
             concepts = named  # the authors' shards: 'nounphrases' (an empty list: Collate uses the caption)
+        elif phrases is not None:
+            concepts = phrases
         else:
-            concepts = phrases if phrases is not None else extract_concepts(caption)
+            try:  # nltk.redos's limit is wall clock: on a loaded machine even a short caption can run past it
+                concepts = extract_concepts(caption)
+            except ConceptError:
+                return self._skip("concepts_failed")
+            if len(caption) > MAX_CAPTION_CHARS:
+                self._note("caption_cut")
         return {"image": image, "caption": caption, "concepts": list(concepts)}
 
     def __iter__(self):

@@ -1,15 +1,23 @@
 """Training and data faults (issue 18, part 4): a stop signal during a streak of skipped steps, a caption the
 chunker cannot finish, and a --concepts file written for other captions. Every fixture is made here."""
 
+import json
 import os
+import random
 import signal
 
 import pytest
 import torch
 
+import concepts
 import objective
+import precompute_concepts
 import train
 from checkpoint import read_log
+from data import eval_transform
+from fixtures import image_bytes, write_tar
+from negatives import hard_negative
+from webdata import WebDataset, expand_shards
 
 FAST = ["--batch-size", "4", "--workers", "0", "--log-every", "1"]
 
@@ -49,3 +57,76 @@ def test_a_signal_during_a_streak_of_skipped_steps_stops_and_saves(tmp_path, mon
     with pytest.raises(SystemExit) as failed:
         train.main([*argv, "--resume", "--max-nonfinite", "4"])
     assert "step 5" in str(failed.value.code) and "5 step(s) in a row" in str(failed.value.code)
+
+
+# ----------------------------------------------------------------------------- 2. a caption the chunker cannot finish
+
+LONG = ("a red dog chasing a blue ball on the green grass " * 21000)[:1_000_000]  # 1 MB: ~225,000 tokens
+
+
+def shard_of(path, captions: list[str]) -> str:
+    """A shard (img2dataset keys, .jpg + .txt) holding one sample per caption; returns its folder."""
+    members = []
+    for i, caption in enumerate(captions):
+        members += [(f"{i:09d}.jpg", image_bytes(i)), (f"{i:09d}.txt", caption.encode())]
+    os.makedirs(path, exist_ok=True)
+    write_tar(os.path.join(path, "00000.tar"), members)
+    return str(path)
+
+
+class FailingChunker:
+    """concepts._chunker, but parsing a caption with the word 'unchunkable' raises nltk.redos's TimeoutError."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def parse(self, tagged):
+        if any(word == "unchunkable" for word, _ in tagged):
+            raise TimeoutError("regular-expression match exceeded its 5.0s time limit")
+        return self.real.parse(tagged)
+
+
+@pytest.fixture
+def failing_chunker(monkeypatch):
+    concepts._extract_cached.cache_clear()  # phrases cached by an earlier test would never reach the chunker
+    monkeypatch.setattr(concepts, "_chunker", FailingChunker(concepts._chunker))
+    yield
+    concepts._extract_cached.cache_clear()
+
+
+def test_a_1mb_caption_is_cut_before_chunking(tmp_path, capsys):
+    folder = shard_of(tmp_path / "shards", ["a man riding a horse", LONG, "a kitchen with white cabinets"])
+    ds = WebDataset(expand_shards(folder), eval_transform(8), shuffle_buffer=0)
+    samples = list(ds)  # before the bound: TimeoutError from nltk.redos, out of the stream
+    assert [s["concepts"] for s in samples] == [
+        ["a man", "a horse"],
+        ["a red dog", "a blue ball", "the green grass"],  # from the first MAX_CAPTION_CHARS characters
+        ["a kitchen", "white cabinets"],
+    ]
+    assert samples[1]["caption"] == LONG.strip() and ds.noted == {"caption_cut": 1} and ds.skipped == {}
+    out = tmp_path / "concepts.jsonl"
+    precompute_concepts.main(["--data-dir", folder, "--out", str(out), "--workers", "0"])
+    (line,) = map(json.loads, open(out))
+    assert "error" not in line and line["count"] == 3 and line["cut"] == 1 and line["failed"] == 0
+    assert line["concepts"]["000000002"] == ["a kitchen", "white cabinets"]  # the samples after it are kept
+    assert f"1 caption(s) over {concepts.MAX_CAPTION_CHARS} characters" in capsys.readouterr().out
+
+
+def test_a_caption_the_chunker_fails_on_is_a_counted_skip(tmp_path, capsys, failing_chunker):
+    captions = ["a man riding a horse", "an unchunkable red car", "a kitchen with white cabinets", "a giraffe"]
+    folder = shard_of(tmp_path / "shards", captions)
+    ds = WebDataset(expand_shards(folder), eval_transform(8), shuffle_buffer=0)
+    assert [s["caption"] for s in ds] == captions[:1] + captions[2:] and ds.skipped == {"concepts_failed": 1}
+    out = tmp_path / "concepts.jsonl"
+    precompute_concepts.main(["--data-dir", folder, "--out", str(out), "--workers", "0"])
+    (line,) = map(json.loads, open(out))
+    assert "error" not in line and line["failed"] == 1 and line["count"] == 3
+    assert set(line["concepts"]) == {"000000000", "000000002", "000000003"}  # the rest of the shard goes on
+    assert "1 caption(s) NLTK failed on" in capsys.readouterr().out
+    # train.py goes on too, and counts the skip in its log
+    run = ["--data", "cc3m", "--data-dir", folder, "--steps", "2", "--out", str(tmp_path / "run"), *FAST]
+    train.main([*run, "--batch-size", "2"])
+    assert read_log(tmp_path / "run" / "log.jsonl")[-1]["skipped"] == {"concepts_failed": 1}
+    # --method negclip tags captions for its hard negatives: that caption gets none
+    assert hard_negative("an unchunkable red car and a blue star", random.Random(0)) is None
+    assert hard_negative(LONG, random.Random(0)) is None
