@@ -78,6 +78,7 @@ from released_tokenizers import tokenizer_from_state_dict
 from shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
 from webdata import (
     SHARD_LAYOUT,
+    OldConceptsFile,
     ShardPlan,
     WebDataset,
     caption_word_counts,
@@ -217,15 +218,22 @@ def check_shards(p: argparse.ArgumentParser, args) -> None:
     except FileNotFoundError as err:
         p.error(f"--data-dir: {err}")
     if args.concepts and not os.path.isfile(args.concepts):
-        p.error(
-            f"--concepts: no file {args.concepts}; write it with: "
-            f"python precompute_concepts.py --data-dir {args.data_dir} --out {args.concepts}"
-        )
+        p.error(f"--concepts: no file {args.concepts}; write it with: {precompute_command(args, args.concepts)}")
     if args.concepts:
         try:
-            check_concepts_file(args.concepts, shards)
-        except ValueError as err:
-            p.error(f"--concepts: {err}")
+            check_concepts_file(args.concepts, shards, args.caption_key)
+        except OldConceptsFile as err:
+            p.error(f"--concepts: {err}; rewrite it with: {precompute_command(args, args.concepts)} --overwrite")
+        except ValueError as err:  # the file may be right for other shards: the command writes a new one
+            root, ext = os.path.splitext(args.concepts)
+            new = next(f"{root}-{i}{ext}" for i in itertools.count(2) if not os.path.exists(f"{root}-{i}{ext}"))
+            p.error(f"--concepts: {err}; write one for these shards with: {precompute_command(args, new)}")
+
+
+def precompute_command(args, out: str) -> str:
+    """The command that writes a --concepts file for this run's shards and caption key."""
+    command = f"python precompute_concepts.py --data-dir {shlex.quote(args.data_dir)} --out {shlex.quote(out)}"
+    return command + (f" --caption-key {shlex.quote(args.caption_key)}" if args.caption_key else "")
 
 
 # ----------------------------------------------------------------------------- the optimizer's recipe

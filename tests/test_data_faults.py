@@ -1,6 +1,7 @@
 """Training and data faults (issue 18, part 4): a stop signal during a streak of skipped steps, a caption the
 chunker cannot finish, and a --concepts file written for other captions. Every fixture is made here."""
 
+import hashlib
 import json
 import os
 import random
@@ -15,7 +16,7 @@ import precompute_concepts
 import train
 from checkpoint import read_log
 from data import eval_transform
-from fixtures import image_bytes, write_tar
+from fixtures import image_bytes, write_cc3m, write_tar
 from negatives import hard_negative
 from webdata import WebDataset, expand_shards
 
@@ -130,3 +131,77 @@ def test_a_caption_the_chunker_fails_on_is_a_counted_skip(tmp_path, capsys, fail
     # --method negclip tags captions for its hard negatives: that caption gets none
     assert hard_negative("an unchunkable red car and a blue star", random.Random(0)) is None
     assert hard_negative(LONG, random.Random(0)) is None
+
+
+# ----------------------------------------------------------------------------- 3. a --concepts file of other captions
+
+
+def caption_digest(caption: str) -> str:
+    """What a concepts file records of each caption: 8 bytes of blake2b, as hex."""
+    return hashlib.blake2b(caption.encode(), digest_size=8).hexdigest()
+
+
+def refused(argv, capsys) -> str:
+    """train.get_args(argv) must stop with an argparse error (exit 2); returns its message."""
+    with pytest.raises(SystemExit) as err:
+        train.get_args(argv)
+    assert err.value.code == 2
+    return capsys.readouterr().err
+
+
+def other_dataset(path) -> str:
+    """img2dataset's usual names (00000.tar, keys 000000000 ...) over other pictures and captions."""
+    return shard_of(path, ["a yellow taxi in the snow", "two owls on a branch", "a lighthouse at dusk"])
+
+
+def test_a_concepts_file_of_another_dataset_with_the_same_names_is_refused(tmp_path, capsys):
+    ours, out = write_cc3m(str(tmp_path / "cc3m")), tmp_path / "concepts.jsonl"
+    precompute_concepts.main(["--data-dir", ours, "--out", str(out), "--workers", "0"])
+    train.get_args(["--data", "cc3m", "--data-dir", ours, "--concepts", str(out)])  # its own shards: accepted
+    theirs = other_dataset(tmp_path / "other")
+    message = refused(["--data", "cc3m", "--data-dir", theirs, "--concepts", str(out)], capsys)
+    expected = caption_digest("a dog chasing a red ball on the grass")
+    found = caption_digest("a yellow taxi in the snow")
+    assert f"00000.tar, sample 000000000: caption digest {expected} in the file, {found} in the shard" in message
+    assert f"--data-dir {theirs} --out {tmp_path / 'concepts-2.jsonl'}" in message  # not over the good file
+    # past the samples checked at start-up, a stale line is not trained on: its phrases are extracted afresh
+    ds = WebDataset(expand_shards(theirs), eval_transform(8), concepts_file=str(out), shuffle_buffer=0)
+    assert [s["concepts"] for s in ds] == [
+        ["a yellow taxi", "the snow"],
+        ["two owls", "a branch"],
+        ["a lighthouse", "dusk"],
+    ]
+    assert ds.noted == {"stale_concepts": 3}
+
+
+def test_a_concepts_file_read_with_another_caption_key_is_refused(tmp_path, capsys):
+    shards, out = write_cc3m(str(tmp_path / "cc3m")), tmp_path / "concepts.jsonl"
+    precompute_concepts.main(
+        ["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"]
+    )
+    argv = ["--data", "cc3m", "--data-dir", shards, "--concepts", str(out)]
+    train.get_args([*argv, "--caption-key", "shortLLA_captions"])  # as written: accepted
+    message = refused(argv, capsys)  # read from <key>.txt
+    assert "line 1 (00000.tar) was computed from the JSON field 'shortLLA_captions'" in message
+    assert "this run reads <key>.txt" in message and "--caption-key shortLLA_captions" in message
+    # resuming the precompute with another caption key would mix the two in one file
+    with pytest.raises(SystemExit):
+        precompute_concepts.main(
+            ["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "caption"]
+        )
+    assert "written with --caption-key shortLLA_captions" in capsys.readouterr().err
+
+
+def test_a_concepts_file_in_the_old_format_is_refused_with_the_command_that_rewrites_it(tmp_path, capsys):
+    shards, out = write_cc3m(str(tmp_path / "cc3m")), tmp_path / "concepts.jsonl"
+    old = {"shard": "00001.tar", "caption_key": None, "concepts": {"s0001_0000": ["a man", "a horse"]}, "count": 1}
+    out.write_text(json.dumps(old) + "\n")  # as precompute_concepts.py wrote it before caption digests
+    message = refused(["--data", "cc3m", "--data-dir", shards, "--concepts", str(out)], capsys)
+    command = f"python precompute_concepts.py --data-dir {shards} --out {out} --overwrite"
+    assert "no caption digests" in message and command in message
+    with pytest.raises(SystemExit):  # resumed without --overwrite, the precompute would append to it
+        precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    assert "--overwrite" in capsys.readouterr().err
+    precompute_concepts.main(command.split()[2:] + ["--workers", "0"])
+    train.get_args(["--data", "cc3m", "--data-dir", shards, "--concepts", str(out)])  # accepted now
+    assert len(open(out).readlines()) == 2
