@@ -233,7 +233,8 @@ class WebDataset(torch.utils.data.IterableDataset):
     shards, or, when there are fewer shards than readers, every n-th sample. Samples pass a shuffle buffer
     of raw bytes (decoding after the buffer keeps it small), then are decoded: caption from <key>.txt or
     the JSON field caption_key; concept phrases from the JSON field concept_key when the sample has it, else
-    from a file written by `python precompute_concepts.py --out FILE`, else extracted here (concepts.py).
+    from a file written by `python precompute_concepts.py --out FILE` when the file's digest of the caption is
+    this caption's (`caption_digest`), else extracted here (concepts.py).
 
     A missing image, an empty caption, a corrupt image, a caption NLTK fails on or an unreadable shard is
     skipped and counted, never fatal; .noted counts the samples kept but changed (NOTED_REASONS). The counts
