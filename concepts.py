@@ -14,6 +14,11 @@ Pipeline (the paper's "standard NLP software"):
      "a stock photo", "the background" -> nothing), drop one-character items, de-duplicate, and fall
      back to the whole caption when nothing is left (`phrases_or_caption`, the paper's rule).
 
+Bound: a caption longer than MAX_CAPTION_CHARS is cut (at a space) before it is tagged and chunked, and a
+failure of the tagger or chunker on one caption raises ConceptError, which the callers count as a skip of that
+caption (webdata.py, precompute_concepts.py): NLTK runs every regular expression under a wall-clock limit
+(nltk.redos, 5 s) and a 1 MB caption, scraped text pasted into an alt-text, runs past it.
+
 Departure: the authors' released code asks an LLM for the noun phrases of the main subjects; this file
 uses the paper's "standard NLP software" route, which needs no model and runs in DataLoader workers.
 A known limit of any POS grammar: a participle between two nouns ("people walking dogs") starts a new
@@ -78,6 +83,11 @@ GENERIC = {
 }
 ARTICLES = {"a", "an", "the", "one", "this", "that", "these", "those", "some"}
 TAGGER_DATA = "averaged_perceptron_tagger_eng"
+# Longer captions are cut before chunking. About 1,700 words: CC3M's alt-texts and DreamLIP's LLaVA captions
+# (the paper's) are tens to a few hundred words, so none is cut, and 10,000 characters tag and chunk in well
+# under a second, far inside nltk.redos's 5 s per regular expression. That limit is wall clock, so on a
+# loaded machine a shorter caption can still run past it: extract_concepts then raises ConceptError.
+MAX_CAPTION_CHARS = 10_000
 
 TOKENIZER = TreebankWordTokenizer()
 _chunker = nltk.RegexpParser(GRAMMAR)
@@ -102,6 +112,10 @@ def tagger() -> nltk.tag.PerceptronTagger:
                     f"or point NLTK_DATA at a folder that holds taggers/{TAGGER_DATA}/."
                 ) from None
     return _tagger
+
+
+class ConceptError(ValueError):
+    """The tagger or the chunker failed on one caption (NLTK's TimeoutError, or any other error)."""
 
 
 def phrases_or_caption(phrases: list[str], caption: str) -> list[str]:
@@ -173,9 +187,22 @@ def _extract_cached(caption: str) -> tuple[str, ...]:
     return tuple(_phrases(list(tagged_tokens(caption)), caption))
 
 
+def bounded(caption: str) -> str:
+    """The caption cut to at most MAX_CAPTION_CHARS, before the word the bound falls in (if it has a space)."""
+    if len(caption) <= MAX_CAPTION_CHARS:
+        return caption
+    return re.sub(r"\s+\S*$", "", caption[: MAX_CAPTION_CHARS + 1])[:MAX_CAPTION_CHARS]
+
+
 def extract_concepts(caption: str) -> list[str]:
-    """A caption -> its concept phrases, e.g. 'a dog chasing a red ball' -> ['a dog', 'a red ball']."""
-    return list(_extract_cached(caption))
+    """A caption -> its concept phrases, e.g. 'a dog chasing a red ball' -> ['a dog', 'a red ball']. A caption
+    over MAX_CAPTION_CHARS gives the phrases of its start (`bounded`); ConceptError if the tagger or the
+    chunker fails on it (the callers skip that caption and count it)."""
+    tagger()  # missing tagger data stops the caller (RuntimeError): it is not one caption's fault
+    try:
+        return list(_extract_cached(bounded(caption)))
+    except Exception as err:  # TimeoutError from nltk.redos (an OSError), or anything else NLTK raises
+        raise ConceptError(f"{type(err).__name__}: {err}") from err
 
 
 def extract_concepts_batch(captions: list[str]) -> list[list[str]]:

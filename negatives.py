@@ -18,7 +18,7 @@ import itertools
 import random
 import re
 
-from concepts import TOKENIZER, article, collapse_spaces, noun_phrase_spans, tagged_tokens
+from concepts import MAX_CAPTION_CHARS, TOKENIZER, article, collapse_spaces, noun_phrase_spans, tagged_tokens
 
 # A noun phrase has slots: slot 0 is its head noun, slot d > 0 the d-th modifier before the head ("a tiny red
 # circle": circle, red, tiny). English orders modifiers by kind (size before colour before the noun), so
@@ -31,16 +31,21 @@ SLOT_TAGS = ("JJ", "VBN", "VBG", "NN")  # a slot word's tag; a determiner, numbe
 def phrase_slots(caption: str) -> tuple[str, tuple]:
     """A caption -> (its text with whitespace collapsed, one (slots, article) per noun phrase), where slots
     are the (start, end) character ranges of the head noun, then of each modifier going left, and article
-    that of the phrase's 'a'/'an' (None if it has none). Ranges index the returned text."""
-    text, tagged = collapse_spaces(caption), list(tagged_tokens(caption))
+    that of the phrase's 'a'/'an' (None if it has none). Ranges index the returned text. A caption over
+    concepts.MAX_CAPTION_CHARS, or one NLTK fails on (as concepts.extract_concepts can), gets no phrases."""
+    text = collapse_spaces(caption)
+    if len(text) > MAX_CAPTION_CHARS:
+        return text, ()
     try:
+        tagged = list(tagged_tokens(caption))
         chars = list(TOKENIZER.span_tokenize(text))  # the same tokens, as character ranges
-    except ValueError:  # quotes the aligner cannot place: no phrases, so no negative
+        spans = noun_phrase_spans(tagged)
+    except Exception:  # quotes the aligner cannot place, nltk.redos's TimeoutError: no phrases, so no negative
         return text, ()
     if len(chars) != len(tagged):
         return text, ()
     phrases = []
-    for start, end in noun_phrase_spans(tagged):
+    for start, end in spans:
         k = end - 1
         while k >= start and tagged[k][1].startswith(SLOT_TAGS):
             k -= 1

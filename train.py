@@ -83,6 +83,7 @@ from pretrained import WEIGHT_NAMES, add_weight_flags, balanced_bias, load_weigh
 from shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
 from webdata import (
     SHARD_LAYOUT,
+    OldConceptsFile,
     ShardPlan,
     WebDataset,
     caption_word_counts,
@@ -224,15 +225,22 @@ def check_shards(p: argparse.ArgumentParser, args) -> None:
     except FileNotFoundError as err:
         p.error(f"--data-dir: {err}")
     if args.concepts and not os.path.isfile(args.concepts):
-        p.error(
-            f"--concepts: no file {args.concepts}; write it with: "
-            f"python precompute_concepts.py --data-dir {args.data_dir} --out {args.concepts}"
-        )
+        p.error(f"--concepts: no file {args.concepts}; write it with: {precompute_command(args, args.concepts)}")
     if args.concepts:
         try:
-            check_concepts_file(args.concepts, shards)
-        except ValueError as err:
-            p.error(f"--concepts: {err}")
+            check_concepts_file(args.concepts, shards, args.caption_key)
+        except OldConceptsFile as err:
+            p.error(f"--concepts: {err}; rewrite it with: {precompute_command(args, args.concepts)} --overwrite")
+        except ValueError as err:  # the file may be right for other shards: the command writes a new one
+            root, ext = os.path.splitext(args.concepts)
+            new = next(f"{root}-{i}{ext}" for i in itertools.count(2) if not os.path.exists(f"{root}-{i}{ext}"))
+            p.error(f"--concepts: {err}; write one for these shards with: {precompute_command(args, new)}")
+
+
+def precompute_command(args, out: str) -> str:
+    """The command that writes a --concepts file for this run's shards and caption key."""
+    command = f"python precompute_concepts.py --data-dir {shlex.quote(args.data_dir)} --out {shlex.quote(out)}"
+    return command + (f" --caption-key {shlex.quote(args.caption_key)}" if args.caption_key else "")
 
 
 # ----------------------------------------------------------------------------- the optimizer's recipe
@@ -435,13 +443,14 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 sys.exit(f"error: step {step}: the weights are no longer finite; {ckpt_path} keeps the last good ones")
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg))
             state |= dict(step=step, args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed)
+            state["nonfinite"] = nonfinite  # a streak of skipped steps goes on across a resume
             save_checkpoint(ckpt_path, **state)
             plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
     # ---- loop
     model.train()
     bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
-    t0, nonfinite = time.time(), 0
+    t0, nonfinite = time.time(), resume.get("nonfinite", 0) if resume else 0
     # a step's K micro-batches, drawn K at a time from the one stream (zip of K references to one iterator)
     steps = zip(*[stream] * args.accum_freq)
     with open(log_path if rank == 0 else os.devnull, "a") as log:
@@ -458,20 +467,20 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 loss, terms = accumulated_step(net, micro_batches, objective, dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
             # A non-finite loss or gradient must never reach the weights. Checking it waits for the device
-            # once per step, as AMP's GradScaler does for the same reason.
-            if not torch.isfinite(loss.detach() + grad_norm):
-                nonfinite += 1
+            # once per step, as AMP's GradScaler does for the same reason. A skipped step still reaches the
+            # stop check and the checkpoint below: a signal during a streak of them must stop the run.
+            finite = bool(torch.isfinite(loss.detach() + grad_norm))
+            nonfinite = 0 if finite else nonfinite + 1
+            if finite:
+                optimizer.step()
+            else:
                 skip_or_stop(args, step, nonfinite, ckpt_path)
-                bar.update()
-                continue
-            nonfinite = 0
-            optimizer.step()
             bar.update()
             # .item() waits for the device: read the values at the log interval only, not every step
-            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            if finite and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
                 lr = optimizer.param_groups[0]["lr"]
-                shards_seen = {"epoch": dataset.epoch, "skipped": dataset.skipped} if shards else None
-                record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, shards_seen)
+                seen = dict(epoch=dataset.epoch, skipped=dataset.skipped, noted=dataset.noted) if shards else None
+                record = log_record(step + 1, loss, terms, model, lr, time.time() - t0, seen)
                 record |= batch_diagnostics(model, micro_batches[0], objective.concept_labels)  # no-grad, this batch
                 skipped = {"skipped": sum(record["skipped"].values())} if record.get("skipped") else {}
                 bar.set_postfix({k: f"{record[k]:.3f}" for k in terms} | {"t": f"{record['scale']:.1f}"} | skipped)
@@ -487,6 +496,8 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
     bar.close()
     if getattr(dataset, "skipped", None):
         log0(f"skipped samples (corrupt or incomplete, each pass counts them again): {dataset.skipped}")
+    if getattr(dataset, "noted", None):
+        log0(f"samples kept but changed (each pass counts them again): {dataset.noted}")
 
     # ---- checkpoint
     checkpoint(args.steps)

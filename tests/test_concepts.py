@@ -99,7 +99,11 @@ def test_precompute_every_shard(tmp_path):
     assert records["00001.tar"]["concepts"]["s0001_0002"] == ["a giraffe", "a tall tree"]
     assert records["00001.tar"]["count"] == 4 and records["00001.tar"]["caption_key"] is None
     index = webdata.concepts_index(str(out))
-    assert webdata.shard_concepts(str(out), index["00000.tar"][0]) == records["00000.tar"]["concepts"]
+    first = records["00000.tar"]
+    assert list(first["digests"]) == ["000000000", "000000001", "000000002", "000000005"]  # every caption read
+    assert first["digests"]["000000000"] == webdata.caption_digest("a dog chasing a red ball on the grass")
+    table = {key: (phrases, first["digests"][key]) for key, phrases in first["concepts"].items()}
+    assert webdata.shard_concepts(str(out), index["00000.tar"][0]) == table
 
 
 def test_precompute_resumes_after_an_interruption(tmp_path, monkeypatch):

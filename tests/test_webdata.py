@@ -64,6 +64,7 @@ def test_precomputed_concepts_file_is_used(cc3m, tmp_path):
                 "caption_key": None,
                 "count": 1,
                 "concepts": {"s0001_0003": ["a precomputed phrase"]},
+                "digests": {"s0001_0003": webdata.caption_digest("a kitchen with white cabinets")},
             }
         )
         + "\n"
