@@ -31,14 +31,14 @@ import os
 
 from tqdm import tqdm
 
-import benchmarks
-from checkpoint import write_json
 from data import image_to_tensor
-from devices import add_device_flag, pick_device
-from pictures import attention_maps, attention_picture, show_image
-from pretrained import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
-from shapes import WORLDS, ShapesWorld
-from shapes_eval import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
+from evaluation import benchmarks
+from evaluation.shapes_benchmark import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
+from released.weights import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
+from run.checkpoint import write_json
+from run.devices import add_device_flag, pick_device
+from run.pictures import attention_maps, attention_picture, show_image
+from sources.shapes import WORLDS, ShapesWorld
 
 BENCHES = ["shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
 

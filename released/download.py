@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from checkpoint import atomic_write
-from transfer import DownloadError, discard, download
+from released.transfer import DownloadError, discard, download
+from run.checkpoint import atomic_write
 
 try:
     import fcntl  # POSIX; on Windows concurrent downloads are not serialised

@@ -24,7 +24,7 @@ import unicodedata
 import torch
 
 from data import WordTokenizer, pad_batch
-from sentencepiece_unigram import UnigramModel, read_model
+from released.sentencepiece import UnigramModel, read_model
 
 # CLIP's byte-level BPE. A caption is cleaned, cut into pre-tokens (words, single digits, runs of other
 # symbols), each pre-token's UTF-8 bytes are spelled with 256 printable stand-in characters, and learned
