@@ -87,8 +87,8 @@ class CLIPConfig:
         return CLIPConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
 
-# What makes the towers SigLIP's, whatever their size (pretrained.py configures converted weights with it); the
-# text is padded with T5's end token, id 1.
+# What makes the towers SigLIP's, whatever their size (released/convert.py configures converted weights with
+# it); the text is padded with T5's end token, id 1.
 SIGLIP_VISION = dict(pooling="map", eps=1e-6, resize="squash")
 SIGLIP_TEXT = dict(pad_id=1, causal=False, pooling="last", eps=1e-6, proj_bias=True)
 

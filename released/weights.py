@@ -29,7 +29,7 @@ from run.checkpoint import checkpoint_parts, previous_hint
 
 def clip_bpe(bpe: str | None = None, cache: str | None = None) -> str:
     """CLIP's BPE vocabulary: --bpe as given; else the copy inside an installed open_clip_torch; else OpenAI's
-    file, downloaded once into the cache (download.py)."""
+    file, downloaded once into the cache (released/download.py)."""
     if bpe is not None:
         return bpe
     try:
@@ -72,7 +72,7 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
         `cache` and checked (DownloadError when that fails).
     CLIP weights get CLIP's BPE tokenizer (clip_bpe) and `activation` (their shapes cannot tell); SigLIP
     weights get SigLIP's SentencePiece tokenizer, read from `spm` (default: beside the weights). Anything
-    else is a ValueError in one line: our readers' own (weight_files.WeightFileError, saying what was wrong),
+    else is a ValueError in one line: our readers' own (released/files.WeightFileError, saying what was wrong),
     or, for what torch.load refuses (it runs with weights_only=True: a file that needs code is not weights),
     "not a weights file torch can read safely"."""
     name, path = path, resolve_weights(path, cache)
@@ -138,7 +138,7 @@ def weight_options(args) -> dict:
     return {"bpe": args.bpe, "activation": args.clip_act, "spm": args.spm, "cache": args.cache_dir}
 
 
-# for --init / --ckpt help: the names download.py can fetch
+# for --init / --ckpt help: the names released/download.py can fetch
 WEIGHT_NAMES = f"or a released model by name, downloaded once and checked: {', '.join(WEIGHTS)}"
 
 

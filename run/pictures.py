@@ -6,7 +6,7 @@
                      paper Section 3.2) as a heat map over the image, a row per model (eval.py --show)
   contact_sheet      training scenes of the shapes world with their captions and concept phrases:
 
-  python pictures.py --n 4 --out docs/shapes.png
+  python -m run.pictures --n 4 --out docs/shapes.png
 
 Dimension legend: K phrases, N = g x g patches, D joint embedding width.
 """

@@ -47,7 +47,8 @@ MAX_OBJECTS = GRID * GRID  # rows of object_codes: every scene fits
 
 # Colour-shape pairs that ShapesWorld(holdout=HOLDOUT_COMBOS) (train.py --holdout-combos) keeps out of every
 # training scene: one per colour, no shape more than twice, so each colour and each shape is still seen in
-# training, only never together. shapes_eval.py scores binding on test scenes holding one (the generalisation split).
+# training, only never together. evaluation/shapes_benchmark.py scores binding on test scenes holding one (the
+# generalisation split).
 HOLDOUT_COMBOS = (
     ("red", "circle"),
     ("green", "square"),

@@ -54,7 +54,7 @@ from study.studies import STUDIES, Study
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train.py is
 
 ROWS = STUDIES["hypotheses"].rows  # the default study's rows (study/studies.py holds every study)
-DIAG_TAIL = 5  # diagnostics.py's per-batch measurements are averaged over the last this many log records
+DIAG_TAIL = 5  # run/diagnostics.py's per-batch measurements are averaged over the last this many log records
 
 
 def folder(root: str, row: str, seed: int) -> str:
@@ -138,7 +138,7 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
     """What docs/study.md's explanation rests on: the mean cosine between a caption's embedding and its
     swap-att negative's (near 1: the text encoder does not tell the two bindings apart), and the end of
     training from log.jsonl: each unweighted loss term, and the logit scale t and bias b (of the concept
-    losses too, when they have their own); and diagnostics.py's threshold fractions and label counts, each
+    losses too, when they have their own); and run/diagnostics.py's threshold fractions and label counts, each
     measured on one batch, so averaged over the last DIAG_TAIL log records."""
     pos, neg = ([p[k] for p in bench.pairs["swap-att"]] for k in (1, 2))
     swap_cos = (
