@@ -1,30 +1,55 @@
-"""The paper's recipe as train.py runs it.
+"""The paper's recipe as train.py runs it, and evaluation that records no autograd graph.
 
 docs/paper.md ("Total", "The paper's training recipe"): L = L_sig + 1.0 L_npc + 0.01 L_xac at tau = 1; AdamW with
 betas (0.9, 0.98) and eps 1e-6, weight decay 0.1 on weight matrices only; a linear warm-up, then a cosine decay; the
 gradient norm clipped at 1. Each is read twice: from the parsed flags, and from what a few steps of train.main hand
 the optimizer (a step pre-hook sees its groups and the gradient it is about to apply) and the losses (the loss
 functions wrapped in whichever module calls them). So the tests pin behaviour, not where the code lives. A step
-whose gradient is not finite, even with a finite loss, never reaches the weights."""
+whose gradient is not finite, even with a finite loss, never reaches the weights.
+
+Evaluation: every embedding helper returns tensors without an autograd graph even when called with grad mode on,
+every benchmark scores with the encoders run without one, eval.py runs in inference mode as a whole, and scoring
+many images keeps at most one batch's activations alive (docs/failures.md).
+"""
 
 import contextlib
 import functools
+import gc
 import inspect
 import json
 import math
 import os
 import sys
+import weakref
+from argparse import Namespace
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import benchmarks
+import eval as evaluate
+import model as model_module
 import train
+from fixtures import (
+    save_image,
+    write_checkpoint,
+    write_imagefolder,
+    write_karpathy,
+    write_sugarcrepe,
+    write_sugarcrepe_pp,
+)
 from losses import c2lip_loss, pooled_concept_loss, siglip_loss
+from metrics import embed_image_tokens, embed_images, embed_texts
+from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from objective import Objective
 from pool import pooled_similarity
+from pretrained import load_model
+from shapes import ShapesWorld
+from shapes_eval import ShapesBenchmark, evaluate_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
 FAST = ["--batch-size", "4", "--workers", "0", "--log-every", "1", "--precision", "fp32"]
 NAN = float("nan")
 
@@ -210,3 +235,124 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step(tmp_path, capsy
     assert run["ckpt"]["step"] == 3 and all(v.isfinite().all() for v in run["ckpt"]["model"].values())
     for group in run["ckpt"]["optimizer"]["state"].values():  # the NaN never reached AdamW's moments either
         assert all(v.isfinite().all() for v in group.values())
+
+
+# ----------------------------------------------------------------------------- evaluation records no graph
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """An untrained small model and every benchmark's fixture files, read as eval.py reads them."""
+    root = tmp_path_factory.mktemp("bench")
+    ckpt = write_checkpoint(str(root / "a" / "ckpt.pt"), image_size=16)
+    model, tokenizer, _ = load_model(ckpt, CPU)
+    sc, scpp = write_sugarcrepe(str(root / "sc")), write_sugarcrepe_pp(str(root / "scpp"))
+    zs, ann = write_imagefolder(str(root / "zs")), write_karpathy(str(root / "coco"))
+    args = Namespace(batch_size=2, workers=0, zeroshot_set="imagefolder", classnames=None, templates=None)
+    images = os.path.join(sc, "val2017")
+    data = {
+        "sugarcrepe": benchmarks.load_sugarcrepe(sc, images, "sugarcrepe"),
+        "sugarcrepe++": benchmarks.load_sugarcrepe(scpp, images, "sugarcrepe++"),
+        "zeroshot": benchmarks.load_zeroshot(zs, args),
+        "retrieval": benchmarks.load_retrieval(str(root / "coco"), ann),
+    }
+    return dict(root=root, ckpt=ckpt, model=model, tokenizer=tokenizer, args=args, data=data, sc=sc, scpp=scpp)
+
+
+def graph_free(tensors) -> bool:
+    return all(t.grad_fn is None and not t.requires_grad for t in tensors)
+
+
+def test_every_embedding_helper_returns_no_graph_with_grad_mode_on(bench, tmp_path):
+    model, tokenizer, args = bench["model"], bench["tokenizer"], bench["args"]
+    assert all(p.requires_grad for p in model.parameters())  # a graph would be recorded if a helper let it
+    images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    paths = [str(tmp_path / f"{i}.jpg") for i in range(3)]
+    for i, path in enumerate(paths):
+        save_image(path, i)
+    files = {"f": [(paths[0], "a red dog", "a blue dog"), (paths[2], "a red car", "a blue car")]}
+    with torch.enable_grad():
+        x, u = embed_image_tokens(model, images, 2, CPU)
+        emb, labels = benchmarks.embed_image_dataset(model, list(images), args, CPU, "images")
+        ((ex_images, ex_texts),) = benchmarks.embed_examples(model, tokenizer, files, args, CPU, "f").values()
+        out = [embed_images(model, images, 2, CPU), x, u, embed_texts(model, tokenizer, ["a red dog"] * 3, 2, CPU)]
+    assert labels is None and emb.shape == (5, 16) and ex_images.shape == (2, 16)
+    assert graph_free(out + [emb, ex_images, *ex_texts])
+
+
+@contextlib.contextmanager
+def encoder_outputs(model):
+    """[(grad mode on?, inference mode on?, output tensors)] of every encode_image / encode_text of `model` in the
+    block; patched on the instance, or on the class when model is the class."""
+    calls = []
+
+    def wrap(real):
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            out = real(*args, **kwargs)
+            tensors = [t for t in (out if isinstance(out, tuple) else (out,)) if t is not None]
+            calls.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled(), tensors))
+            return out
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("encode_image", "encode_text"):
+            m.setattr(model, name, wrap(getattr(model, name)))
+        yield calls
+
+
+SCORERS = {
+    "sugarcrepe": benchmarks.evaluate_sugarcrepe,
+    "sugarcrepe++": benchmarks.evaluate_sugarcrepe_pp,
+    "zeroshot": benchmarks.evaluate_zeroshot,
+    "retrieval": benchmarks.evaluate_retrieval,
+}
+
+
+@pytest.mark.parametrize("name", [*SCORERS, "shapes", "shapes-pooled"])
+def test_every_benchmark_scores_without_a_graph(bench, name):
+    model, tokenizer, args = bench["model"], bench["tokenizer"], bench["args"]
+    with torch.enable_grad(), encoder_outputs(model) as calls:
+        if name.startswith("shapes"):
+            shapes = ShapesBenchmark(ShapesWorld(16), n=5, per_class=1)
+            score = "pooled" if name == "shapes-pooled" else "plain"
+            results = evaluate_shapes(model, tokenizer, shapes, CPU, 4, score, tau=0.5)
+        else:
+            results = SCORERS[name](model, tokenizer, bench["data"][name], args, CPU)
+    assert results and calls and graph_free(t for _, _, tensors in calls for t in tensors)
+
+
+def test_eval_runs_in_inference_mode_as_a_whole(bench):
+    root = bench["root"]
+    argv = ["--ckpt", bench["ckpt"], "--bench", "shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
+    argv += ["--data-dir", f"sugarcrepe={bench['sc']}", f"sugarcrepe++={bench['scpp']}", f"zeroshot={root / 'zs'}"]
+    argv += [f"retrieval={root / 'coco'}", "--images", os.path.join(bench["sc"], "val2017")]
+    argv += ["--ann", str(root / "coco" / "karpathy_test.json"), "--n", "5", "--workers", "0", "--batch-size", "4"]
+    with encoder_outputs(model_module.CLIP) as calls:
+        results = evaluate.main(argv)
+    assert len(results[bench["ckpt"]]) > 40
+    assert calls and all(not grad and inference for grad, inference, _ in calls)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # and nothing is left switched
+
+
+def test_scoring_many_images_keeps_at_most_one_batchs_activations():
+    """24 images in batches of 4 through a 2-block image tower, grad mode on: once the embeddings are returned,
+    no block's output may still be alive (an autograd graph would keep those of all 6 batches: 12)."""
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        vision=VisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=4),
+        text=TextConfig(vocab_size=20, context_length=12, width=32, layers=1, heads=4),
+        embed_dim=24,
+    )
+    model = CLIP(cfg).eval()
+    outputs = []
+    for block in model.visual.blocks:
+        block.register_forward_hook(lambda module, inputs, output: outputs.append(weakref.ref(output)))
+    images = list(torch.randn(24, 3, 16, 16))
+    with torch.enable_grad():
+        emb, _ = benchmarks.embed_image_dataset(model, images, Namespace(batch_size=4, workers=0), CPU, "images")
+    gc.collect()
+    alive = [o() for o in outputs if o() is not None]
+    assert emb.shape == (24, 24) and len(outputs) == 6 * 2
+    assert len(alive) <= 2, f"{len(alive)} block outputs of {len(outputs)} still held after scoring"
