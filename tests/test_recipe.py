@@ -29,16 +29,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import benchmarks
 import eval as evaluate
+import fixtures
 import model as model_module
 import train
-from fixtures import (
-    save_image,
-    write_checkpoint,
-    write_imagefolder,
-    write_karpathy,
-    write_sugarcrepe,
-    write_sugarcrepe_pp,
-)
 from losses import c2lip_loss, pooled_concept_loss, siglip_loss
 from metrics import embed_image_tokens, embed_images, embed_texts
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
@@ -244,10 +237,10 @@ def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step(tmp_path, capsy
 def bench(tmp_path_factory):
     """An untrained small model and every benchmark's fixture files, read as eval.py reads them."""
     root = tmp_path_factory.mktemp("bench")
-    ckpt = write_checkpoint(str(root / "a" / "ckpt.pt"), image_size=16)
+    ckpt = fixtures.write_checkpoint(str(root / "a" / "ckpt.pt"), image_size=16)
     model, tokenizer, _ = load_model(ckpt, CPU)
-    sc, scpp = write_sugarcrepe(str(root / "sc")), write_sugarcrepe_pp(str(root / "scpp"))
-    zs, ann = write_imagefolder(str(root / "zs")), write_karpathy(str(root / "coco"))
+    sc, scpp = fixtures.write_sugarcrepe(str(root / "sc")), fixtures.write_sugarcrepe_pp(str(root / "scpp"))
+    zs, ann = fixtures.write_imagefolder(str(root / "zs")), fixtures.write_karpathy(str(root / "coco"))
     args = Namespace(batch_size=2, workers=0, zeroshot_set="imagefolder", classnames=None, templates=None)
     images = os.path.join(sc, "val2017")
     data = {
@@ -269,7 +262,7 @@ def test_every_embedding_helper_returns_no_graph_with_grad_mode_on(bench, tmp_pa
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     paths = [str(tmp_path / f"{i}.jpg") for i in range(3)]
     for i, path in enumerate(paths):
-        save_image(path, i)
+        fixtures.save_image(path, i)
     files = {"f": [(paths[0], "a red dog", "a blue dog"), (paths[2], "a red car", "a blue car")]}
     with torch.enable_grad():
         x, u = embed_image_tokens(model, images, 2, CPU)
