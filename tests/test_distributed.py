@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from data import Collate, WordTokenizer
-from losses import concept_labels
+from losses import concept_labels, concept_loss, pooled_concept_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from objective import Objective, loss_terms
 from shapes import ShapesDataset, ShapesWorld
@@ -57,6 +57,25 @@ def worker(rank, init_file, out, labels):
     if rank == 0:
         torch.save({"terms": terms, "grads": grads}, out)
     dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("labels", LABELS)
+def test_the_label_rule_reaches_both_concept_losses(labels):
+    """--concept-labels phrase | scene: the loss of a batch is computed with that rule's labels, which differ from
+    the owner rule's on this batch (objects shared across its images; a phrase of image 1 made identical to one of
+    image 0)."""
+    whole = make_batches()[0]
+    whole["phrase_ids"][whole["owner"] == 1] = whole["phrase_ids"][0]
+    scene = (whole["phrase_codes"], whole["objects"])
+    rule = {"phrase_ids": whole["phrase_ids"]} if labels == "phrase" else {"scene": scene}
+    assert (concept_labels(whole["owner"], 6, **rule) != concept_labels(whole["owner"], 6)).any()
+    torch.manual_seed(0)
+    model = CLIP(CFG)
+    _, terms = loss_terms(model, whole, objective(labels))
+    x, u, _, c = model(whole["images"], whole["captions"], whole["concepts"])
+    t, b, owner = model.scale(), model.bias(), whole["owner"]
+    torch.testing.assert_close(terms["concept"], concept_loss(x, c, owner, t, b, **rule))
+    torch.testing.assert_close(terms["pooled"], pooled_concept_loss(u, c, owner, t, b, 0.5, **rule))
 
 
 @pytest.mark.parametrize("labels", LABELS)

@@ -139,3 +139,7 @@ def test_negclip_loss_terms_score_the_batch_negatives():
     expect = siglip_loss(x, y, model.scale(), model.bias(), n)
     torch.testing.assert_close(negclip["caption"], expect)
     assert negclip["caption"] > siglip["caption"]  # the negatives add terms, each positive
+    batch["has_negative"][1] = False  # as for a caption no rule applies to: its row is an empty text, never scored
+    _, masked = loss_terms(model, batch, Objective("negclip"))
+    n = model.encode_text(batch["negatives"])[batch["has_negative"]]  # (5, D)
+    torch.testing.assert_close(masked["caption"], siglip_loss(x, y, model.scale(), model.bias(), n))
