@@ -30,6 +30,7 @@ where each category is generated exactly, with counts.
 import argparse
 import os
 
+import torch
 from tqdm import tqdm
 
 from data import image_to_tensor
@@ -214,6 +215,14 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def main(argv=None) -> dict | str:
     args = get_args(argv)
+    # Evaluation never records an autograd graph, whichever helper forgets its no_grad: a graph keeps every
+    # batch's activations alive (docs/failures.md).
+    with torch.inference_mode():
+        return run(args)
+
+
+def run(args) -> dict | str:
+    """The --show picture, or every --bench for every --ckpt: printed as one table, and written to --json."""
     device = pick_device(args.device)
     if args.show is not None:
         return show_attention(args, device)

@@ -5,7 +5,7 @@ from PIL import Image
 
 from baselines.losses import phrase_ids
 from concepts import extract_concepts
-from data import CLIP_MEAN, CLIP_STD, Collate, WordTokenizer, eval_transform, image_to_tensor
+from data import CLIP_MEAN, CLIP_STD, Collate, WordTokenizer, eval_transform, image_to_tensor, train_transform
 from sources.shapes import COLOURS, SHAPES, ShapesDataset, ShapesWorld, StepBatches
 
 
@@ -109,3 +109,12 @@ def test_clip_preprocessing_matches_open_clip():
         ours = eval_transform(224, "clip")(img)
         assert ours.shape == (3, 224, 224)
         torch.testing.assert_close(ours, reference(img), atol=1e-6, rtol=0)
+
+
+def test_training_crops_keep_most_of_the_image():
+    """CLIP's light augmentation: a crop of 90-100% of the area, aspect 3:4 to 4:3 (torch's default scale would
+    cut down to 8%, and a caption would often describe what the crop left out)."""
+    import torchvision.transforms as T
+
+    crop = next(t for t in train_transform(32).transforms if isinstance(t, T.RandomResizedCrop))
+    assert crop.scale == (0.9, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3)) and crop.size == (32, 32)

@@ -16,6 +16,7 @@ import train
 from baselines.losses import concept_labels, phrase_ids
 from data import Collate, WordTokenizer
 from fixtures import step_args
+from losses import npc_loss, owner_labels, xac_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from sources.shapes import ShapesDataset, ShapesWorld, truth
 
@@ -55,6 +56,25 @@ def worker(rank, init_file, out, labels):
     if rank == 0:
         torch.save({"terms": terms, "grads": grads}, out)
     dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("labels", LABELS)
+def test_the_label_rule_reaches_both_concept_losses(labels):
+    """--concept-labels phrase | scene: the loss of a batch is computed with that rule's labels, which differ from
+    the owner rule's on this batch (objects shared across its images; a phrase of image 1 made identical to one of
+    image 0)."""
+    whole = make_batches()[0]
+    whole["phrase_ids"][whole["owner"] == 1] = whole["phrase_ids"][0]
+    labels_z = concept_labels(labels, whole["owner"], 6, whole)  # (B, K) of the rule
+    assert (labels_z != owner_labels(whole["owner"], 6)).any()
+    torch.manual_seed(0)
+    model = CLIP(CFG)
+    args = step_args("c2lip", "--npc-weight", "1.0", "--xac-weight", "0.5", "--tau", "0.5", "--concept-labels", labels)
+    _, terms = train.step_loss(model, whole, args)
+    x, u, _, c = model(whole["images"], whole["captions"], whole["phrases"])
+    t, b = model.scale(), model.bias()
+    torch.testing.assert_close(terms["L_npc"], npc_loss(x, c, labels_z, t, b))
+    torch.testing.assert_close(terms["L_xac"], xac_loss(u, c, labels_z, t, b, 0.5))
 
 
 @pytest.mark.parametrize("labels", LABELS)

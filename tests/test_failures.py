@@ -94,10 +94,11 @@ def test_a_non_finite_loss_stops_before_any_checkpoint_is_overwritten(tmp_path, 
     assert "not finite" in message and "keeps the last good weights" in message
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 2 and all(v.isfinite().all() for v in state["model"].values())
-    monkeypatch.setattr(train, "step_loss", nan_at({2, 3}))  # two bad steps in a row may be skipped
-    ckpt = run(["--steps", "5", "--max-nonfinite", "2"], tmp_path / "skip")
-    assert torch.load(ckpt, weights_only=True)["step"] == 5
-    assert [r["step"] for r in read_log(tmp_path / "skip" / "log.jsonl")] == [1, 4, 5]  # steps 2 and 3 skipped
+    # two bad steps in a row may be skipped; a good step starts the count again, so step 5 is one in a row
+    monkeypatch.setattr(train, "step_loss", nan_at({2, 3, 5}))
+    ckpt = run(["--steps", "6", "--max-nonfinite", "2"], tmp_path / "skip")
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+    assert [r["step"] for r in read_log(tmp_path / "skip" / "log.jsonl")] == [1, 4, 6]  # steps 2, 3 and 5 skipped
 
 
 # ----------------------------------------------------------------------------- 3. --resume never runs code

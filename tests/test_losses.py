@@ -208,3 +208,13 @@ def test_c2lip_loss_concept_scale_and_bias_reach_the_concept_terms_only():
     assert caption_grads[0] is not None and caption_grads[1] is not None and caption_grads[2:] == (None, None)
     concept_grads = torch.autograd.grad(terms["L_npc"] + terms["L_xac"], [t, b, ct, cb], allow_unused=True)
     assert concept_grads[:2] == (None, None) and concept_grads[2] is not None and concept_grads[3] is not None
+
+
+def test_scene_labels_keep_the_owner_of_a_phrase_that_names_no_object():
+    """--concept-labels scene: a caption without a phrase is its own phrase, with codes (-1, -1, -1) that describe
+    no object; its image still owns it (+1), and no other image holds it (-1)."""
+    owner = torch.tensor([0, 1, 1])
+    codes = torch.tensor([[0, 0, -1], [-1, -1, -1], [1, 1, -1]])  # (colour, shape, size): phrase 1 says nothing
+    objects = torch.tensor([[[0, 0, 0], [-1, -1, -1]], [[1, 1, 2], [0, 0, 1]]])  # image 1 also holds colour 0 shape 0
+    z = concept_labels(owner, 2, scene=(codes, objects))
+    assert z.tolist() == [[1, -1, -1], [1, 1, 1]]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CLIP, PRESETS, Attention, CLIPConfig, TextConfig, VisionConfig
+from model import CLIP, PRESETS, SIGLIP_TEXT, SIGLIP_VISION, Attention, CLIPConfig, TextConfig, VisionConfig
 
 SMALL = CLIPConfig(
     vision=VisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=4),
@@ -217,3 +217,92 @@ def test_torchscript_reader_runs_no_code_and_refuses_what_it_cannot_read(tmp_pat
         with pytest.raises(ValueError) as err:
             model.read_state_dict(archive)
         assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+# ----------------------------------------------------------------------------- every LayerNorm in its place
+
+SIGLIP_SMALL = CLIPConfig(
+    vision=VisionConfig(image_size=16, patch_size=4, width=32, layers=2, heads=4, **SIGLIP_VISION),
+    text=TextConfig(vocab_size=20, context_length=12, width=32, layers=2, heads=4, **SIGLIP_TEXT),
+    embed_dim=32,
+)
+
+
+def perturb_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Every LayerNorm moved off the identity, each its own way: at initialisation they are all the same function
+    (weight 1, bias 0), so one used in place of another would go unseen."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+    return model.eval()
+
+
+def block_by_hand(block, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The pre-norm residual block: ln_1 before the attention, ln_2 before the MLP."""
+    x = x + block.attn(block.ln_1(x), causal=causal)
+    return x + block.mlp(block.ln_2(x))
+
+
+def map_head_by_hand(head, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP's MAP head: the probe's attention per head over the tokens, heads side by side; then the output path,
+    out and a residual MLP on the head's own norm, for the pooled vector and for each value vector (the patches)."""
+    B, N, W = x.shape
+    h = head.heads
+    q = head.q(head.probe).view(h, W // h)  # (heads, W / heads)
+    k, v = head.kv(x).chunk(2, dim=-1)  # (B, N, W) each
+    weights = (torch.einsum("hd,bnhd->bhn", q, k.view(B, N, h, W // h)) / math.sqrt(W // h)).softmax(-1)
+    pooled = torch.einsum("bhn,bnhd->bhd", weights, v.view(B, N, h, W // h)).reshape(B, W)
+
+    def path(z):
+        z = head.out(z)
+        return z + head.mlp(head.norm(z))
+
+    return path(pooled), path(v)
+
+
+def vision_by_hand(v, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = v.patchify(images).flatten(2).transpose(1, 2)  # (B, N, W)
+    if v.pooling == "cls":
+        x = torch.cat([v.class_token.expand(len(x), 1, -1), x], 1)
+    x = v.ln_pre(x + v.positions)
+    for block in v.blocks:
+        x = block_by_hand(block, x, causal=False)
+    x = v.ln_post(x)
+    if v.pooling == "map":
+        pooled, patches = map_head_by_hand(v.head, x)
+    else:
+        pooled, patches = x[:, 0] @ v.proj, x[:, 1:] @ v.proj
+    return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
+
+
+def text_by_hand(t, tokens: torch.Tensor, read_at: list[int]) -> torch.Tensor:
+    x = t.token_embedding(tokens) + t.positions[: tokens.shape[1]]
+    for block in t.blocks:
+        x = block_by_hand(block, x, causal=t.causal)
+    x = t.ln_final(x)[torch.arange(len(x)), read_at] @ t.proj
+    return F.normalize(x if t.proj_bias is None else x + t.proj_bias, dim=-1)
+
+
+@pytest.mark.parametrize("cfg", [SMALL, SIGLIP_SMALL], ids=["clip", "siglip"])
+def test_every_layer_norm_is_applied_where_it_belongs(cfg):
+    """Each block's ln_1 and ln_2 (image and text towers), ln_pre, ln_post, ln_final and the MAP head's norm, with
+    every norm perturbed: the encoders against a forward pass written out with each norm named."""
+    torch.manual_seed(0)
+    model = perturb_norms(CLIP(cfg))
+    close = dict(atol=1e-5, rtol=1e-4)
+    for blocks, causal in ((model.visual.blocks, False), (model.text.blocks, cfg.text.causal)):
+        h = torch.randn(2, 5, 32)
+        for block in blocks:
+            assert not torch.allclose(block.ln_1(h), block.ln_2(h))  # a swap would show
+            torch.testing.assert_close(block(h, causal), block_by_hand(block, h, causal), **close)
+    images = torch.randn(2, 3, 16, 16)
+    for got, expect in zip(model.encode_image(images), vision_by_hand(model.visual, images)):
+        torch.testing.assert_close(got, expect, **close)
+    if cfg.text.pooling == "last":  # SigLIP: full rows padded with id 1, read at the last position
+        tokens, read_at = torch.tensor([[5, 6, 7] + [1] * 9, [8, 9, 10, 11, 12] + [1] * 7]), [11, 11]
+    else:
+        tokens, read_at = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 7, 8, 9, 10, 3]]), [3, 5]
+    torch.testing.assert_close(model.encode_text(tokens), text_by_hand(model.text, tokens, read_at), **close)

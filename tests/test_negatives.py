@@ -144,3 +144,7 @@ def test_negclip_loss_terms_score_the_batch_negatives():
     expect = negclip_loss(x, y, n, model.scale(), model.bias())
     torch.testing.assert_close(negclip["L_sig"], expect)
     assert negclip["L_sig"] > siglip["L_sig"]  # the negatives add terms, each positive
+    batch["has_negative"][1] = False  # as for a caption no rule applies to: its row is an empty text, never scored
+    _, masked = train.step_loss(model, batch, step_args("negclip"))
+    n = model.encode_text(batch["negatives"])[batch["has_negative"]]  # (5, D)
+    torch.testing.assert_close(masked["L_sig"], negclip_loss(x, y, n, model.scale(), model.bias()))

@@ -44,6 +44,13 @@ def test_at_least_one_warm_up_step():
     assert train.lr_factor(0, 10, 0.01) == 1.0 and train.lr_factor(1, 10, 0.01) == 1.0  # round(0.1) = 0 -> 1
 
 
+def test_a_warmup_of_1_or_more_counts_steps():
+    """--warmup below 1 is a fraction of the run, 1 or more a number of steps: --warmup 1 is one step at the peak
+    (not a warm-up over the whole run), --warmup 50 the paper's 50 steps."""
+    assert [train.lr_factor(s, 10, 1) for s in range(3)] == pytest.approx([1.0, 1.0, math.cos(math.pi / 2 / 9) ** 2])
+    assert [train.lr_factor(s, 100, 50) for s in (0, 49, 50)] == pytest.approx([1 / 50, 1.0, 1.0])
+
+
 @pytest.mark.parametrize(
     "steps,warmup", [(100, 0.05), (10, 0.0), (7, 0.3), (1, 0.05), (4, 0.5), (600, 0.05), (50, 0.05)]
 )

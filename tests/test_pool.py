@@ -64,3 +64,21 @@ def test_pooled_similarity_equals_the_materialised_form_in_value_and_gradient():
             (got * w).sum().backward()
             torch.testing.assert_close(c.grad, ref_grads[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(u.grad, ref_grads[1], atol=1e-5, rtol=1e-5)
+
+
+def test_chunks_stay_under_the_bound_and_are_recomputed_not_kept(monkeypatch):
+    """The memory promise of pooled_similarity: each chunk's (chunk, B, N) tensors hold at most max_elements, and
+    with several chunks under autograd none of them is kept for the backward pass (recomputed there instead)."""
+    import pool
+
+    K, B, N, D = 12, 3, 5, 8
+    c, u = F.normalize(torch.randn(K, D), dim=-1).requires_grad_(), F.normalize(torch.randn(B, N, D), dim=-1)
+    real, chunks = pool._similarity_chunk, []
+    monkeypatch.setattr(pool, "_similarity_chunk", lambda c, *rest: chunks.append(len(c)) or real(c, *rest))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        s = pooled_similarity(c, u, 0.5, max_elements=4 * B * N)  # three chunks of four phrases
+    assert chunks == [4, 4, 4] and s.shape == (K, B)
+    assert not [shape for shape in saved if len(shape) == 3 and shape[1:] == (B, N)], saved
+    s.sum().backward()
+    assert max(chunks) * B * N <= 4 * B * N and len(chunks) == 6  # the backward pass ran each chunk again

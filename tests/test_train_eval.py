@@ -26,6 +26,8 @@ def test_train_writes_checkpoint_and_log(tmp_path, method):
     assert state["step"] == 3 and state["args"]["method"] == method and state["tokenizer"]["vocab"][0] == "<pad>"
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3]
+    # t after one step at lr 5e-4 (warm-up): still CLIP's 1/0.07 for its softmax loss, SigLIP's 10 for the others
+    assert records[0]["scale"] == pytest.approx(1 / 0.07 if method == "clip" else 10.0, rel=0.01)
     terms = {
         "c2lip": {"L_sig", "L_npc", "L_xac"},
         "siglip": {"L_sig"},
