@@ -216,5 +216,5 @@ def test_scene_labels_keep_the_owner_of_a_phrase_that_names_no_object():
     owner = torch.tensor([0, 1, 1])
     codes = torch.tensor([[0, 0, -1], [-1, -1, -1], [1, 1, -1]])  # (colour, shape, size): phrase 1 says nothing
     objects = torch.tensor([[[0, 0, 0], [-1, -1, -1]], [[1, 1, 2], [0, 0, 1]]])  # image 1 also holds colour 0 shape 0
-    z = concept_labels(owner, 2, scene=(codes, objects))
+    z = concept_labels("scene", owner, 2, {"phrase_codes": codes, "objects": objects})
     assert z.tolist() == [[1, -1, -1], [1, 1, 1]]
