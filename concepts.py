@@ -16,7 +16,7 @@ Pipeline (the paper's "standard NLP software"):
 
 Bound: a caption longer than MAX_CAPTION_CHARS is cut (at a space) before it is tagged and chunked, and a
 failure of the tagger or chunker on one caption raises ConceptError, which the callers count as a skip of that
-caption (webdata.py, precompute_concepts.py): NLTK runs every regular expression under a wall-clock limit
+caption (sources/shards.py, sources/precompute.py): NLTK runs every regular expression under a wall-clock limit
 (nltk.redos, 5 s) and a 1 MB caption, scraped text pasted into an alt-text, runs past it.
 
 Departure: the authors' released code asks an LLM for the noun phrases of the main subjects; this file
@@ -40,47 +40,11 @@ from nltk.tokenize import TreebankWordTokenizer
 GRAMMAR = r"""NP: {<DT|PRP\$|CD>*(<JJ.*|VBN|VBG>|<NN.*><JJ.*>)*<NN.*>+(<POS><JJ.*|VBN|VBG>*<NN.*>+)?}"""
 
 # Head nouns that name a place in the frame or the picture itself rather than something in it.
-GENERIC = {
-    "left",
-    "right",
-    "top",
-    "bottom",
-    "side",
-    "sides",
-    "middle",
-    "center",
-    "centre",
-    "front",
-    "back",
-    "corner",
-    "edge",
-    "background",
-    "foreground",
-    "distance",
-    "image",
-    "images",
-    "photo",
-    "photos",
-    "picture",
-    "pictures",
-    "photograph",
-    "illustration",
-    "view",
-    "shot",
-    "close",
-    "closeup",
-    "stock",
-    "shape",
-    "shapes",
-    "object",
-    "objects",
-    "thing",
-    "things",
-    "something",
-    "lot",
-    "kind",
-    "type",
-}
+GENERIC = set(
+    "left right top bottom side sides middle center centre front back corner edge background foreground distance "
+    "image images photo photos picture pictures photograph illustration view shot close closeup stock "
+    "shape shapes object objects thing things something lot kind type".split()
+)
 ARTICLES = {"a", "an", "the", "one", "this", "that", "these", "those", "some"}
 TAGGER_DATA = "averaged_perceptron_tagger_eng"
 # Longer captions are cut before chunking. About 1,700 words: CC3M's alt-texts and DreamLIP's LLaVA captions

@@ -3,32 +3,29 @@
 Paper map (docs/paper.md, "Notation"): a batch holds B images with their captions y_i, and the concept
 phrases p_k of every caption (concepts.py), each owned by the image o(k) whose caption it came from:
 
-  images (B, C, H, W), captions (B, T), concepts (K, Tc), owner (K,), phrase_ids (K,)
-  and, for the NegCLIP-style baseline, negatives (B, Tn) and has_negative (B,) (Collate(negatives=True));
-  and, for the shapes world, its ground truth: objects (B, O, 3) and phrase_codes (K, 3) (shapes.object_codes)
+  images (B, C, H, W)    the pixels, normalised as the model's config says (NORMALISE)
+  captions (B, T)        token ids, right-padded
+  phrases (K, Tc)        every caption's phrases, one after another, each a short sequence of its own
+  owner (K,)             owner[k] = o(k), the image whose caption phrase k was cut from
 
-owner[k] = o(k). Phrases are tokenized as their own short sequences (never inside the caption) and padded
-among themselves. Where the samples come from is another file's concern: shapes.py (the synthetic world)
-and webdata.py (tar shards of CC3M).
+Phrases are tokenized as their own sequences (never inside the caption) and padded among themselves. A
+caption with no phrase is its own single phrase (the paper's rule), so every image owns at least one.
+Where the samples come from is the concern of sources/ (the shapes world, tar shards of CC3M); what the
+baselines and diagnostics add to a batch (hard negatives, the shapes world's truth) comes from `extras`.
 
 Tokenizers: models trained here from scratch use the lower-cased word-level tokenizer below, built from
 the training captions (the shapes world has a few dozen words, so the model stays tiny). Released weights
-bring their own tokenizer (released_tokenizers.py); all share one interface.
-
-Images: the pixel normalisation a model expects is named in its config (VisionConfig.normalise) and looked
-up in NORMALISE; eval_transform is CLIP's evaluation preprocessing.
+bring their own tokenizer (released/tokenizers.py); all share one interface.
 
 Departure: the paper's tokenizer is SigLIP's SentencePiece model; from scratch, a word vocabulary (a few
 dozen words for the shapes world, the most frequent words for CC3M) keeps models small.
 
-Dimension legend: B images, C=3 channels, H=W image side, T caption tokens, K concept phrases in the
-batch (all images together), Tc phrase tokens, Tn hard-negative tokens, O object slots per image.
+Dimension legend: B images, C=3 channels, S image side, T caption tokens, K concept phrases in the batch
+(all images together), Tc phrase tokens.
 """
 
 import functools
-import hashlib
 import io
-import random
 import re
 from collections import Counter
 
@@ -37,57 +34,34 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from concepts import normalise_phrase, phrases_or_caption
-from negatives import hard_negative, slot_words
+from concepts import phrases_or_caption
 
 # ----------------------------------------------------------------------------- collate
 
 
-def phrase_id(phrase: str) -> int:
-    """A stable signed 64-bit id of the normalised phrase."""
-    digest = hashlib.blake2b(normalise_phrase(phrase).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
 class Collate:
-    """Samples -> the batch the losses read. A class, not a closure, so DataLoader workers can pickle it.
+    """Samples {"image", "caption", "phrases"} -> the batch the losses read. A class, not a closure, so that
+    DataLoader workers can pickle it. `extras`: functions (samples, phrases, tokenizer) -> {name: tensor}
+    that add what a baseline or a diagnostic reads (baselines/negatives.py, baselines/losses.py,
+    sources/shapes.py), called here so that they too run in the DataLoader workers."""
 
-    negatives=True (--method negclip) adds one rule-made hard negative per caption (negatives.hard_negative),
-    here so that the tagging runs in the DataLoader workers: "negatives" (B, Tn) and "has_negative" (B,),
-    False where no rule applies (that row holds an empty text, never scored). Replacement words come from
-    the batch's own captions; each caption's draws are seeded by its text, so a batch's negatives do not
-    depend on which worker, or how many, made it (and a resumed run replays them)."""
-
-    def __init__(self, tokenizer, negatives: bool = False):
-        self.tokenizer, self.negatives = tokenizer, negatives
+    def __init__(self, tokenizer, extras=()):
+        self.tokenizer, self.extras = tokenizer, tuple(extras)
 
     def __call__(self, samples: list[dict]) -> dict:
         phrases, owner = [], []
         for i, s in enumerate(samples):
-            concepts = phrases_or_caption(s["concepts"], s["caption"])
-            phrases += concepts
-            owner += [i] * len(concepts)
-        # phrase_ids, for the `--concept-labels phrase` rule: equal ids for equal normalised phrases, in
-        # every process (a 64-bit digest, not Python's per-process hash()), so ranks can compare them
-        phrase_ids = [phrase_id(p) for p in phrases]
+            own = phrases_or_caption(s["phrases"], s["caption"])
+            phrases += own
+            owner += [i] * len(own)
         batch = {
-            "images": torch.stack([s["image"] for s in samples]),  # (B, C, H, W)
+            "images": torch.stack([s["image"] for s in samples]),  # (B, C, S, S)
             "captions": self.tokenizer([s["caption"] for s in samples]),  # (B, T)
-            "concepts": self.tokenizer(phrases),  # (K, Tc)
+            "phrases": self.tokenizer(phrases),  # (K, Tc)
             "owner": torch.tensor(owner),  # (K,)
-            "phrase_ids": torch.tensor(phrase_ids),  # (K,)
         }
-        if "objects" in samples[0]:  # the shapes world's truth (--concept-labels scene, the training diagnostics)
-            # a caption without phrases is its own phrase (phrases_or_caption), which names no single object
-            codes = [c for s in samples for c in (s["concept_codes"] if s["concepts"] else [(-1, -1, -1)])]
-            batch["objects"] = torch.stack([s["objects"] for s in samples])  # (B, O, 3)
-            batch["phrase_codes"] = torch.tensor(codes, dtype=torch.long).view(-1, 3)  # (K, 3)
-        if self.negatives:
-            captions = [s["caption"] for s in samples]
-            pool = slot_words(captions)
-            negatives = [hard_negative(c, random.Random(f"negative:{c}"), pool) for c in captions]
-            batch["negatives"] = self.tokenizer([n or "" for n in negatives])  # (B, Tn)
-            batch["has_negative"] = torch.tensor([n is not None for n in negatives])  # (B,)
+        for extra in self.extras:
+            batch |= extra(samples, phrases, self.tokenizer)
         return batch
 
 
@@ -167,9 +141,9 @@ NORMALISE = {"symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "clip": (CLIP_MEAN
 
 
 def image_to_tensor(img: Image.Image, normalise: str = "symmetric") -> torch.Tensor:
-    """PIL RGB -> (C, H, W) float, normalised with the named mean and std ("symmetric": in [-1, 1])."""
+    """PIL RGB -> (C, height, width) float, normalised with the named mean and std ("symmetric": in [-1, 1])."""
     mean, std = NORMALISE[normalise]
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255  # (C, H, W) in [0, 1]
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255  # (C, height, width) in [0, 1]
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
@@ -202,16 +176,3 @@ def load_image(source: str | bytes) -> Image.Image:
         if isinstance(source, bytes):
             raise OSError(f"cannot decode the image ({err})") from None
         raise OSError(f"{source}: cannot decode the image ({err})") from None
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Item i: transform(image file i), for the DataLoaders of the benchmarks in eval.py."""
-
-    def __init__(self, paths: list[str], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[index]))

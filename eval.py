@@ -12,15 +12,16 @@
   python eval.py --bench sugarcrepe zeroshot --data-dir sugarcrepe=sc/data zeroshot=imagenet/val ...
   python eval.py --show 3 --concepts "a red circle" "a tiny blue star" --ckpt A.pt B.pt --out attention.png
 
-Paper map: Section 4. `--bench shapes` (the default) is the shapes benchmark of shapes_eval.py: SugarCrepe's
-categories generated exactly on held-out scenes, retrieval and zero-shot; the real benchmarks (SugarCrepe,
-SugarCrepe++, zero-shot, retrieval) are read and scored by benchmarks.py on their official files; every
-metric is a pure function of scores (metrics.py) in which ties count against the model. A checkpoint is
-one of ours, OpenAI's CLIP release or an open_clip state dict (pretrained.load_weights), each evaluated
-with the tokenizer, image size and pixel normalisation it was trained with. `--show` draws, instead,
-where each phrase looks in an image: its pooling weights over the patches (pictures.py). `--download` fetches
-the official benchmark files into a cache folder first, and a released model can be named instead of a file
-(`openai/ViT-B-16`); both are download.py's.
+Paper map: Section 4. `--bench shapes` (the default) is the shapes benchmark (evaluation/shapes_benchmark.py):
+SugarCrepe's categories generated exactly on held-out scenes, retrieval and zero-shot; the real benchmarks
+(SugarCrepe, SugarCrepe++, zero-shot, retrieval) are read and scored on their official files
+(evaluation/benchmarks.py); every metric is a pure function of scores (evaluation/metrics.py) in which ties
+count against the model. A checkpoint is one of ours, OpenAI's CLIP release or an open_clip state dict
+(released/weights.py), each evaluated with the tokenizer, image size and pixel normalisation it was trained
+with. `--show` draws, instead, where each phrase looks in an image: its pooling weights over the patches
+(run/pictures.py). `--download` fetches the official benchmark files into a cache folder first, and a
+released model can be named instead of a file (`openai/ViT-B-16`): released/download.py. Evaluation records
+no autograd graph (torch.inference_mode).
 
 Departure: the paper reports the real benchmarks only; `--bench shapes` is the same protocol on a world
 where each category is generated exactly, with counts.
@@ -32,14 +33,14 @@ import os
 import torch
 from tqdm import tqdm
 
-import benchmarks
-from checkpoint import write_json
 from data import image_to_tensor
-from devices import add_device_flag, pick_device
-from pictures import attention_maps, attention_picture, show_image
-from pretrained import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
-from shapes import WORLDS, ShapesWorld
-from shapes_eval import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
+from evaluation import benchmarks
+from evaluation.shapes_benchmark import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
+from released.weights import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
+from run.checkpoint import write_json
+from run.devices import add_device_flag, pick_device
+from run.pictures import attention_maps, attention_picture, show_image
+from sources.shapes import WORLDS, ShapesWorld
 
 BENCHES = ["shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
 

@@ -15,18 +15,16 @@ C2LIP changes nothing here: its losses only need the patches in the joint space.
 One text transformer, causal and read at the end-of-text token (CLIP) or bidirectional and read at the
 last position (SigLIP). Presets name the combinations; inference is the plain forward pass.
 
-pretrained.py renames released weights onto these modules; what they need is a config option: activation
-(OpenAI's QuickGELU), LayerNorm eps, logit scale and bias, preprocessing (`normalise`, `resize`: data.py).
+released/convert.py renames released weights onto these modules; what they need is a config option:
+activation (OpenAI's QuickGELU), LayerNorm eps, t and b, preprocessing (`normalise`, `resize`: data.py).
 
-Departures from the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16):
-  - The CLIP text feature is read at an explicit end-of-text index, never by argmax over token ids.
-  - big_vision trained SigLIP with tanh-approximated GELU; open_clip's port (timm's ViT and its own text
-    transformer), which the paper fine-tuned, computes exact GELU. "siglip-B/16" and converted weights
-    follow open_clip; "gelu_tanh" is there for the original.
+Departures from the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16): the CLIP text feature
+is read at an explicit end-of-text index, never by argmax over token ids; t is clamped where it is read.
+SigLIP computes exact GELU, as open_clip's port that the paper fine-tuned ("gelu_tanh": big_vision's).
 
 Dimension legend:
-  B images (or texts) in a batch, C=3 colour channels, H=W image side, P patch side,
-  N = (H/P)^2 patches, T text tokens, W a transformer's width, D the joint embedding width.
+  B images (or texts) in a batch, C=3 colour channels, S image side, P patch side,
+  N = (S/P)^2 patches, T text tokens, W a transformer's width, D the joint embedding width.
 """
 
 import math
@@ -89,13 +87,13 @@ class CLIPConfig:
         return CLIPConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
 
-# What makes the towers SigLIP's, whatever their size (pretrained.py configures converted weights with it); the
-# text is padded with T5's end token, id 1.
+# What makes the towers SigLIP's, whatever their size (released/convert.py configures converted weights with
+# it); the text is padded with T5's end token, id 1.
 SIGLIP_VISION = dict(pooling="map", eps=1e-6, resize="squash")
 SIGLIP_TEXT = dict(pad_id=1, causal=False, pooling="last", eps=1e-6, proj_bias=True)
 
 PRESETS = {
-    # About 2.5M parameters: trains on the shapes world on a laptop CPU in minutes.
+    # 2.4M parameters (with the shapes world's 40 words): trains on a laptop CPU in minutes.
     "tiny": CLIPConfig(),
     "small": CLIPConfig(
         vision=VisionConfig(image_size=64, patch_size=8, width=256, layers=8, heads=8),
@@ -186,12 +184,9 @@ class AttentionPool(nn.Module):
     (its own q and kv projections), then an output projection and a residual MLP on the LayerNorm of the
     result; no projection after it (the joint width is the ViT's).
 
-    Patch tokens u (for the pooled concept loss) are the authors' choice: each patch's value vector (the v
-    half of kv, heads merged back to width W) through the same output path, u_j = out(v_j) +
-    mlp(norm(out(v_j))): the pooled output if every head attended to patch j alone. A choice, because
-    nothing in the head maps a single token to the pooled space: the pooled output is the path applied to
-    a mix of values weighted differently in each head, and the path is not linear (LayerNorm, MLP), so it
-    is not the mix of the u_j, and SigLIP was never trained to make the u_j meaningful."""
+    Patch tokens u (for L_xac) are the authors' choice: each patch's value vector (heads merged back to
+    width W) through the same output path, u_j = out(v_j) + mlp(norm(out(v_j))): the pooled output if
+    every head attended to patch j alone (docs/pretrained.md says why this is a choice)."""
 
     def __init__(self, width: int, heads: int, activation: str, eps: float):
         super().__init__()
@@ -230,31 +225,33 @@ class VisionTransformer(nn.Module):
         if cfg.pooling == "map" and embed_dim != cfg.width:
             raise ValueError(f"the MAP head has no projection: embed_dim {embed_dim} must equal the width {cfg.width}")
         self.pooling = cfg.pooling
-        cls = cfg.pooling == "cls"
+        has_class_token = cfg.pooling == "cls"
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         scale = cfg.width**-0.5
         # A convolution with stride = kernel = P is a linear map applied to each P x P patch.
-        self.patchify = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=not cls)
-        if cls:
+        self.patchify = nn.Conv2d(
+            3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=not has_class_token
+        )
+        if has_class_token:
             self.class_token = nn.Parameter(scale * torch.randn(cfg.width))
-        self.positions = nn.Parameter(scale * torch.randn(n_patches + cls, cfg.width))
-        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cls else nn.Identity()
+        self.positions = nn.Parameter(scale * torch.randn(n_patches + has_class_token, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if has_class_token else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.activation, cfg.eps) for _ in range(cfg.layers))
         self.grad_checkpointing = False
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        if cls:
+        if has_class_token:
             self.proj = nn.Parameter(scale * torch.randn(cfg.width, embed_dim))
         else:
             self.head = AttentionPool(cfg.width, cfg.heads, cfg.activation, cfg.eps)
 
     def forward(self, images: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images (B, C, H, W) -> (image embedding (B, D), patch embeddings (B, N, D)), not normalised.
+        """images (B, C, S, S) -> (image embedding (B, D), patch embeddings (B, N, D)), not normalised.
         patches=False may skip the patch embeddings (None) where they cost compute (the MAP head)."""
-        x = self.patchify(images)  # (B, W, H/P, W/P)
+        x = self.patchify(images)  # (B, W, S/P, S/P)
         x = x.flatten(2).transpose(1, 2)  # (B, N, W)
         if self.pooling == "cls":
-            cls = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, W)
-            x = torch.cat([cls, x], dim=1)  # (B, 1 + N, W)
+            token = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, W)
+            x = torch.cat([token, x], dim=1)  # (B, 1 + N, W)
         x = self.ln_pre(x + self.positions)
         x = run_blocks(self.blocks, x, causal=False, recompute=self.grad_checkpointing and self.training)
         x = self.ln_post(x)
@@ -298,13 +295,9 @@ class TextTransformer(nn.Module):
             x = x[:, -1]  # (B, W)
         else:
             # Why the end-of-text token carries the text: under the causal mask it is the first position
-            # that has seen every word. Padding only ever follows it, so the causal mask also keeps the
-            # padding out of it and no padding mask is needed. Its index is that of the last non-pad token.
-            # (OpenAI's code takes argmax(token id), which only works because the end token happens to
-            # have the largest id in its vocabulary.) Not "number of non-pad tokens - 1": CLIP's BPE pads
-            # with id 0, but id 0 is also a real token, a "!" that did not merge with what follows it
-            # ("wow!$5" -> "wow", "!", "$</w>", "5</w>"), so counting would land before the end token. Both
-            # readings agree for the word tokenizer, which reserves id 0 for padding.
+            # that has seen every word, and padding only follows it. Its index is that of the last non-pad
+            # token: not argmax(token id) as in OpenAI's code, nor a count of non-pad tokens, which CLIP's
+            # BPE would get wrong (docs/paper.md, "Reading the text at its end token").
             positions = torch.arange(T, device=tokens.device)
             eot = (positions * (tokens != self.pad_id)).amax(dim=1)  # (B,)
             x = x[torch.arange(B, device=x.device), eot]  # (B, W)
@@ -326,7 +319,7 @@ class CLIP(nn.Module):
             self.concept_logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def encode_image(self, images: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """images (B, C, H, W) -> (x: (B, D), u: (B, N, D), or None if not patches), both L2-normalised."""
+        """images (B, C, S, S) -> (x: (B, D), u: (B, N, D), or None if not patches), both L2-normalised."""
         image, patch = self.visual(images, patches)
         return F.normalize(image, dim=-1), None if patch is None else F.normalize(patch, dim=-1)
 
@@ -335,19 +328,20 @@ class CLIP(nn.Module):
         return F.normalize(self.text(tokens), dim=-1)
 
     def forward(
-        self, images: torch.Tensor, texts: torch.Tensor, extra_texts: torch.Tensor | None = None, patches: bool = True
+        self, images: torch.Tensor, captions: torch.Tensor, phrases: torch.Tensor | None = None, patches: bool = True
     ):
         """Every embedding the losses need, in one call (DistributedDataParallel syncs gradients only
-        through forward): x (B, D), u (B, N, D) (None is allowed with patches=False), y (B, D), and the
-        embeddings (K, D) of extra_texts, a second batch of texts through the same encoder (the concept
-        phrases of C2LIP, or the hard negatives of --method negclip), or None."""
+        through forward): x (B, D), u (B, N, D) (None is allowed with patches=False), y (B, D), and c (K, D),
+        the embeddings of `phrases` (K, Tc) through the same text encoder, or None. (The NegCLIP baseline
+        passes its hard negatives as the second batch of texts.)"""
         image_emb, patch_emb = self.encode_image(images, patches)
         # Phrases run through the text encoder as their own short sequences, never inside the caption.
-        extra_emb = self.encode_text(extra_texts) if extra_texts is not None else None
-        return image_emb, patch_emb, self.encode_text(texts), extra_emb
+        phrase_emb = self.encode_text(phrases) if phrases is not None else None
+        return image_emb, patch_emb, self.encode_text(captions), phrase_emb
 
     def scale(self) -> torch.Tensor:
-        """t = exp(logit_scale), clamped at 100 as in CLIP."""
+        """t = exp(logit_scale), clamped at 100 as in CLIP: here, where t is read (the authors' code clamps
+        logit_scale after each optimizer step instead; docs/paper.md)."""
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     def bias(self) -> torch.Tensor:

@@ -18,11 +18,11 @@ Two forms of the same computation:
                      With w_ik = sum_j a_ijk u_ij and G_i = U_i U_i^T the (N, N) Gram matrix of image i:
                          w_ik . c_k = sum_j a_ijk (u_ij . c_k)        (the attention logits, reused)
                          |w_ik|^2   = a_ik^T G_i a_ik
-                     so s_ik = (w_ik . c_k) / |w_ik| costs K B N^2 instead of K B N D operations, and
-                     memory (K, B, N). Phrases are processed in chunks so that (chunk, B, N) stays under
-                     `max_elements`; when there are several chunks, each is recomputed in the backward
-                     pass (activation checkpointing) instead of being kept, which bounds peak memory by one
-                     chunk rather than all of them.
+                     The attention logits u_ij . c_k cost K B N D in both forms; what changes is the rest:
+                     K B N^2 for the norms instead of K B N D for the weighted sums, and memory (K, B, N)
+                     instead of (K, B, D). Phrases are processed in chunks so that (chunk, B, N) stays under
+                     `max_elements`; with several chunks, each is recomputed in the backward pass
+                     (activation checkpointing), which bounds peak memory by one chunk.
 
 Departure: none in the formula. The authors' code loops over phrases in Python and has no temperature
 (tau = 1); this scores all K x B pairs at once and exposes tau. With unit vectors and tau = 1 the logits
@@ -39,40 +39,40 @@ from torch.utils.checkpoint import checkpoint
 MAX_ELEMENTS = 1 << 25  # (chunk, B, N) floats per intermediate: 128 MB in fp32
 
 
-def pooling_weights(concept_emb: torch.Tensor, patch_emb: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """concept_emb (K, D), patch_emb (B, N, D) -> a (K, B, N): each row a softmax over the N patches."""
-    logits = torch.einsum("kd,bnd->kbn", concept_emb, patch_emb) / tau  # (K, B, N)
+def pooling_weights(phrase_emb: torch.Tensor, patch_emb: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """phrase_emb (K, D), patch_emb (B, N, D) -> a (K, B, N): each row a softmax over the N patches."""
+    logits = torch.einsum("kd,bnd->kbn", phrase_emb, patch_emb) / tau  # (K, B, N)
     return logits.softmax(dim=-1)
 
 
-def cross_modal_pool(concept_emb: torch.Tensor, patch_emb: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
-    """concept_emb (K, D), patch_emb (B, N, D) -> v (K, B, D), L2-normalised: image i pooled by phrase k."""
-    weights = pooling_weights(concept_emb, patch_emb, tau)  # (K, B, N)
+def cross_modal_pool(phrase_emb: torch.Tensor, patch_emb: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """phrase_emb (K, D), patch_emb (B, N, D) -> v (K, B, D), L2-normalised: image i pooled by phrase k."""
+    weights = pooling_weights(phrase_emb, patch_emb, tau)  # (K, B, N)
     pooled = torch.einsum("kbn,bnd->kbd", weights, patch_emb)  # (K, B, D)
     return F.normalize(pooled, dim=-1)
 
 
-def _similarity_chunk(concept_emb, patch_emb, gram, tau: float) -> torch.Tensor:
-    sim = torch.einsum("kd,bnd->kbn", concept_emb, patch_emb)  # (k, B, N): u_ij . c_k
+def _similarity_chunk(phrase_emb, patch_emb, gram, tau: float) -> torch.Tensor:
+    sim = torch.einsum("kd,bnd->kbn", phrase_emb, patch_emb)  # (k, B, N): u_ij . c_k
     weights = (sim / tau).softmax(dim=-1)  # (k, B, N)
     dot = (weights * sim).sum(-1)  # (k, B): w_ik . c_k
     sq_norm = (torch.einsum("kbn,bnm->kbm", weights, gram) * weights).sum(-1)  # (k, B): |w_ik|^2
     return dot / sq_norm.clamp_min(1e-24).sqrt()  # F.normalize's eps, squared
 
 
-def pooled_similarity(concept_emb, patch_emb, tau: float = 1.0, max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
-    """concept_emb (K, D), patch_emb (B, N, D) -> s (K, B) = v_ik . c_k, equal to
+def pooled_similarity(phrase_emb, patch_emb, tau: float = 1.0, max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
+    """phrase_emb (K, D), patch_emb (B, N, D) -> s (K, B) = v_ik . c_k, equal to
     (cross_modal_pool(c, u, tau) * c[:, None]).sum(-1) without building the (K, B, D) tensor."""
     B, N, _ = patch_emb.shape
     gram = patch_emb @ patch_emb.transpose(1, 2)  # (B, N, N): u_ij . u_il
     chunk = max(1, max_elements // (B * N))
-    if len(concept_emb) <= chunk:
-        return _similarity_chunk(concept_emb, patch_emb, gram, tau)
+    if len(phrase_emb) <= chunk:
+        return _similarity_chunk(phrase_emb, patch_emb, gram, tau)
     recompute = torch.is_grad_enabled()
     parts = [
         checkpoint(_similarity_chunk, c, patch_emb, gram, tau, use_reentrant=False)
         if recompute
         else _similarity_chunk(c, patch_emb, gram, tau)
-        for c in concept_emb.split(chunk)
+        for c in phrase_emb.split(chunk)
     ]
     return torch.cat(parts)  # (K, B)

@@ -1,12 +1,12 @@
 """Gradient accumulation (train.py --accum-freq): peak memory and step time of K micro-batches against one
 batch of the same total size.
 
-  python bench/accumulation.py --threads 1          # tiny model, CPU: 128 images as 1, 2, 4 and 8 micro-batches
-  python bench/accumulation.py --device cuda --model B/16 --batch-size 256   # on a GPU, bf16 (not yet run)
+  python -m bench.accumulation --threads 1          # tiny model, CPU: 128 images as 1, 2, 4 and 8 micro-batches
+  python -m bench.accumulation --device cuda --model B/16 --batch-size 256   # on a GPU, bf16 (not yet run)
 
 Every configuration trains the same model on the same images (one shapes-world batch, collated as K
 micro-batches as train.py's loader does) with the same loss: K = 1 is train.py's plain step
-(objective.loss_terms), K > 1 is objective.accumulated_step, whose gradient is that of the whole batch.
+(bench/common.py), K > 1 is run/scale.accumulated_step, whose gradient is that of the whole batch.
 K = 1 must fit in memory too: --batch-size is the largest batch the device takes in one piece.
 
 Time: one optimizer step each (forward, backward, AdamW), the configurations taking turns step by step
@@ -31,12 +31,14 @@ from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import Collate, WordTokenizer  # noqa: E402
-from devices import autocast_dtype, pick_device  # noqa: E402
-from model import CLIP, PRESETS  # noqa: E402
-from objective import METHODS, Objective, accumulated_step, loss_terms  # noqa: E402
-from shapes import ShapesDataset, ShapesWorld  # noqa: E402
+from bench.common import METHODS, embed, loss_of, step_loss
+from data import Collate, WordTokenizer
+from model import CLIP, PRESETS
+from run.devices import autocast_dtype, pick_device
+from run.scale import accumulated_step
+from sources.shapes import ShapesDataset, ShapesWorld
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python -m bench.accumulation runs here
 
 
 def setup(args, device):
@@ -46,24 +48,23 @@ def setup(args, device):
     data = ShapesDataset(ShapesWorld(image_size=cfg.vision.image_size), seed=0, split="train", length=args.batch_size)
     samples = [data[i] for i in range(len(data))]
     tokenizer = WordTokenizer.build([s["caption"] for s in samples], cfg.text.context_length)
-    collate = Collate(tokenizer, negatives=args.method == "negclip")
+    collate = Collate(tokenizer)
     splits = {}
     for k in args.accum:
         size = args.batch_size // k
         parts = [collate(samples[j * size : (j + 1) * size]) for j in range(k)]
         splits[k] = [{name: v.to(device) for name, v in part.items()} for part in parts]
     cfg = replace(cfg, text=replace(cfg.text, vocab_size=len(tokenizer)))
-    cfg = replace(cfg, init_logit_bias=None) if args.method == "clip" else cfg
     warm = {name: v.to(device) for name, v in collate(samples[:2]).items()}
     return cfg, splits, warm
 
 
-def train_step(model, micro_batches, objective, dtype):
+def train_step(model, micro_batches, method, dtype):
     """One step's loss and gradient, as train.py takes it."""
     if len(micro_batches) > 1:
-        return accumulated_step(model, micro_batches, objective, dtype)[0]
+        return accumulated_step(model, micro_batches, embed, loss_of, method, dtype)[0]
     with torch.autocast(micro_batches[0]["images"].device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = loss_terms(model, micro_batches[0], objective)[0]
+        loss = step_loss(model, micro_batches[0], method)[0]
     loss.backward()
     return loss.detach()
 
@@ -75,18 +76,18 @@ def new_model(args, cfg, device):
     return model
 
 
-def peak_extra_bytes(args, cfg, micro_batches, warm, objective, dtype, device) -> int:
+def peak_extra_bytes(args, cfg, micro_batches, warm, method, dtype, device) -> int:
     """Peak memory of one forward + backward beyond what the model and the batch already hold."""
     model = new_model(args, cfg, device)
     # A first step on two images pages in the code of every kernel the step runs (on CPU, over 100 MB of
     # RSS that the first step of any size pays once), so that the figure counts tensors only.
-    train_step(model, [warm] * min(2, len(micro_batches)), objective, dtype)
+    train_step(model, [warm] * min(2, len(micro_batches)), method, dtype)
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        train_step(model, micro_batches, objective, dtype)
+        train_step(model, micro_batches, method, dtype)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     # The peak resident set of this process's memory map (VmHWM), reset first where Linux allows it, so that
@@ -98,7 +99,7 @@ def peak_extra_bytes(args, cfg, micro_batches, warm, objective, dtype, device) -
     except OSError:
         pass
     base = status_bytes("VmRSS")
-    train_step(model, micro_batches, objective, dtype)
+    train_step(model, micro_batches, method, dtype)
     return status_bytes("VmHWM") - base
 
 
@@ -112,7 +113,11 @@ def memory_in_subprocess(k: int) -> int:
     """Runs this script again with --memory-child K: a fresh process whose peak holds one configuration only."""
     argv = [a for a in sys.argv[1:] if a != "--skip-memory"]
     child = subprocess.run(
-        [sys.executable, __file__, *argv, "--memory-child", str(k)], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "bench.accumulation", *argv, "--memory-child", str(k)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     return json.loads(child.stdout.strip().splitlines()[-1])["extra_bytes"]
 
@@ -141,10 +146,10 @@ def main():
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = autocast_dtype(args.precision, device)
-    objective = Objective(args.method)
+    method = args.method  # c2lip or siglip, as train.py --method
     cfg, splits, warm = setup(args, device)
     if args.memory_child is not None:
-        extra = peak_extra_bytes(args, cfg, splits[args.memory_child], warm, objective, dtype, device)
+        extra = peak_extra_bytes(args, cfg, splits[args.memory_child], warm, method, dtype, device)
         print(json.dumps({"extra_bytes": extra}))
         return
 
@@ -158,7 +163,7 @@ def main():
         for k, (model, opt) in runs.items():
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            train_step(model, splits[k], objective, dtype)
+            train_step(model, splits[k], method, dtype)
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -171,7 +176,7 @@ def main():
     if not args.skip_memory:
         for k in args.accum:
             if device.type == "cuda":
-                memory[k] = peak_extra_bytes(args, cfg, splits[k], warm, objective, dtype, device)
+                memory[k] = peak_extra_bytes(args, cfg, splits[k], warm, method, dtype, device)
             else:
                 memory[k] = memory_in_subprocess(k)
 

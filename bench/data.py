@@ -1,6 +1,6 @@
 """Does the shapes loader keep up with training? Samples/s of the generator against the training step.
 
-  python bench/data.py            # one process: render + caption + NLTK concepts, vs a c2lip step
+  python -m bench.data            # one process: render + caption + NLTK concepts, vs a c2lip step
 
 Measured in one run: the time to produce a batch (rendering, captions, NLTK chunking of every caption,
 collate) in one process, and the time of one training step of the tiny model on that batch. A ratio
@@ -8,19 +8,16 @@ above 1 means one loader process outruns the model.
 """
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from concepts import _extract_cached  # noqa: E402
-from data import Collate, WordTokenizer  # noqa: E402
-from model import CLIP, PRESETS  # noqa: E402
-from objective import Objective, loss_terms  # noqa: E402
-from shapes import ShapesDataset, ShapesWorld  # noqa: E402
+from bench.common import step_loss
+from concepts import _extract_cached
+from data import Collate, WordTokenizer
+from model import CLIP, PRESETS
+from sources.shapes import ShapesDataset, ShapesWorld
 
 
 def main():
@@ -48,11 +45,10 @@ def main():
     cfg = PRESETS["tiny"]
     model = CLIP(replace(cfg, text=replace(cfg.text, vocab_size=len(tokenizer))))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss_args = Objective("c2lip")
     for i in range(args.batches + 1):  # the first step is a warm-up
         if i == 1:
             t0 = time.perf_counter()
-        loss = loss_terms(model, batch, loss_args)[0]
+        loss = step_loss(model, batch, "c2lip")[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,9 +1,9 @@
 """The pooled concept loss (XAC): our batched form against the per-phrase loop of the authors' design.
 
-  python bench/pool.py                 # B 96, K 300, N 196, D 768 on CPU, then peak memory at the paper's size
-  python bench/pool.py --json pool.json --skip-memory
+  python -m bench.pool                 # B 96, K 300, N 196, D 768 on CPU, then peak memory at the paper's size
+  python -m bench.pool --json pool.json --skip-memory
 
-Speed: forward + backward of losses.pooled_concept_loss against a loop that, like the authors' code,
+Speed: forward + backward of losses.xac_loss against a loop that, like the authors' code,
 takes one phrase at a time and attends over all images' patches (written here from paper.md's
 description), on the same inputs, interleaved, in one run. The two losses and gradients must agree.
 
@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from losses import concept_labels, pooled_concept_loss, sigmoid_loss  # noqa: E402
+from losses import owner_labels, sigmoid_loss, xac_loss
 
 
 def per_phrase_loop(patch_emb, concept_emb, owner, scale, bias, tau=1.0):
@@ -35,7 +34,12 @@ def per_phrase_loop(patch_emb, concept_emb, owner, scale, bias, tau=1.0):
         pooled = F.normalize((weights[:, :, None] * patch_emb).sum(1), dim=-1)  # (B, D)
         scores.append(pooled @ c)  # (B,)
     logits = scale * torch.stack(scores, dim=1) + bias  # (B, K)
-    return sigmoid_loss(logits, concept_labels(owner, len(patch_emb)), len(concept_emb))
+    return sigmoid_loss(logits, owner_labels(owner, len(patch_emb)), len(concept_emb))
+
+
+def batched(patch_emb, phrase_emb, owner, scale, bias, tau=1.0):
+    """XAC as losses.py computes it: every (phrase, image) pair at once (pool.pooled_similarity)."""
+    return xac_loss(patch_emb, phrase_emb, owner_labels(owner, len(patch_emb)), scale, bias, tau)
 
 
 def inputs(B, K, N, D, device, seed=0):
@@ -67,7 +71,7 @@ def peak_memory_child(B, K, N, D):
     # the peak after the backward pass is at least this, so the difference never undercounts
     base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     t0 = time.perf_counter()
-    pooled_concept_loss(u, c, owner, torch.tensor(10.0), torch.tensor(-10.0)).backward()
+    batched(u, c, owner, torch.tensor(10.0), torch.tensor(-10.0)).backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"extra_bytes": peak - base, "seconds": time.perf_counter() - t0}))
 
@@ -99,7 +103,7 @@ def main():
         return peak_memory_child(*args.paper_size)
 
     u, c, owner = inputs(*args.size, "cpu")
-    ours = time_fwd_bwd(pooled_concept_loss, u, c, owner, args.repeats)
+    ours = time_fwd_bwd(batched, u, c, owner, args.repeats)
     loop = time_fwd_bwd(per_phrase_loop, u, c, owner, args.repeats)
     result = {
         "size": dict(zip("BKND", args.size)),
@@ -120,7 +124,8 @@ def main():
 
     if not args.skip_memory:
         child = subprocess.run(
-            [sys.executable, __file__, "--memory-child", "--paper-size", *map(str, args.paper_size)],
+            [sys.executable, "-m", "bench.pool", "--memory-child", "--paper-size", *map(str, args.paper_size)],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # the root, where bench/ is a package
             capture_output=True,
             text=True,
             check=True,

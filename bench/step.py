@@ -1,9 +1,9 @@
 """Time one training step (forward + backward + AdamW) side by side, in one process.
 
-  python bench/step.py                              # tiny model, batch 128: fp32 vs bf16, siglip vs c2lip
-  python bench/step.py --model small --batch-size 64 --json step.json
-  python bench/step.py --open-clip --batch-size 8   # our B/16 against open_clip's ViT-B-16, fp32
-  python bench/step.py --open-clip-siglip --batch-size 8 --steps 3 --warmup 1   # SigLIP B/16, the paper's backbone
+  python -m bench.step                              # tiny model, batch 128: fp32 vs bf16, siglip vs c2lip
+  python -m bench.step --model small --batch-size 64 --json step.json
+  python -m bench.step --open-clip --batch-size 8   # our B/16 against open_clip's ViT-B-16, fp32
+  python -m bench.step --open-clip-siglip --batch-size 8 --steps 3 --warmup 1   # SigLIP B/16, the paper's backbone
 
 Runs take turns step by step (`--warmup` untimed steps, then `--steps` timed ones each), so a noisy
 machine slows every configuration alike. Read the ratios, not the absolute seconds.
@@ -17,20 +17,17 @@ them, as train.py does for the baselines).
 
 import argparse
 import json
-import os
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import Collate, WordTokenizer  # noqa: E402
-from devices import pick_device  # noqa: E402
-from losses import siglip_loss  # noqa: E402
-from model import CLIP, PRESETS  # noqa: E402
-from objective import Objective, loss_terms  # noqa: E402
-from shapes import ShapesDataset, ShapesWorld  # noqa: E402
+from bench.common import step_loss
+from data import Collate, WordTokenizer
+from losses import sig_loss
+from model import CLIP, PRESETS
+from run.devices import pick_device
+from sources.shapes import ShapesDataset, ShapesWorld
 
 
 def interleaved_timing(runs: dict, args, device) -> dict[str, float]:
@@ -61,11 +58,10 @@ def methods_and_precisions(args, device) -> dict:
     def make_run(method: str, dtype: torch.dtype):
         torch.manual_seed(0)
         model = CLIP(cfg).to(device)
-        loss_args = Objective(method)
 
         def loss_fn():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return loss_terms(model, batch, loss_args)[0]
+                return step_loss(model, batch, method)[0]
 
         return loss_fn, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -114,10 +110,10 @@ def against_open_clip(args, device, pair: str) -> dict:
     theirs = open_clip.create_model(name, pretrained=None).to(device)
 
     def ours_loss():
-        return siglip_loss(ours.encode_image(images, patches=False)[0], ours.encode_text(texts), t, b)
+        return sig_loss(ours.encode_image(images, patches=False)[0], ours.encode_text(texts), t, b)
 
     def theirs_loss():
-        return siglip_loss(theirs.encode_image(images, normalize=True), theirs.encode_text(texts, normalize=True), t, b)
+        return sig_loss(theirs.encode_image(images, normalize=True), theirs.encode_text(texts, normalize=True), t, b)
 
     names = (f"ours {preset}", f"open_clip {name}")
     runs = {

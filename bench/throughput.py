@@ -1,7 +1,7 @@
 """Training throughput (images/s) and model FLOPs utilisation, eager against torch.compile.
 
-  python bench/throughput.py --model B/16 --batch-size 128 --method c2lip      # on a GPU: bf16 autocast
-  python bench/throughput.py --model tiny --batch-size 32 --steps 3 --device cpu --no-compile   # smoke test
+  python -m bench.throughput --model B/16 --batch-size 128 --method c2lip      # on a GPU: bf16 autocast
+  python -m bench.throughput --model tiny --batch-size 32 --steps 3 --device cpu --no-compile   # smoke test
 
 FLOPs per image follow the usual 6 x parameters x tokens rule for a training step (2 forward, 4 backward):
 the ViT's parameters times its N + 1 tokens plus the text encoder's parameters times the caption length
@@ -10,24 +10,21 @@ the dense bf16 peak of an H100/H200 SXM). The loss is the real C2LIP loss of tra
 """
 
 import argparse
-import os
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from devices import autocast_dtype, pick_device  # noqa: E402
-from model import CLIP, PRESETS  # noqa: E402
-from objective import Objective, loss_terms  # noqa: E402
+from bench.common import METHODS, step_loss
+from model import CLIP, PRESETS
+from run.devices import autocast_dtype, pick_device
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="B/16", choices=list(PRESETS), help="model preset")
     p.add_argument("--batch-size", type=int, default=128, help="images per step")
-    p.add_argument("--method", default="c2lip", choices=["c2lip", "siglip"], help="loss")
+    p.add_argument("--method", default="c2lip", choices=METHODS, help="loss")
     p.add_argument("--phrases", type=int, default=4, help="concept phrases per image (c2lip)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps (compilation happens here)")
@@ -45,11 +42,9 @@ def main():
     batch = {
         "images": torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size, device=device),
         "captions": torch.randint(4, 49000, (B, T), device=device),
-        "concepts": torch.randint(4, 49000, (K, Tc), device=device),
+        "phrases": torch.randint(4, 49000, (K, Tc), device=device),
         "owner": torch.arange(B, device=device).repeat_interleave(args.phrases),
-        "phrase_ids": torch.arange(K, device=device),
     }
-    loss_args = Objective(args.method)
 
     model = CLIP(cfg).to(device)
     n_vision = sum(p.numel() for p in model.visual.parameters())
@@ -73,7 +68,7 @@ def main():
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = loss_terms(net, batch, loss_args)[0]
+                loss = step_loss(net, batch, args.method)[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

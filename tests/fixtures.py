@@ -10,9 +10,9 @@ import tarfile
 import torch
 from PIL import Image
 
-from checkpoint import save_checkpoint
 from data import WordTokenizer
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from run.checkpoint import save_checkpoint
 
 COLOURS = [(200, 30, 30), (30, 160, 60), (40, 70, 220), (230, 210, 40), (240, 240, 240), (20, 20, 20)]
 
@@ -255,3 +255,10 @@ def crash_after_first_checkpoint(monkeypatch, argv: list[str]) -> None:
         m.setattr(train, "save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             train.main(argv)
+
+
+def step_args(method: str = "c2lip", *flags: str):
+    """train.py's flags for one step of `method` (its defaults, then `flags`), as train.step_loss reads them."""
+    import train  # here, not at the top: the fixtures also serve tests that never train
+
+    return train.get_parser().parse_args(["--method", method, *flags])

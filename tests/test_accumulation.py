@@ -1,4 +1,4 @@
-"""Gradient accumulation that keeps every negative (objective.accumulated_step, train.py --accum-freq): K
+"""Gradient accumulation that keeps every negative (run/scale.accumulated_step, train.py --accum-freq): K
 micro-batches must give the loss and the gradient of one pass over the whole batch, on one process and
 under two gloo processes, and train.py must train and resume with it."""
 
@@ -14,24 +14,28 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import train
+from baselines.losses import phrase_ids
+from baselines.negatives import hard_negatives
 from data import Collate, WordTokenizer
-from fixtures import crash_after_first_checkpoint, write_cc3m
+from fixtures import crash_after_first_checkpoint, step_args, write_cc3m
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from objective import Objective, accumulated_step, loss_terms, objective_loss
-from shapes import ShapesDataset, ShapesWorld
+from run.scale import accumulated_step
+from sources.shapes import ShapesDataset, ShapesWorld
 
 CFG = CLIPConfig(
     vision=VisionConfig(image_size=64, patch_size=16, width=32, layers=1, heads=2),
     text=TextConfig(vocab_size=64, context_length=48, width=32, layers=1, heads=2),
     embed_dim=16,
 )
-# c2lip with every option the cache must carry: patches (pool weight), phrase ids, the concept losses' own t, b
+# c2lip with every option the cache must carry: patches (L_xac's weight), phrase ids, the concept losses' own t, b
+C2LIP = ["--npc-weight", "1.0", "--xac-weight", "0.5", "--tau", "0.5", "--concept-labels", "phrase"]
 CASES = {
-    "c2lip": (replace(CFG, concept_logits=True), Objective("c2lip", 1.0, 0.5, 0.5, "phrase")),
-    "siglip": (CFG, Objective("siglip")),
-    "negclip": (CFG, Objective("negclip")),
-    "clip": (replace(CFG, init_logit_bias=None), Objective("clip")),
+    "c2lip": (replace(CFG, concept_logits=True), step_args("c2lip", *C2LIP)),
+    "siglip": (CFG, step_args("siglip")),
+    "negclip": (CFG, step_args("negclip")),
+    "clip": (replace(CFG, init_logit_bias=None), step_args("clip")),
 }
+EXTRAS = {"c2lip": [phrase_ids], "negclip": [hard_negatives]}  # the collate extras those flags ask for
 
 
 SHAPES = ShapesWorld()
@@ -42,7 +46,7 @@ def micro_batches(method: str, k: int, size: int, first: int = 0) -> list[dict]:
     """K micro-batches of `size` scenes from scene `first` on, each collated on its own as train.py's loader does."""
     data = ShapesDataset(SHAPES, seed=0, split="train", length=first + k * size)
     samples = [data[i] for i in range(first, first + k * size)]
-    collate = Collate(TOKENIZER, negatives=method == "negclip")
+    collate = Collate(TOKENIZER, EXTRAS.get(method, ()))
     return [collate(samples[j * size : (j + 1) * size]) for j in range(k)]
 
 
@@ -51,7 +55,7 @@ def concatenate(batches: list[dict]) -> dict:
     out = {}
     for key in batches[0]:
         parts = [b[key] for b in batches]
-        if key in ("captions", "concepts", "negatives"):  # (rows, T): each micro-batch padded to its own longest
+        if key in ("captions", "phrases", "negatives"):  # (rows, T): each micro-batch padded to its own longest
             width = max(p.shape[1] for p in parts)
             parts = [F.pad(p, (0, width - p.shape[1])) for p in parts]
         if key == "owner":
@@ -60,8 +64,8 @@ def concatenate(batches: list[dict]) -> dict:
     return out
 
 
-def whole_batch_step(model, batch, objective):
-    loss, terms = loss_terms(model, batch, objective)
+def whole_batch_step(model, batch, args):
+    loss, terms = train.step_loss(model, batch, args)
     loss.backward()
     return loss.detach(), {k: v.detach() for k, v in terms.items()}
 
@@ -83,44 +87,43 @@ def assert_same(got_terms, got_grads, terms, grads_, tol=1e-5):
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_four_micro_batches_give_the_gradient_of_the_whole_batch(method):
-    cfg, objective = CASES[method]
+    cfg, args = CASES[method]
     parts = micro_batches(method, k=4, size=8)
     torch.manual_seed(0)
     model = CLIP(cfg)
-    loss, terms = whole_batch_step(model, concatenate(parts), objective)
+    loss, terms = whole_batch_step(model, concatenate(parts), args)
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    got_loss, got_terms = accumulated_step(model, parts, objective)
+    got_loss, got_terms = accumulated_step(model, parts, train.embed, train.loss_of, args)
     torch.testing.assert_close(got_loss, loss, atol=1e-5, rtol=1e-5)
     assert_same(got_terms, grads(model), terms, expected)
     if method == "negclip":  # the hard negatives are in the loss: some micro-batches have several
         assert sum(int(p["has_negative"].sum()) for p in parts) > 4
 
 
-def test_with_grad_checkpointing_and_bf16(monkeypatch):
+def test_with_grad_checkpointing_and_bf16():
     """Recomputing the blocks changes nothing; under bf16 autocast the cache stays in bf16 and the step
     agrees with the plain bf16 step to bf16's precision (smaller matrices round differently)."""
-    cfg, objective = CASES["c2lip"]
+    cfg, args = CASES["c2lip"]
     parts = micro_batches("c2lip", k=4, size=8)
     torch.manual_seed(0)
     model = CLIP(cfg)
-    whole_batch_step(model, concatenate(parts), objective)
+    whole_batch_step(model, concatenate(parts), args)
     expected = grads(model)
     model.visual.grad_checkpointing = model.text.grad_checkpointing = True
     model.zero_grad(set_to_none=True)
-    accumulated_step(model, parts, objective)
+    accumulated_step(model, parts, train.embed, train.loss_of, args)
     assert_same({}, grads(model), {}, expected)
 
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = loss_terms(model, concatenate(parts), objective)
+        loss, _ = train.step_loss(model, concatenate(parts), args)
     loss.backward()
     plain = grads(model)
     model.zero_grad(set_to_none=True)
     seen = []
-    record = lambda model, emb, objective: seen.append(emb["patch"]) or objective_loss(model, emb, objective)
-    monkeypatch.setattr("objective.objective_loss", record)
-    bf16_loss, _ = accumulated_step(model, parts, objective, torch.bfloat16)
+    record = lambda model, emb, args: seen.append(emb["patch"]) or train.loss_of(model, emb, args)
+    bf16_loss, _ = accumulated_step(model, parts, train.embed, record, args, torch.bfloat16)
     assert seen[0].dtype == torch.bfloat16 and seen[0].shape == (32, 16, 16) and seen[0].is_leaf
     assert abs(bf16_loss.item() - loss.item()) < 1e-2 * abs(loss.item())
     for name, g in grads(model).items():
@@ -142,7 +145,7 @@ def worker(rank, init_file, out):
     the number of gradient all-reduces against the plain step's."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
-    for method, (cfg, objective) in CASES.items():
+    for method, (cfg, args) in CASES.items():
         parts = micro_batches(method, K, SIZE, first=rank * K * SIZE)
         calls = {}
         for kind in ("plain", "accumulated"):
@@ -154,9 +157,9 @@ def worker(rank, init_file, out):
             for _ in range(2):
                 opt.zero_grad(set_to_none=True)
                 if kind == "plain":
-                    terms = whole_batch_step(net, concatenate(parts), objective)[1]
+                    terms = whole_batch_step(net, concatenate(parts), args)[1]
                 else:
-                    terms = accumulated_step(net, parts, objective)[1]
+                    terms = accumulated_step(net, parts, train.embed, train.loss_of, args)[1]
                 step_grads = grads(net)
                 opt.step()
             calls[kind] = count[0]
@@ -170,14 +173,14 @@ def test_two_ranks_of_micro_batches_equal_one_process_with_everything(tmp_path):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "out.pt")
-    for method, (cfg, objective) in CASES.items():
+    for method, (cfg, args) in CASES.items():
         everything = concatenate(micro_batches(method, WORLD * K, SIZE))  # rank 0's micro-batches, then rank 1's
         torch.manual_seed(0)
         model = CLIP(cfg)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(2):
             opt.zero_grad(set_to_none=True)
-            terms = whole_batch_step(model, everything, objective)[1]
+            terms = whole_batch_step(model, everything, args)[1]
             expected = grads(model)
             opt.step()
         assert_same(got[method]["terms"], got[method]["grads"], terms, expected)

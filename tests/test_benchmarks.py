@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import eval as evaluate
-from benchmarks import ZEROSHOT_TEMPLATES
 from data import eval_transform, load_image
+from evaluation.benchmarks import ZEROSHOT_TEMPLATES
+from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes
 from fixtures import (
     SUGARCREPE_FILES,
     SUGARCREPE_PP_FILES,
@@ -19,9 +20,8 @@ from fixtures import (
     write_sugarcrepe,
     write_sugarcrepe_pp,
 )
-from pretrained import load_model
-from shapes import ShapesWorld
-from shapes_eval import ShapesBenchmark, evaluate_shapes
+from released.weights import load_model
+from sources.shapes import ShapesWorld
 
 
 @pytest.fixture(scope="module")

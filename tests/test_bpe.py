@@ -1,7 +1,6 @@
 """CLIP's byte-level BPE tokenizer (released_tokenizers.py): its pieces by hand, and ids identical to open_clip's
 (a test-only dependency whose package ships the vocabulary file) on a few hundred varied strings."""
 
-import ast
 import gzip
 import importlib.util
 import os
@@ -12,7 +11,7 @@ import sys
 import pytest
 
 from data import WordTokenizer
-from released_tokenizers import BPETokenizer, clean_text, find_bpe_vocab, pretokenize, tokenizer_from_state_dict
+from released.tokenizers import BPETokenizer, clean_text, find_bpe_vocab, pretokenize, tokenizer_from_state_dict
 
 # ----------------------------------------------------------------------------- without open_clip
 
@@ -293,7 +292,7 @@ def test_known_departures_from_ftfy_really_differ(tokenizers):
 def test_runs_without_open_clip_or_ftfy(tokenizers, tmp_path):
     """Nothing at run time may need the test-only packages: block them and tokenize from a copied file.
     (`regex` cannot be blocked this way: NLTK, a run-time dependency, imports it itself;
-    test_no_run_time_imports_of_test_only_packages checks that our files never do.)"""
+    tests/test_layout.py checks that our files never do.)"""
     path = tmp_path / "bpe.txt.gz"
     src = os.path.join(
         importlib.util.find_spec("open_clip").submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz"
@@ -303,20 +302,10 @@ def test_runs_without_open_clip_or_ftfy(tokenizers, tmp_path):
     code = (
         "import sys\n"
         "for name in ('open_clip', 'ftfy'): sys.modules[name] = None\n"
-        "import released_tokenizers\n"
-        f"print(released_tokenizers.BPETokenizer.from_file({str(path)!r}).encode('Hello, World!'))\n"
+        "from released import tokenizers\n"
+        f"print(tokenizers.BPETokenizer.from_file({str(path)!r}).encode('Hello, World!'))\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([49406] + tokenizers[1].encode("Hello, World!") + [49407])
-
-
-def test_no_run_time_imports_of_test_only_packages():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py"):
-            tree = ast.parse(open(os.path.join(root, name)).read())
-            imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-            imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-            assert not imported & {"open_clip", "ftfy", "regex", "webdataset"}, name

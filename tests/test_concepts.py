@@ -7,10 +7,12 @@ import nltk
 import pytest
 
 import concepts
-import precompute_concepts
-import webdata
 from concepts import extract_concepts, extract_concepts_batch, normalise_phrase
-from shapes import WORLDS, ShapesWorld
+from sources import concepts_file, precompute
+from sources.shapes import WORLDS, ShapesWorld
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRECOMPUTE = [sys.executable, "-m", "sources.precompute"]  # a script in a folder runs as a module
 
 
 @pytest.mark.parametrize("world", ["simple", "dense"])
@@ -91,19 +93,19 @@ def test_precompute_every_shard(tmp_path):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "concepts.jsonl"
-    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "2"])  # a process pool
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "2"])  # a process pool
     records = read_records(out)
     assert set(records) == {"00000.tar", "00001.tar"}
     # every sample with an image member and a caption (the corrupt JPEG is not decoded here)
     assert set(records["00000.tar"]["concepts"]) == {"000000000", "000000001", "000000002", "000000005"}
     assert records["00001.tar"]["concepts"]["s0001_0002"] == ["a giraffe", "a tall tree"]
     assert records["00001.tar"]["count"] == 4 and records["00001.tar"]["caption_key"] is None
-    index = webdata.concepts_index(str(out))
+    index = concepts_file.concepts_index(str(out))
     first = records["00000.tar"]
     assert list(first["digests"]) == ["000000000", "000000001", "000000002", "000000005"]  # every caption read
-    assert first["digests"]["000000000"] == webdata.caption_digest("a dog chasing a red ball on the grass")
+    assert first["digests"]["000000000"] == concepts_file.caption_digest("a dog chasing a red ball on the grass")
     table = {key: (phrases, first["digests"][key]) for key, phrases in first["concepts"].items()}
-    assert webdata.shard_concepts(str(out), index["00000.tar"][0]) == table
+    assert concepts_file.shard_concepts(str(out), index["00000.tar"][0]) == table
 
 
 def test_precompute_resumes_after_an_interruption(tmp_path, monkeypatch):
@@ -111,17 +113,17 @@ def test_precompute_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "concepts.jsonl"
-    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     first, second = open(out).read().splitlines(keepends=True)
     out.write_text(first + second[:25])  # killed while writing the second shard's line
-    assert list(webdata.concepts_index(str(out))) == [json.loads(first)["shard"]]
+    assert list(concepts_file.concepts_index(str(out))) == [json.loads(first)["shard"]]
     done = []
-    real_job = precompute_concepts._shard_job
-    monkeypatch.setattr(precompute_concepts, "_shard_job", lambda job: done.append(job[0]) or real_job(job))
-    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    real_job = precompute._shard_job
+    monkeypatch.setattr(precompute, "_shard_job", lambda job: done.append(job[0]) or real_job(job))
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert done == [os.path.join(shards, json.loads(second)["shard"])]  # only the unfinished shard again
     assert open(out).read() == first + second  # the torn line is gone, the file is whole
-    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert len(done) == 1  # nothing left to do
 
 
@@ -130,19 +132,15 @@ def test_precompute_with_a_caption_key_and_cli_errors(tmp_path):
 
     shards = write_cc3m(str(tmp_path / "cc3m"))
     out = tmp_path / "c.jsonl"
-    precompute_concepts.main(
-        ["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"]
-    )
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"])
     records = read_records(out)
     assert records["00000.tar"]["concepts"]["000000000"] == ["a brown dog", "a red ball"]
     assert records["00001.tar"]["concepts"] == {}  # no .json in the re-hosted shard: no such caption
     for argv in (["--data-dir", shards], ["--out", str(out)], []):
-        bad = subprocess.run([sys.executable, precompute_concepts.__file__, *argv], capture_output=True, text=True)
+        bad = subprocess.run([*PRECOMPUTE, *argv], capture_output=True, text=True, cwd=ROOT)
         assert bad.returncode == 2 and "--data-dir" in bad.stderr
     missing = subprocess.run(
-        [sys.executable, precompute_concepts.__file__, "--data-dir", str(tmp_path / "none"), "--out", str(out)],
-        capture_output=True,
-        text=True,
+        [*PRECOMPUTE, "--data-dir", str(tmp_path / "none"), "--out", str(out)], capture_output=True, text=True, cwd=ROOT
     )
     assert missing.returncode == 2 and "img2dataset" in missing.stderr
 

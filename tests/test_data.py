@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
+from baselines.losses import phrase_ids
 from concepts import extract_concepts
 from data import CLIP_MEAN, CLIP_STD, Collate, WordTokenizer, eval_transform, image_to_tensor, train_transform
-from shapes import COLOURS, SHAPES, ShapesDataset, ShapesWorld, StepBatches
+from sources.shapes import COLOURS, SHAPES, ShapesDataset, ShapesWorld, StepBatches
 
 
 def test_tokenizer_roundtrip_padding_and_truncation():
@@ -60,17 +61,19 @@ def test_collate_owner_and_phrase_ids():
         {
             "image": torch.zeros(3, 8, 8),
             "caption": "a red circle and a blue star",
-            "concepts": ["a red circle", "a blue star"],
+            "phrases": ["a red circle", "a blue star"],
         },
-        {"image": torch.ones(3, 8, 8), "caption": "a zebra", "concepts": []},
-        {"image": torch.ones(3, 8, 8), "caption": "the red circle", "concepts": ["The red circle"]},
+        {"image": torch.ones(3, 8, 8), "caption": "a zebra", "phrases": []},
+        {"image": torch.ones(3, 8, 8), "caption": "the red circle", "phrases": ["The red circle"]},
     ]
-    batch = Collate(tok)(samples)
+    batch = Collate(tok, [phrase_ids])(samples)
+    assert set(batch) == {"images", "captions", "phrases", "owner", "phrase_ids"}  # the layout, and the extra
+    assert set(Collate(tok)(samples)) == {"images", "captions", "phrases", "owner"}
     assert batch["images"].shape == (3, 3, 8, 8)
     assert batch["owner"].tolist() == [0, 0, 1, 2]
     ids = batch["phrase_ids"].tolist()
     assert ids[0] == ids[3] and len(set(ids)) == 3  # "a red circle" == "The red circle"
-    assert batch["concepts"].shape == (4, 5)  # phrases padded among themselves
+    assert batch["phrases"].shape == (4, 5)  # phrases padded among themselves
     assert batch["captions"].shape[1] == 9
 
 
@@ -79,7 +82,7 @@ def test_dataset_concepts_and_step_batches():
     ds = ShapesDataset(world, seed=0, split="train", length=100)
     item = ds[3]
     assert item["image"].shape == (3, 64, 64)
-    assert item["concepts"] == extract_concepts(item["caption"])
+    assert item["phrases"] == extract_concepts(item["caption"])
     assert list(StepBatches(4, 2, 4)) == [[8, 9, 10, 11], [12, 13, 14, 15]]
     # two ranks split the global batch of 2 x 2 scenes; together they see what one process of batch 4 sees
     assert list(StepBatches(2, 2, 4, rank=0, world_size=2)) == [[8, 9], [12, 13]]

@@ -11,39 +11,40 @@ import pytest
 import torch
 
 import concepts
-import objective
-import precompute_concepts
 import train
-from checkpoint import read_log
+from baselines.negatives import hard_negative
 from data import eval_transform
 from fixtures import image_bytes, write_cc3m, write_tar
-from negatives import hard_negative
-from webdata import WebDataset, expand_shards
+from run.checkpoint import read_log
+from sources import precompute
+from sources.shards import expand_shards
+from sources.stream import WebDataset
 
 FAST = ["--batch-size", "4", "--workers", "0", "--log-every", "1"]
+STEP_LOSS = train.step_loss  # the real one: a test may patch it twice, each wrapper must wrap this one
 
 
 # ----------------------------------------------------------------------------- 1. a signal during skipped steps
 
 
 def nan_then_signal(signum: int, after_call: int):
-    """train.loss_terms, but every loss is NaN, and the process sends itself `signum` during call `after_call`
+    """train.step_loss, but every loss is NaN, and the process sends itself `signum` during call `after_call`
     (as Ctrl-C or a scheduler would, mid-step)."""
-    real, calls = objective.loss_terms, []
+    real, calls = STEP_LOSS, []
 
-    def loss_terms(*args):
+    def step_loss(*args):
         calls.append(1)
         if len(calls) == after_call:
             os.kill(os.getpid(), signum)
         loss, terms = real(*args)
         return loss * float("nan"), terms
 
-    return loss_terms
+    return step_loss
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_a_streak_of_skipped_steps_stops_and_saves(tmp_path, monkeypatch, capsys, signum):
-    monkeypatch.setattr(train, "loss_terms", nan_then_signal(signum, after_call=3))
+    monkeypatch.setattr(train, "step_loss", nan_then_signal(signum, after_call=3))
     argv = ["--steps", "8", "--max-nonfinite", "1000", "--ckpt-every", "1000", "--out", str(tmp_path), *FAST]
     with pytest.raises(SystemExit) as stopped:
         train.main(argv)
@@ -54,7 +55,7 @@ def test_a_signal_during_a_streak_of_skipped_steps_stops_and_saves(tmp_path, mon
     assert state["step"] == 3 and state["nonfinite"] == 3  # every step was skipped: the streak is kept
     assert read_log(tmp_path / "log.jsonl") == []  # a skipped step logs nothing
     # resumed, the streak goes on from 3: with --max-nonfinite 4 the second skipped step stops the run
-    monkeypatch.setattr(train, "loss_terms", nan_then_signal(signum, after_call=0))
+    monkeypatch.setattr(train, "step_loss", nan_then_signal(signum, after_call=0))
     with pytest.raises(SystemExit) as failed:
         train.main([*argv, "--resume", "--max-nonfinite", "4"])
     assert "step 5" in str(failed.value.code) and "5 step(s) in a row" in str(failed.value.code)
@@ -99,14 +100,14 @@ def test_a_1mb_caption_is_cut_before_chunking(tmp_path, capsys):
     folder = shard_of(tmp_path / "shards", ["a man riding a horse", LONG, "a kitchen with white cabinets"])
     ds = WebDataset(expand_shards(folder), eval_transform(8), shuffle_buffer=0)
     samples = list(ds)  # before the bound: TimeoutError from nltk.redos, out of the stream
-    assert [s["concepts"] for s in samples] == [
+    assert [s["phrases"] for s in samples] == [
         ["a man", "a horse"],
         ["a red dog", "a blue ball", "the green grass"],  # from the first MAX_CAPTION_CHARS characters
         ["a kitchen", "white cabinets"],
     ]
     assert samples[1]["caption"] == LONG.strip() and ds.noted == {"caption_cut": 1} and ds.skipped == {}
     out = tmp_path / "concepts.jsonl"
-    precompute_concepts.main(["--data-dir", folder, "--out", str(out), "--workers", "0"])
+    precompute.main(["--data-dir", folder, "--out", str(out), "--workers", "0"])
     (line,) = map(json.loads, open(out))
     assert "error" not in line and line["count"] == 3 and line["cut"] == 1 and line["failed"] == 0
     assert line["concepts"]["000000002"] == ["a kitchen", "white cabinets"]  # the samples after it are kept
@@ -119,7 +120,7 @@ def test_a_caption_the_chunker_fails_on_is_a_counted_skip(tmp_path, capsys, fail
     ds = WebDataset(expand_shards(folder), eval_transform(8), shuffle_buffer=0)
     assert [s["caption"] for s in ds] == captions[:1] + captions[2:] and ds.skipped == {"concepts_failed": 1}
     out = tmp_path / "concepts.jsonl"
-    precompute_concepts.main(["--data-dir", folder, "--out", str(out), "--workers", "0"])
+    precompute.main(["--data-dir", folder, "--out", str(out), "--workers", "0"])
     (line,) = map(json.loads, open(out))
     assert "error" not in line and line["failed"] == 1 and line["count"] == 3
     assert set(line["concepts"]) == {"000000000", "000000002", "000000003"}  # the rest of the shard goes on
@@ -156,7 +157,7 @@ def other_dataset(path) -> str:
 
 def test_a_concepts_file_of_another_dataset_with_the_same_names_is_refused(tmp_path, capsys):
     ours, out = write_cc3m(str(tmp_path / "cc3m")), tmp_path / "concepts.jsonl"
-    precompute_concepts.main(["--data-dir", ours, "--out", str(out), "--workers", "0"])
+    precompute.main(["--data-dir", ours, "--out", str(out), "--workers", "0"])
     train.get_args(["--data", "cc3m", "--data-dir", ours, "--concepts", str(out)])  # its own shards: accepted
     theirs = other_dataset(tmp_path / "other")
     message = refused(["--data", "cc3m", "--data-dir", theirs, "--concepts", str(out)], capsys)
@@ -166,7 +167,7 @@ def test_a_concepts_file_of_another_dataset_with_the_same_names_is_refused(tmp_p
     assert f"--data-dir {theirs} --out {tmp_path / 'concepts-2.jsonl'}" in message  # not over the good file
     # past the samples checked at start-up, a stale line is not trained on: its phrases are extracted afresh
     ds = WebDataset(expand_shards(theirs), eval_transform(8), concepts_file=str(out), shuffle_buffer=0)
-    assert [s["concepts"] for s in ds] == [
+    assert [s["phrases"] for s in ds] == [
         ["a yellow taxi", "the snow"],
         ["two owls", "a branch"],
         ["a lighthouse", "dusk"],
@@ -176,9 +177,7 @@ def test_a_concepts_file_of_another_dataset_with_the_same_names_is_refused(tmp_p
 
 def test_a_concepts_file_read_with_another_caption_key_is_refused(tmp_path, capsys):
     shards, out = write_cc3m(str(tmp_path / "cc3m")), tmp_path / "concepts.jsonl"
-    precompute_concepts.main(
-        ["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"]
-    )
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "shortLLA_captions"])
     argv = ["--data", "cc3m", "--data-dir", shards, "--concepts", str(out)]
     train.get_args([*argv, "--caption-key", "shortLLA_captions"])  # as written: accepted
     message = refused(argv, capsys)  # read from <key>.txt
@@ -186,22 +185,20 @@ def test_a_concepts_file_read_with_another_caption_key_is_refused(tmp_path, caps
     assert "this run reads <key>.txt" in message and "--caption-key shortLLA_captions" in message
     # resuming the precompute with another caption key would mix the two in one file
     with pytest.raises(SystemExit):
-        precompute_concepts.main(
-            ["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "caption"]
-        )
+        precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0", "--caption-key", "caption"])
     assert "written with --caption-key shortLLA_captions" in capsys.readouterr().err
 
 
 def test_a_concepts_file_in_the_old_format_is_refused_with_the_command_that_rewrites_it(tmp_path, capsys):
     shards, out = write_cc3m(str(tmp_path / "cc3m")), tmp_path / "concepts.jsonl"
     old = {"shard": "00001.tar", "caption_key": None, "concepts": {"s0001_0000": ["a man", "a horse"]}, "count": 1}
-    out.write_text(json.dumps(old) + "\n")  # as precompute_concepts.py wrote it before caption digests
+    out.write_text(json.dumps(old) + "\n")  # as the precompute wrote it before caption digests
     message = refused(["--data", "cc3m", "--data-dir", shards, "--concepts", str(out)], capsys)
-    command = f"python precompute_concepts.py --data-dir {shards} --out {out} --overwrite"
+    command = f"python -m sources.precompute --data-dir {shards} --out {out} --overwrite"
     assert "no caption digests" in message and command in message
     with pytest.raises(SystemExit):  # resumed without --overwrite, the precompute would append to it
-        precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+        precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert "--overwrite" in capsys.readouterr().err
-    precompute_concepts.main(command.split()[2:] + ["--workers", "0"])
+    precompute.main(command.split()[3:] + ["--workers", "0"])
     train.get_args(["--data", "cc3m", "--data-dir", shards, "--concepts", str(out)])  # accepted now
     assert len(open(out).readlines()) == 2

@@ -8,9 +8,9 @@ import torch
 
 import eval as evaluate
 import train
-from pretrained import load_model
-from shapes import HOLDOUT_COMBOS, WORLDS, ShapesWorld
-from shapes_eval import ShapesBenchmark, evaluate_shapes, false_swap, heldout_negatives, negatives
+from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes, false_swap, heldout_negatives, negatives
+from released.weights import load_model
+from sources.shapes import HOLDOUT_COMBOS, WORLDS, ShapesWorld
 
 DENSE = ShapesWorld(image_size=16, **WORLDS["dense"])
 

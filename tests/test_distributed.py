@@ -1,5 +1,5 @@
 """Two processes with the gloo backend against one process holding the whole batch: the global-batch
-losses and the gradients of one step must be the same (devices.gather, objective.loss_terms)."""
+losses and the gradients of one step must be the same (run/scale.gather, train.step_loss)."""
 
 import json
 import os
@@ -12,11 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+import train
+from baselines.losses import concept_labels, phrase_ids
 from data import Collate, WordTokenizer
-from losses import concept_labels, concept_loss, pooled_concept_loss
+from fixtures import step_args
+from losses import npc_loss, owner_labels, xac_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from objective import Objective, loss_terms
-from shapes import ShapesDataset, ShapesWorld
+from sources.shapes import ShapesDataset, ShapesWorld, truth
 
 CFG = CLIPConfig(
     vision=VisionConfig(image_size=64, patch_size=16, width=32, layers=1, heads=2),
@@ -31,18 +33,15 @@ def make_batches():
     """A batch of 6 scenes, and its split into WORLD per-rank batches as their loaders would make them."""
     data = ShapesDataset(ShapesWorld(), seed=0, split="train", length=6)
     samples = [data[i] for i in range(6)]
-    collate = Collate(WordTokenizer.build([s["caption"] for s in samples], context_length=48))
+    collate = Collate(WordTokenizer.build([s["caption"] for s in samples], context_length=48), [truth, phrase_ids])
     per_rank = len(samples) // WORLD
     return collate(samples), [collate(samples[r * per_rank : (r + 1) * per_rank]) for r in range(WORLD)]
 
 
-def objective(labels: str) -> Objective:
-    return Objective("c2lip", concept_weight=1.0, pool_weight=0.5, tau=0.5, concept_labels=labels)
-
-
 def one_step(model, batch, labels):
-    loss, terms = loss_terms(model, batch, objective(labels))
-    torch.testing.assert_close(loss, terms["caption"] + 1.0 * terms["concept"] + 0.5 * terms["pooled"])
+    args = step_args("c2lip", "--npc-weight", "1.0", "--xac-weight", "0.5", "--tau", "0.5", "--concept-labels", labels)
+    loss, terms = train.step_loss(model, batch, args)
+    torch.testing.assert_close(loss, terms["L_sig"] + 1.0 * terms["L_npc"] + 0.5 * terms["L_xac"])
     loss.backward()
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     return {k: v.item() for k, v in terms.items()}, {n: p.grad.clone() for n, p in raw.named_parameters()}
@@ -66,31 +65,30 @@ def test_the_label_rule_reaches_both_concept_losses(labels):
     image 0)."""
     whole = make_batches()[0]
     whole["phrase_ids"][whole["owner"] == 1] = whole["phrase_ids"][0]
-    scene = (whole["phrase_codes"], whole["objects"])
-    rule = {"phrase_ids": whole["phrase_ids"]} if labels == "phrase" else {"scene": scene}
-    assert (concept_labels(whole["owner"], 6, **rule) != concept_labels(whole["owner"], 6)).any()
+    labels_z = concept_labels(labels, whole["owner"], 6, whole)  # (B, K) of the rule
+    assert (labels_z != owner_labels(whole["owner"], 6)).any()
     torch.manual_seed(0)
     model = CLIP(CFG)
-    _, terms = loss_terms(model, whole, objective(labels))
-    x, u, _, c = model(whole["images"], whole["captions"], whole["concepts"])
-    t, b, owner = model.scale(), model.bias(), whole["owner"]
-    torch.testing.assert_close(terms["concept"], concept_loss(x, c, owner, t, b, **rule))
-    torch.testing.assert_close(terms["pooled"], pooled_concept_loss(u, c, owner, t, b, 0.5, **rule))
+    args = step_args("c2lip", "--npc-weight", "1.0", "--xac-weight", "0.5", "--tau", "0.5", "--concept-labels", labels)
+    _, terms = train.step_loss(model, whole, args)
+    x, u, _, c = model(whole["images"], whole["captions"], whole["phrases"])
+    t, b = model.scale(), model.bias()
+    torch.testing.assert_close(terms["L_npc"], npc_loss(x, c, labels_z, t, b))
+    torch.testing.assert_close(terms["L_xac"], xac_loss(u, c, labels_z, t, b, 0.5))
 
 
 @pytest.mark.parametrize("labels", LABELS)
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, labels):
     whole = make_batches()[0]
-    scene = (whole["phrase_codes"], whole["objects"])
     if labels == "scene":  # the batch holds pairs across the two ranks' halves that the scene rule makes positive
-        across = concept_labels(whole["owner"], 6, scene=scene)[3:, whole["owner"] < 3]
+        across = concept_labels("scene", whole["owner"], 6, whole)[3:, whole["owner"] < 3]
         assert (across > 0).any()
     torch.manual_seed(0)
     terms, grads = one_step(CLIP(CFG), whole, labels)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt"), labels), nprocs=WORLD, join=True)
     got = torch.load(tmp_path / "out.pt")
-    assert set(got["terms"]) == {"caption", "concept", "pooled"}
+    assert set(got["terms"]) == {"L_sig", "L_npc", "L_xac"}
     for k, v in terms.items():
         assert abs(got["terms"][k] - v) < 1e-5 * max(1.0, abs(v)), k
     for name, g in grads.items():

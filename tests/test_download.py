@@ -1,7 +1,7 @@
 """download.py against a local HTTP server that the tests start on the loopback address (no internet): a fetch
 with its bar, a cache hit that makes no request, a digest mismatch refused, an interrupted transfer resumed
 with Range and If-Range, the offline message, zip extraction; then a named weights file through
-pretrained.load_model and eval.py --download on SugarCrepe's and SugarCrepe++'s formats. The server misbehaves
+weights.load_model and eval.py --download on SugarCrepe's and SugarCrepe++'s formats. The server misbehaves
 on purpose in test_download_trust.py."""
 
 import email.utils
@@ -17,11 +17,8 @@ import pytest
 import torch
 import torchvision
 
-import download
 import eval as evaluate
-import pretrained
 import train
-from download import DownloadError, Remote
 from fixtures import (
     SUGARCREPE_FILES,
     SUGARCREPE_PP_FILES,
@@ -30,6 +27,9 @@ from fixtures import (
     write_sugarcrepe,
     write_sugarcrepe_pp,
 )
+from released import download
+from released import weights as releases
+from released.download import DownloadError, Remote
 
 CPU = torch.device("cpu")
 FAST = ["--workers", "0", "--batch-size", "4"]
@@ -244,11 +244,11 @@ def test_named_weights_resolve_through_load_model(server, monkeypatch, tmp_path,
     ckpt = write_checkpoint(str(tmp_path / "src" / "ckpt.pt"))
     serve(server, monkeypatch, "openai/ViT-B-16", open(ckpt, "rb").read())
     cache = str(tmp_path / "cache")
-    model, tokenizer, state = pretrained.load_model("openai/ViT-B-16", CPU, cache=cache)
-    reference, _, _ = pretrained.load_model(ckpt, CPU)
+    model, tokenizer, state = releases.load_model("openai/ViT-B-16", CPU, cache=cache)
+    reference, _, _ = releases.load_model(ckpt, CPU)
     assert all(a.equal(b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     assert os.path.exists(os.path.join(cache, "openai", "ViT-B-16.pt"))
-    pretrained.load_model("openai/ViT-B-16", CPU, cache=cache)
+    releases.load_model("openai/ViT-B-16", CPU, cache=cache)
     assert len(server.log) == 1
     assert train.get_args(["--init", "openai/ViT-B-16"]).init == "openai/ViT-B-16"
     with pytest.raises(SystemExit):
@@ -258,7 +258,7 @@ def test_named_weights_resolve_through_load_model(server, monkeypatch, tmp_path,
     monkeypatch.setitem(download.WEIGHTS, "openai/ViT-B-16", Remote(closed_port_url(), None, "test"))
     monkeypatch.setitem(download.FILES, "openai/ViT-B-16", download.WEIGHTS["openai/ViT-B-16"])
     with pytest.raises(SystemExit) as err:
-        pretrained.load_model("openai/ViT-B-16", CPU, cache=str(tmp_path / "empty"))
+        releases.load_model("openai/ViT-B-16", CPU, cache=str(tmp_path / "empty"))
     assert str(err.value.code).startswith("error: openai/ViT-B-16: could not reach http://127.0.0.1:")
     assert "\n" not in str(err.value.code)
 
@@ -267,11 +267,11 @@ def test_clip_bpe_is_fetched_when_neither_given_nor_installed(server, monkeypatc
     def not_installed(path):
         raise FileNotFoundError("no open_clip")
 
-    monkeypatch.setattr(pretrained, "find_bpe_vocab", not_installed)
+    monkeypatch.setattr(releases, "find_bpe_vocab", not_installed)
     body = serve(server, monkeypatch, "openai/bpe_simple_vocab_16e6", b"#version: 0.2\nl o\n", url_path="/bpe.txt.gz")
-    path = pretrained.clip_bpe(None, str(tmp_path))
+    path = releases.clip_bpe(None, str(tmp_path))
     assert path == str(tmp_path / "openai" / "bpe_simple_vocab_16e6.txt.gz") and open(path, "rb").read() == body
-    assert pretrained.clip_bpe("mine.txt.gz", str(tmp_path)) == "mine.txt.gz" and len(server.log) == 1
+    assert releases.clip_bpe("mine.txt.gz", str(tmp_path)) == "mine.txt.gz" and len(server.log) == 1
 
 
 def test_eval_download_fetches_sugarcrepe_and_coco_then_scores_as_from_folders(server, monkeypatch, tmp_path):
@@ -329,11 +329,11 @@ def test_named_siglip_weights_fetch_their_tokenizer(tmp_path, monkeypatch):
     a named file that is not in the registry, or an --spm that is missing, still says where to get it."""
     assert "timm/ViT-B-16-SigLIP" in download.WEIGHTS and "t5/cc_en.32000" in download.TOKENIZERS
     asked = []
-    monkeypatch.setattr(pretrained, "fetch", lambda name, cache=None: asked.append((name, cache)) or "spm-file")
+    monkeypatch.setattr(releases, "fetch", lambda name, cache=None: asked.append((name, cache)) or "spm-file")
     weights = tmp_path / "weights.safetensors"
     weights.write_bytes(b"")
-    assert pretrained.siglip_spm(None, str(weights), "timm/ViT-B-16-SigLIP", "cache") == "spm-file"
+    assert releases.siglip_spm(None, str(weights), "timm/ViT-B-16-SigLIP", "cache") == "spm-file"
     assert asked == [("t5/cc_en.32000", "cache")]
     for spm, name in [(None, str(weights)), (str(tmp_path / "missing.model"), "timm/ViT-B-16-SigLIP")]:
         with pytest.raises(FileNotFoundError, match="SentencePiece"):
-            pretrained.siglip_spm(spm, str(weights), name)
+            releases.siglip_spm(spm, str(weights), name)

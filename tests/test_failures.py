@@ -18,18 +18,19 @@ import pytest
 import torch
 
 import eval as evaluate
-import objective
-import precompute_concepts
 import train
-from checkpoint import locked, read_log
+from evaluation.metrics import itt_correct, pairwise_correct, retrieval_recall, topk_accuracy, tot_correct
 from fixtures import write_cc3m, write_checkpoint, write_karpathy, write_sugarcrepe, write_tar
-from metrics import itt_correct, pairwise_correct, retrieval_recall, topk_accuracy, tot_correct
-from pictures import plot_losses
-from webdata import WebDataset, caption_word_counts, expand_shards, shard_groups
+from run.checkpoint import locked, read_log
+from run.pictures import plot_losses
+from sources import precompute
+from sources.shards import caption_word_counts, expand_shards, shard_groups
+from sources.stream import WebDataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "4", "--workers", "0", "--log-every", "1"]
 NAN = float("nan")
+STEP_LOSS = train.step_loss  # the real one: a test may patch it twice, each wrapper must wrap this one
 
 
 def run(argv, tmp_path, *extra):
@@ -76,25 +77,25 @@ def test_eval_refuses_non_finite_weights(tmp_path):
 
 
 def nan_at(bad_calls: set[int]):
-    """train.loss_terms, but the loss of the calls numbered in bad_calls (from 1) is NaN."""
-    real, calls = objective.loss_terms, []
+    """train.step_loss, but the loss of the calls numbered in bad_calls (from 1) is NaN."""
+    real, calls = STEP_LOSS, []
 
-    def loss_terms(*args):
+    def step_loss(*args):
         calls.append(1)
         loss, terms = real(*args)
         return (loss * NAN if len(calls) in bad_calls else loss), terms
 
-    return loss_terms
+    return step_loss
 
 
 def test_a_non_finite_loss_stops_before_any_checkpoint_is_overwritten(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "loss_terms", nan_at({3, 4, 5, 6}))
+    monkeypatch.setattr(train, "step_loss", nan_at({3, 4, 5, 6}))
     message = exits_with(lambda: run(["--steps", "6", "--ckpt-every", "2"], tmp_path), "step 3")
     assert "not finite" in message and "keeps the last good weights" in message
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 2 and all(v.isfinite().all() for v in state["model"].values())
     # two bad steps in a row may be skipped; a good step starts the count again, so step 5 is one in a row
-    monkeypatch.setattr(train, "loss_terms", nan_at({2, 3, 5}))
+    monkeypatch.setattr(train, "step_loss", nan_at({2, 3, 5}))
     ckpt = run(["--steps", "6", "--max-nonfinite", "2"], tmp_path / "skip")
     assert torch.load(ckpt, weights_only=True)["step"] == 6
     assert [r["step"] for r in read_log(tmp_path / "skip" / "log.jsonl")] == [1, 4, 6]  # steps 2, 3 and 5 skipped
@@ -137,7 +138,7 @@ def test_precompute_never_writes_into_an_unrelated_file(tmp_path, capsys):
     shards, notes = write_cc3m(str(tmp_path / "cc3m")), tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     argv = ["--data-dir", shards, "--out", str(notes), "--workers", "0"]
-    exits_with(lambda: precompute_concepts.main(argv), "is not a concepts file", capsys)
+    exits_with(lambda: precompute.main(argv), "is not a concepts file", capsys)
     assert notes.read_text() == "my notes\n"
 
 
@@ -154,12 +155,12 @@ def test_precompute_records_a_bad_shard_and_goes_on(tmp_path):
     shards = write_cc3m(str(tmp_path / "cc3m"))
     (tmp_path / "cc3m" / "00002.tar").write_bytes(os.urandom(3000))
     out = tmp_path / "concepts.jsonl"
-    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     records = {r["shard"]: r for r in map(json.loads, open(out))}
     assert set(records) == {"00000.tar", "00001.tar", "00002.tar"} and "error" in records["00002.tar"]
     assert records["00001.tar"]["count"] == 4 and "error" not in records["00001.tar"]
     before = out.read_text()
-    precompute_concepts.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
+    precompute.main(["--data-dir", shards, "--out", str(out), "--workers", "0"])
     assert out.read_text() == before  # the rerun has nothing left to do: it finishes
 
 
@@ -269,7 +270,7 @@ def test_resume_refuses_other_flags_and_an_earlier_end(tmp_path):
 
 def test_a_torn_log_line_is_left_out_not_fatal(tmp_path):
     log = tmp_path / "log.jsonl"
-    log.write_text(json.dumps({"step": 1, "loss": 2.0, "caption": 2.0}) + "\n" + '{"step": 2, "lo')
+    log.write_text(json.dumps({"step": 1, "loss": 2.0, "L_sig": 2.0}) + "\n" + '{"step": 2, "lo')
     assert [r["step"] for r in read_log(log)] == [1]
     assert plot_losses(str(log), str(tmp_path / "loss.png")) is not None
 
@@ -393,7 +394,7 @@ def full_disk_at(monkeypatch, module, opened: str, call: int) -> dict:
 
 
 def test_a_full_disk_while_saving_keeps_both_checkpoints_and_says_which_step_each_holds(tmp_path, monkeypatch):
-    import checkpoint
+    from run import checkpoint
 
     before = full_disk_at(monkeypatch, checkpoint, "ckpt.pt.tmp", 3)  # the third checkpoint, at step 3
     message = exits_with(lambda: run(["--steps", "4", "--ckpt-every", "1", "--overwrite"], tmp_path), "No space left")

@@ -4,8 +4,8 @@
 import re
 
 from data import WordTokenizer
-from shapes import HOLDOUT_COMBOS, WORLDS, ShapesWorld
-from shapes_eval import CATEGORIES, ShapesBenchmark
+from evaluation.shapes_benchmark import CATEGORIES, ShapesBenchmark
+from sources.shapes import HOLDOUT_COMBOS, WORLDS, ShapesWorld
 
 HELD = set(HOLDOUT_COMBOS)
 

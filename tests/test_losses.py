@@ -1,11 +1,13 @@
-"""Each loss against a naive double loop over paper.md's equations, and values derivable by hand."""
+"""Each loss against a naive double loop over paper.md's equations, and values derivable by hand; the baselines'
+losses and the study's label rules (baselines/losses.py) too."""
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-from losses import c2lip_loss, clip_loss, concept_labels, concept_loss, pooled_concept_loss, siglip_loss
+from baselines.losses import clip_loss, concept_labels
+from losses import c2lip_loss, npc_loss, owner_labels, sig_loss, xac_loss
 
 
 def log_sigmoid(x: float) -> float:
@@ -35,17 +37,17 @@ def random_batch(B=4, K=9, N=5, D=8, seed=0):
 T, BIAS = torch.tensor(7.0), torch.tensor(-3.0)
 
 
-def test_siglip_loss_matches_loop():
+def test_sig_loss_matches_loop():
     x, y, *_ = random_batch()
     expect = naive_sigmoid(x @ y.T, lambda i, j: i == j, 7.0, -3.0, len(x))
-    assert math.isclose(siglip_loss(x, y, T, BIAS).item(), expect, rel_tol=1e-5)
+    assert math.isclose(sig_loss(x, y, T, BIAS).item(), expect, rel_tol=1e-5)
 
 
-def test_siglip_loss_at_init_by_hand():
+def test_sig_loss_at_init_by_hand():
     # orthogonal embeddings: every logit is b = -10, so each of the B positives costs -log sigmoid(-10)
     # and each of the B(B-1) negatives -log sigmoid(10); divided by B.
     e = torch.eye(8)
-    loss = siglip_loss(e[:4], e[4:], torch.tensor(10.0), torch.tensor(-10.0))
+    loss = sig_loss(e[:4], e[4:], torch.tensor(10.0), torch.tensor(-10.0))
     expect = -(log_sigmoid(-10) + 3 * log_sigmoid(10))
     assert math.isclose(loss.item(), expect, rel_tol=1e-5)
     # -log sigmoid(-10) = 10 + log(1 + e^-10) and -log sigmoid(10) = log(1 + e^-10): about b, 10.00018
@@ -66,32 +68,40 @@ def test_clip_loss_uniform_is_log_b():
     assert math.isclose(clip_loss(x, x, T).item(), math.log(6), rel_tol=1e-6)
 
 
-def test_concept_loss_matches_loop_owner_labels():
+def test_npc_loss_matches_loop_owner_labels():
     x, _, c, _, owner = random_batch()
     expect = naive_sigmoid(x @ c.T, lambda i, k: owner[k] == i, 7.0, -3.0, len(c))
-    assert math.isclose(concept_loss(x, c, owner, T, BIAS).item(), expect, rel_tol=1e-5)
+    assert math.isclose(npc_loss(x, c, owner_labels(owner, len(x)), T, BIAS).item(), expect, rel_tol=1e-5)
 
 
-def test_concept_loss_matches_loop_phrase_labels():
+def test_npc_loss_matches_loop_phrase_labels():
     x, _, c, _, owner = random_batch()
     ids = torch.tensor([0, 1, 2, 0, 3, 1, 4, 0, 5])  # phrase 0 is owned by images 0, 1 and 3
     owned = {(int(o), int(p)) for o, p in zip(owner, ids)}
     expect = naive_sigmoid(x @ c.T, lambda i, k: (i, int(ids[k])) in owned, 7.0, -3.0, len(c))
-    assert math.isclose(concept_loss(x, c, owner, T, BIAS, ids).item(), expect, rel_tol=1e-5)
+    labels = concept_labels("phrase", owner, len(x), {"phrase_ids": ids})
+    assert math.isclose(npc_loss(x, c, labels, T, BIAS).item(), expect, rel_tol=1e-5)
 
 
 def test_phrase_ids_may_be_any_integers():
     """Ids are compared, not used as indices: 64-bit hashes (as the distributed collate makes) work."""
     owner = torch.tensor([0, 1, 1, 2])
     small, hashed = torch.tensor([0, 1, 0, 2]), torch.tensor([-(2**62), 7 * 10**17, -(2**62), 5])
-    assert concept_labels(owner, 3, hashed).equal(concept_labels(owner, 3, small))
+    assert concept_labels("phrase", owner, 3, {"phrase_ids": hashed}).equal(
+        concept_labels("phrase", owner, 3, {"phrase_ids": small})
+    )
 
 
 def test_labels_owner_vs_phrase():
     owner, ids = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 0, 2])
-    assert concept_labels(owner, 3).tolist() == [[1, -1, -1, -1], [-1, 1, 1, -1], [-1, -1, -1, 1]]
+    assert owner_labels(owner, 3).tolist() == [[1, -1, -1, -1], [-1, 1, 1, -1], [-1, -1, -1, 1]]
+    assert concept_labels("owner", owner, 3, {}).equal(owner_labels(owner, 3))
     # phrase 0 (columns 0 and 2) belongs to images 0 and 1: both are positives for both columns
-    assert concept_labels(owner, 3, ids).tolist() == [[1, -1, 1, -1], [1, 1, 1, -1], [-1, -1, -1, 1]]
+    assert concept_labels("phrase", owner, 3, {"phrase_ids": ids}).tolist() == [
+        [1, -1, 1, -1],
+        [1, 1, 1, -1],
+        [-1, -1, -1, 1],
+    ]
 
 
 def naive_pooled_scores(c, u, tau):
@@ -105,12 +115,12 @@ def naive_pooled_scores(c, u, tau):
     return scores
 
 
-def test_pooled_concept_loss_matches_loop():
+def test_xac_loss_matches_loop():
     x, _, c, u, owner = random_batch()
     for tau in (1.0, 0.2):
         scores = naive_pooled_scores(c, u, tau)
         expect = naive_sigmoid(scores, lambda i, k: owner[k] == i, 7.0, -3.0, len(c))
-        got = pooled_concept_loss(u, c, owner, T, BIAS, tau).item()
+        got = xac_loss(u, c, owner_labels(owner, len(u)), T, BIAS, tau).item()
         assert math.isclose(got, expect, rel_tol=1e-5)
 
 
@@ -118,7 +128,8 @@ def test_losses_backpropagate_to_embeddings_scale_and_bias():
     x, y, c, u, owner = random_batch()
     t, b = torch.tensor(7.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
     u = u.clone().requires_grad_()
-    loss = siglip_loss(x, y, t, b) + concept_loss(x, c, owner, t, b) + pooled_concept_loss(u, c, owner, t, b)
+    z = owner_labels(owner, len(x))
+    loss = sig_loss(x, y, t, b) + npc_loss(x, c, z, t, b) + xac_loss(u, c, z, t, b)
     loss.backward()
     assert t.grad is not None and b.grad is not None and u.grad.abs().sum() > 0
 
@@ -135,9 +146,9 @@ def naive_terms(x, y, c, u, owner, t=7.0, b=-3.0, concept_t=None, concept_b=None
         owned = {(int(o), int(p)) for o, p in zip(owner, ids)}
         positive = lambda i, k: (i, int(ids[k])) in owned
     return {
-        "caption": naive_sigmoid(x @ y.T, lambda i, j: i == j, t, b, len(x)),
-        "concept": naive_sigmoid(x @ c.T, positive, ct, cb, len(c)),
-        "pooled": naive_sigmoid(naive_pooled_scores(c, u, tau), positive, ct, cb, len(c)),
+        "L_sig": naive_sigmoid(x @ y.T, lambda i, j: i == j, t, b, len(x)),
+        "L_npc": naive_sigmoid(x @ c.T, positive, ct, cb, len(c)),
+        "L_xac": naive_sigmoid(naive_pooled_scores(c, u, tau), positive, ct, cb, len(c)),
     }
 
 
@@ -153,48 +164,49 @@ def test_c2lip_loss_is_the_weighted_sum_paper_weights():
     total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS)
     expect = naive_terms(x, y, c, u, owner)
     check_terms(terms, expect)
-    assert math.isclose(total.item(), expect["caption"] + expect["concept"] + 0.01 * expect["pooled"], rel_tol=1e-5)
+    assert math.isclose(total.item(), expect["L_sig"] + expect["L_npc"] + 0.01 * expect["L_xac"], rel_tol=1e-5)
 
 
 def test_c2lip_loss_is_the_weighted_sum_other_weights_tau_and_labels():
     x, y, c, u, owner = random_batch(seed=3)
     ids = torch.tensor([0, 1, 2, 0, 3, 1, 4, 0, 5])  # phrase labels: both concept terms read them
-    for concept_weight, pool_weight, tau, phrase_ids in ((0.3, 2.0, 0.2, None), (2.5, 0.5, 0.5, ids)):
-        kw = {"concept_weight": concept_weight, "pool_weight": pool_weight, "tau": tau, "phrase_ids": phrase_ids}
+    for npc_weight, xac_weight, tau, phrase_ids in ((0.3, 2.0, 0.2, None), (2.5, 0.5, 0.5, ids)):
+        labels = None if phrase_ids is None else concept_labels("phrase", owner, len(x), {"phrase_ids": phrase_ids})
+        kw = {"npc_weight": npc_weight, "xac_weight": xac_weight, "tau": tau, "labels": labels}
         total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS, **kw)
         expect = naive_terms(x, y, c, u, owner, tau=tau, ids=phrase_ids)
         check_terms(terms, expect)
-        weighted = expect["caption"] + concept_weight * expect["concept"] + pool_weight * expect["pooled"]
+        weighted = expect["L_sig"] + npc_weight * expect["L_npc"] + xac_weight * expect["L_xac"]
         assert math.isclose(total.item(), weighted, rel_tol=1e-5), kw
 
 
 def test_c2lip_loss_weight_zero_leaves_the_term_out():
     x, y, c, u, owner = random_batch()
     expect = naive_terms(x, y, c, u, owner)
-    total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS, concept_weight=0.0, pool_weight=0.5)
-    check_terms(terms, {k: expect[k] for k in ("caption", "pooled")})
-    assert math.isclose(total.item(), expect["caption"] + 0.5 * expect["pooled"], rel_tol=1e-5)
-    # pool_weight 0: the pooled term is not even computed, so no patch embeddings are needed
-    total, terms = c2lip_loss(x, y, c, None, owner, T, BIAS, pool_weight=0.0)
-    check_terms(terms, {k: expect[k] for k in ("caption", "concept")})
-    assert math.isclose(total.item(), expect["caption"] + expect["concept"], rel_tol=1e-5)
-    total, terms = c2lip_loss(x, y, c, None, owner, T, BIAS, concept_weight=0, pool_weight=0)
-    check_terms(terms, {"caption": expect["caption"]})
-    assert math.isclose(total.item(), expect["caption"], rel_tol=1e-5)  # SigLIP's loss alone
+    total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS, npc_weight=0.0, xac_weight=0.5)
+    check_terms(terms, {k: expect[k] for k in ("L_sig", "L_xac")})
+    assert math.isclose(total.item(), expect["L_sig"] + 0.5 * expect["L_xac"], rel_tol=1e-5)
+    # xac_weight 0: L_xac is not even computed, so no patch embeddings are needed
+    total, terms = c2lip_loss(x, y, c, None, owner, T, BIAS, xac_weight=0.0)
+    check_terms(terms, {k: expect[k] for k in ("L_sig", "L_npc")})
+    assert math.isclose(total.item(), expect["L_sig"] + expect["L_npc"], rel_tol=1e-5)
+    total, terms = c2lip_loss(x, y, c, None, owner, T, BIAS, npc_weight=0, xac_weight=0)
+    check_terms(terms, {"L_sig": expect["L_sig"]})
+    assert math.isclose(total.item(), expect["L_sig"], rel_tol=1e-5)  # SigLIP's loss alone
 
 
 def test_c2lip_loss_concept_scale_and_bias_reach_the_concept_terms_only():
     x, y, c, u, owner = random_batch(seed=1)
     t, b = torch.tensor(7.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
     ct, cb = torch.tensor(4.0, requires_grad=True), torch.tensor(-1.5, requires_grad=True)
-    total, terms = c2lip_loss(x, y, c, u, owner, t, b, concept_scale=ct, concept_bias=cb, pool_weight=0.2)
+    total, terms = c2lip_loss(x, y, c, u, owner, t, b, concept_t=ct, concept_b=cb, xac_weight=0.2)
     expect = naive_terms(x, y, c, u, owner, concept_t=4.0, concept_b=-1.5)
     check_terms(terms, expect)  # the caption term at (7, -3), the concept terms at (4, -1.5)
-    assert math.isclose(total.item(), expect["caption"] + expect["concept"] + 0.2 * expect["pooled"], rel_tol=1e-5)
-    assert math.isclose(terms["caption"].item(), siglip_loss(x, y, T, BIAS).item(), rel_tol=1e-6)
-    caption_grads = torch.autograd.grad(terms["caption"], [t, b, ct, cb], retain_graph=True, allow_unused=True)
+    assert math.isclose(total.item(), expect["L_sig"] + expect["L_npc"] + 0.2 * expect["L_xac"], rel_tol=1e-5)
+    assert math.isclose(terms["L_sig"].item(), sig_loss(x, y, T, BIAS).item(), rel_tol=1e-6)
+    caption_grads = torch.autograd.grad(terms["L_sig"], [t, b, ct, cb], retain_graph=True, allow_unused=True)
     assert caption_grads[0] is not None and caption_grads[1] is not None and caption_grads[2:] == (None, None)
-    concept_grads = torch.autograd.grad(terms["concept"] + terms["pooled"], [t, b, ct, cb], allow_unused=True)
+    concept_grads = torch.autograd.grad(terms["L_npc"] + terms["L_xac"], [t, b, ct, cb], allow_unused=True)
     assert concept_grads[:2] == (None, None) and concept_grads[2] is not None and concept_grads[3] is not None
 
 
@@ -204,5 +216,5 @@ def test_scene_labels_keep_the_owner_of_a_phrase_that_names_no_object():
     owner = torch.tensor([0, 1, 1])
     codes = torch.tensor([[0, 0, -1], [-1, -1, -1], [1, 1, -1]])  # (colour, shape, size): phrase 1 says nothing
     objects = torch.tensor([[[0, 0, 0], [-1, -1, -1]], [[1, 1, 2], [0, 0, 1]]])  # image 1 also holds colour 0 shape 0
-    z = concept_labels(owner, 2, scene=(codes, objects))
+    z = concept_labels("scene", owner, 2, {"phrase_codes": codes, "objects": objects})
     assert z.tolist() == [[1, -1, -1], [1, 1, 1]]

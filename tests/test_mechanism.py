@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import train
+from baselines.losses import concept_labels, phrase_ids
 from data import Collate, WordTokenizer
-from diagnostics import batch_diagnostics, label_counts, threshold_fractions
-from losses import concept_labels, concept_loss, pooled_concept_loss, scene_truth
+from losses import npc_loss, owner_labels, xac_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from shapes import SIZES, ShapesDataset, ShapesWorld, phrase_code
+from run.diagnostics import batch_diagnostics, label_counts, threshold_fractions
+from sources.shapes import SIZES, ShapesDataset, ShapesWorld, phrase_code, scene_truth, truth
 from test_losses import naive_sigmoid
 
 FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]
@@ -24,8 +25,13 @@ def shapes_batch(n=24, seed=0, world=None):
     data = ShapesDataset(world or ShapesWorld(), seed, "train", n)
     samples = [data[i] for i in range(n)]
     tokenizer = WordTokenizer.build([s["caption"] for s in samples], context_length=48)
-    phrases = [p for s in samples for p in s["concepts"]]
-    return Collate(tokenizer)(samples), [data.world.scene(seed, "train", i) for i in range(n)], phrases, tokenizer
+    phrases = [p for s in samples for p in s["phrases"]]
+    return (
+        Collate(tokenizer, [truth, phrase_ids])(samples),
+        [data.world.scene(seed, "train", i) for i in range(n)],
+        phrases,
+        tokenizer,
+    )
 
 
 def naive_truth(scenes, phrases) -> list[list[bool]]:
@@ -47,10 +53,10 @@ def naive_truth(scenes, phrases) -> list[list[bool]]:
 def test_scene_truth_matches_a_loop_over_the_objects(world):
     batch, scenes, phrases, _ = shapes_batch(world=world)
     assert len(phrases) == len(batch["owner"])  # every caption of this world has phrases
-    truth = scene_truth(batch["phrase_codes"], batch["objects"])
-    assert truth.tolist() == naive_truth(scenes, phrases)
-    assert truth[batch["owner"], torch.arange(len(phrases))].all()  # a phrase is true of its own image
-    assert truth.sum() > len(phrases)  # and, in a batch of 24, of other images too: the owner rule's false negatives
+    true = scene_truth(batch["phrase_codes"], batch["objects"])
+    assert true.tolist() == naive_truth(scenes, phrases)
+    assert true[batch["owner"], torch.arange(len(phrases))].all()  # a phrase is true of its own image
+    assert true.sum() > len(phrases)  # and, in a batch of 24, of other images too: the owner rule's false negatives
 
 
 def test_phrase_code_reads_the_words():
@@ -65,14 +71,13 @@ def test_concept_losses_with_scene_labels_match_the_loop():
     g = torch.Generator().manual_seed(1)
     x, c = F.normalize(torch.randn(B, 8, generator=g), dim=-1), F.normalize(torch.randn(K, 8, generator=g), dim=-1)
     u = F.normalize(torch.randn(B, 5, 8, generator=g), dim=-1)
-    owner, scene = batch["owner"], (batch["phrase_codes"], batch["objects"])
-    truth = naive_truth(scenes, phrases)
-    positive = lambda i, k: truth[i][k] or int(owner[k]) == i
+    owner, labels = batch["owner"], concept_labels("scene", batch["owner"], B, batch)
+    true = naive_truth(scenes, phrases)
+    positive = lambda i, k: true[i][k] or int(owner[k]) == i
     expect = naive_sigmoid(x @ c.T, positive, 7.0, -3.0, K)
-    got = concept_loss(x, c, owner, torch.tensor(7.0), torch.tensor(-3.0), scene=scene)
+    got = npc_loss(x, c, labels, torch.tensor(7.0), torch.tensor(-3.0))
     assert math.isclose(got.item(), expect, rel_tol=1e-5)
-    pooled = pooled_concept_loss(u, c, owner, torch.tensor(7.0), torch.tensor(-3.0), 0.5, scene=scene)
-    labels = concept_labels(owner, B, scene=scene)
+    pooled = xac_loss(u, c, labels, torch.tensor(7.0), torch.tensor(-3.0), 0.5)
     assert labels.tolist() == [[1.0 if positive(i, k) else -1.0 for k in range(K)] for i in range(B)]
     assert pooled.item() > 0
 
@@ -85,9 +90,9 @@ def test_threshold_fractions_and_label_counts_by_hand():
     t, b = torch.tensor(10.0), torch.tensor(-9.0)
     got = threshold_fractions(x, y, c, torch.tensor([0, 0, 1]), t, b, t, b)
     assert got == {"above/caption": 0.5, "above/phrase": pytest.approx(2 / 3)}
-    labels = concept_labels(torch.tensor([0, 0, 1]), 2)  # the owner rule
-    truth = torch.tensor([[True, True, False], [True, False, True]])  # image 1 also shows phrase 0
-    assert label_counts(labels, truth) == {"pos/phrase": 1.0, "fn/phrase": pytest.approx(1 / 3)}
+    labels = owner_labels(torch.tensor([0, 0, 1]), 2)  # the owner rule
+    shows = torch.tensor([[True, True, False], [True, False, True]])  # image 1 also shows phrase 0
+    assert label_counts(labels, shows) == {"pos/phrase": 1.0, "fn/phrase": pytest.approx(1 / 3)}
 
 
 def test_batch_diagnostics_count_false_negatives_per_rule():
@@ -98,14 +103,14 @@ def test_batch_diagnostics_count_false_negatives_per_rule():
         embed_dim=16,
     )
     model = CLIP(cfg)
-    truth = naive_truth(scenes, phrases)
+    true = naive_truth(scenes, phrases)
     owner = batch["owner"].tolist()
     K = len(phrases)
-    fn_owner = sum(truth[i][k] and owner[k] != i for i in range(len(scenes)) for k in range(K)) / K
+    fn_owner = sum(true[i][k] and owner[k] != i for i in range(len(scenes)) for k in range(K)) / K
     got = batch_diagnostics(model, batch, "owner")
     assert got["pos/phrase"] == 1.0 and got["fn/phrase"] == pytest.approx(fn_owner) and got["fn/phrase"] > 0
     scene = batch_diagnostics(model, batch, "scene")
-    assert scene["fn/phrase"] == 0.0 and scene["pos/phrase"] == pytest.approx(sum(map(sum, truth)) / K)
+    assert scene["fn/phrase"] == 0.0 and scene["pos/phrase"] == pytest.approx(sum(map(sum, true)) / K)
     phrase = batch_diagnostics(model, batch, "phrase")
     assert 0 <= phrase["fn/phrase"] < got["fn/phrase"] and 1 <= phrase["pos/phrase"] < scene["pos/phrase"]
     # at t = 10, b = -10 (the initial pair) no pair of unit vectors clears the threshold of 1

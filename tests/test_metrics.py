@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from benchmarks import SUGARCREPE
-from metrics import (
+from evaluation.benchmarks import SUGARCREPE
+from evaluation.metrics import (
     group_means,
     itt_correct,
     pairwise_correct,

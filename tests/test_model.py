@@ -113,7 +113,7 @@ def test_presets():
 
 def test_overfits_one_batch():
     """A few dozen steps of the SigLIP loss on one batch of random images and texts drive it down."""
-    from losses import siglip_loss
+    from losses import sig_loss
 
     torch.manual_seed(0)
     model = CLIP(SMALL)
@@ -124,7 +124,7 @@ def test_overfits_one_batch():
     losses = []
     for _ in range(60):
         x, _ = model.encode_image(images)
-        loss = siglip_loss(x, model.encode_text(texts), model.scale(), model.bias())
+        loss = sig_loss(x, model.encode_text(texts), model.scale(), model.bias())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -196,7 +196,7 @@ def test_torchscript_reader_runs_no_code_and_refuses_what_it_cannot_read(tmp_pat
     never handed to torch.jit.load (whose TorchScript __setstate__ can create and overwrite files)."""
     import zipfile
 
-    import weight_files as model
+    from released import files as model
 
     torch.manual_seed(0)
     path = str(tmp_path / "scripted.pt")

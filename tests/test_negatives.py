@@ -1,7 +1,9 @@
-"""The NegCLIP-style baseline: rule-made hard negatives (negatives.py), their batch (data.Collate), the loss
-with extra negative columns (losses.siglip_loss) against a naive loop, and objective.loss_terms with them."""
+"""The NegCLIP-style baseline: rule-made hard negatives (baselines/negatives.py), their batch (a data.Collate
+extra), the loss with extra negative columns (baselines/losses.negclip_loss) against a naive loop, and
+train.step_loss with them."""
 
 import math
+import os
 import random
 import re
 import subprocess
@@ -10,13 +12,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import negatives
+import train
+from baselines.losses import negclip_loss
+from baselines.negatives import hard_negative, hard_negatives, phrase_slots, slot_words
 from data import Collate, WordTokenizer
-from losses import siglip_loss
+from fixtures import step_args
+from losses import sig_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from negatives import hard_negative, phrase_slots, slot_words
-from objective import Objective, loss_terms
-from shapes import ShapesDataset, ShapesWorld
+from sources.shapes import ShapesDataset, ShapesWorld
 from test_losses import naive_sigmoid
 
 
@@ -66,7 +69,9 @@ def test_real_caption_keeps_its_wording():
 
 def test_command_line_prints_negatives():
     caption = "a tiny red circle and a large blue star"
-    out = subprocess.run([sys.executable, negatives.__file__, caption], capture_output=True, text=True, check=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a script in a folder runs as a module
+    command = [sys.executable, "-m", "baselines.negatives", caption]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root)
     negative = out.stdout.split("negative: ")[1].strip()
     assert negative in {"a tiny blue circle and a large red star", "a large red circle and a tiny blue star"}
 
@@ -98,24 +103,24 @@ def test_shapes_negatives_change_the_binding_and_nothing_else():
 def test_collate_adds_negatives_and_masks_captions_without_one():
     captions = ["a tiny red circle and a large blue star", "a circle", "a green star"]
     tok = WordTokenizer.build(captions, context_length=16)
-    samples = [{"image": torch.zeros(3, 8, 8), "caption": c, "concepts": []} for c in captions]
-    batch = Collate(tok, negatives=True)(samples)
+    samples = [{"image": torch.zeros(3, 8, 8), "caption": c, "phrases": []} for c in captions]
+    batch = Collate(tok, [hard_negatives])(samples)
     assert batch["has_negative"].tolist() == [True, True, True]  # "a circle" -> "a star" (slot 0 of the pool)
     pool = slot_words(captions)
     for row, caption in zip(batch["negatives"], captions):
         assert tok.decode(row.tolist()) == hard_negative(caption, random.Random(f"negative:{caption}"), pool)
-    lonely = Collate(tok, negatives=True)(samples[1:2])  # alone in its batch, "a circle" has no negative
+    lonely = Collate(tok, [hard_negatives])(samples[1:2])  # alone in its batch, "a circle" has no negative
     assert lonely["has_negative"].tolist() == [False] and lonely["negatives"].shape == (1, 2)
     assert "negatives" not in Collate(tok)(samples)  # off unless asked: other methods' batches are unchanged
 
 
-def test_siglip_loss_with_negative_columns_matches_loop():
+def test_negclip_loss_with_negative_columns_matches_loop():
     g = torch.Generator().manual_seed(3)
     x, y, n = (F.normalize(torch.randn(k, 8, generator=g), dim=-1) for k in (4, 4, 3))
     t, b = torch.tensor(7.0), torch.tensor(-3.0)
     expect = naive_sigmoid(x @ torch.cat([y, n]).T, lambda i, j: i == j, 7.0, -3.0, len(x))  # divided by B, not B + M
-    assert math.isclose(siglip_loss(x, y, t, b, n).item(), expect, rel_tol=1e-5)
-    assert math.isclose(siglip_loss(x, y, t, b, n[:0]).item(), siglip_loss(x, y, t, b).item(), rel_tol=1e-6)
+    assert math.isclose(negclip_loss(x, y, n, t, b).item(), expect, rel_tol=1e-5)
+    assert math.isclose(negclip_loss(x, y, n[:0], t, b).item(), sig_loss(x, y, t, b).item(), rel_tol=1e-6)
 
 
 def test_negclip_loss_terms_score_the_batch_negatives():
@@ -123,7 +128,7 @@ def test_negclip_loss_terms_score_the_batch_negatives():
     dataset = ShapesDataset(world, 0, "train", 6)
     samples = [dataset[i] for i in range(6)]
     tok = WordTokenizer.build([s["caption"] for s in samples], context_length=32)
-    batch = Collate(tok, negatives=True)(samples)
+    batch = Collate(tok, [hard_negatives])(samples)
     torch.manual_seed(0)
     cfg = CLIPConfig(
         VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
@@ -131,15 +136,15 @@ def test_negclip_loss_terms_score_the_batch_negatives():
         embed_dim=16,
     )
     model = CLIP(cfg)
-    _, negclip = loss_terms(model, batch, Objective("negclip"))
-    _, siglip = loss_terms(model, batch, Objective("siglip"))
-    assert set(negclip) == {"caption"}
+    _, negclip = train.step_loss(model, batch, step_args("negclip"))
+    _, siglip = train.step_loss(model, batch, step_args("siglip"))
+    assert set(negclip) == {"L_sig"}
     x, _ = model.encode_image(batch["images"])
     y, n = model.encode_text(batch["captions"]), model.encode_text(batch["negatives"])[batch["has_negative"]]
-    expect = siglip_loss(x, y, model.scale(), model.bias(), n)
-    torch.testing.assert_close(negclip["caption"], expect)
-    assert negclip["caption"] > siglip["caption"]  # the negatives add terms, each positive
+    expect = negclip_loss(x, y, n, model.scale(), model.bias())
+    torch.testing.assert_close(negclip["L_sig"], expect)
+    assert negclip["L_sig"] > siglip["L_sig"]  # the negatives add terms, each positive
     batch["has_negative"][1] = False  # as for a caption no rule applies to: its row is an empty text, never scored
-    _, masked = loss_terms(model, batch, Objective("negclip"))
+    _, masked = train.step_loss(model, batch, step_args("negclip"))
     n = model.encode_text(batch["negatives"])[batch["has_negative"]]  # (5, D)
-    torch.testing.assert_close(masked["caption"], siglip_loss(x, y, model.scale(), model.bias(), n))
+    torch.testing.assert_close(masked["L_sig"], negclip_loss(x, y, n, model.scale(), model.bias()))

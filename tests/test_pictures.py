@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as evaluate
-import pictures
 from data import pad_batch
 from fixtures import save_image, write_checkpoint
-from pictures import CELL, GAP, LABEL, TITLE
+from run import pictures
+from run.pictures import CELL, GAP, LABEL, TITLE
 
 
 def pixels_of(img: np.ndarray, colour) -> np.ndarray:
@@ -25,23 +25,19 @@ def pixels_of(img: np.ndarray, colour) -> np.ndarray:
 def test_loss_curve_draws_each_term_where_its_values_are(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text(
-        "".join(
-            json.dumps({"step": s, "loss": 0.0, "caption": 10 - 0.5 * s, "concept": 12.0}) + "\n" for s in range(1, 11)
-        )
+        "".join(json.dumps({"step": s, "loss": 0.0, "L_sig": 10 - 0.5 * s, "L_npc": 12.0}) + "\n" for s in range(1, 11))
     )
     out = pictures.plot_losses(str(log), str(tmp_path / "loss.png"))
     img = np.asarray(Image.open(out).convert("RGB"))
     assert img.shape == (400, 640, 3)
     plot, legend = img[:, :540], img[:, 540:]  # the legend sits in the right 100 pixels
-    caption, concept = pixels_of(plot, pictures.LOSS_TERMS["caption"]), pixels_of(plot, pictures.LOSS_TERMS["concept"])
+    caption, concept = pixels_of(plot, pictures.LOSS_TERMS["L_sig"]), pixels_of(plot, pictures.LOSS_TERMS["L_npc"])
     assert len(caption) > 100 and len(concept) > 100
-    assert not len(pixels_of(img, pictures.LOSS_TERMS["pooled"]))  # a term the log lacks is not drawn
+    assert not len(pixels_of(img, pictures.LOSS_TERMS["L_xac"]))  # a term the log lacks is not drawn
     assert concept[:, 0].max() < caption[:, 0].min()  # 12 lies above every caption value
     left, right = caption[caption[:, 1] < caption[:, 1].min() + 5], caption[caption[:, 1] > caption[:, 1].max() - 5]
     assert left[:, 0].mean() < right[:, 0].mean() - 200  # the falling term falls across the plot
-    assert len(pixels_of(legend, pictures.LOSS_TERMS["caption"])) and len(
-        pixels_of(legend, pictures.LOSS_TERMS["concept"])
-    )
+    assert len(pixels_of(legend, pictures.LOSS_TERMS["L_sig"])) and len(pixels_of(legend, pictures.LOSS_TERMS["L_npc"]))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert pictures.plot_losses(str(empty), str(tmp_path / "none.png")) is None

@@ -7,20 +7,22 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluate
-import shapes_eval
 from data import pad_batch
+from evaluation import shapes_benchmark
+from evaluation.shapes_benchmark import CATEGORIES, ShapesBenchmark
 from fixtures import write_checkpoint
 from pool import pooled_similarity
-from pretrained import load_model
-from shapes import ShapesWorld
-from shapes_eval import CATEGORIES, ShapesBenchmark
+from released.weights import load_model
+from sources.shapes import ShapesWorld
 
 
 def test_paired_pooled_cos_is_the_diagonal_of_pooled_similarity():
     torch.manual_seed(0)
     c, u = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 6, 8), dim=-1)
     for tau in (1.0, 0.1):
-        torch.testing.assert_close(shapes_eval.paired_pooled_cos(c, u, tau), pooled_similarity(c, u, tau).diagonal())
+        torch.testing.assert_close(
+            shapes_benchmark.paired_pooled_cos(c, u, tau), pooled_similarity(c, u, tau).diagonal()
+        )
 
 
 class PatchOnlyModel:
@@ -48,8 +50,8 @@ def test_pooled_scoring_reads_the_patches():
         [[vocab.setdefault(w, len(vocab) + 1) for w in re.findall(r"\w+", t)] for t in texts]
     )  # noqa: E731
     bench = ShapesBenchmark(ShapesWorld(image_size=16), n=30, per_class=1)
-    plain = shapes_eval.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64)
-    pooled = shapes_eval.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64, "pooled", 0.1)
+    plain = shapes_benchmark.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64)
+    pooled = shapes_benchmark.evaluate_shapes(PatchOnlyModel(), tokenizer, bench, "cpu", 64, "pooled", 0.1)
     assert set(pooled) == {f"pooled/{k}" for k in plain}
     assert all(v["accuracy"] == 0 for v in plain.values())  # every score ties, and ties are wrong
     assert sum(pooled[f"pooled/{k}"]["accuracy"] for k in CATEGORIES) / len(CATEGORIES) > 0.2
@@ -63,8 +65,8 @@ def test_eval_score_flag(tmp_path):
     )[ckpt]
     model, tokenizer, _ = load_model(ckpt, torch.device("cpu"))
     bench = ShapesBenchmark(ShapesWorld(16), n=30)
-    plain = shapes_eval.evaluate_shapes(model, tokenizer, bench, torch.device("cpu"))
-    pooled = shapes_eval.evaluate_shapes(model, tokenizer, bench, torch.device("cpu"), score="pooled", tau=0.5)
+    plain = shapes_benchmark.evaluate_shapes(model, tokenizer, bench, torch.device("cpu"))
+    pooled = shapes_benchmark.evaluate_shapes(model, tokenizer, bench, torch.device("cpu"), score="pooled", tau=0.5)
     assert results == plain | pooled  # both scorings, the pooled one at --tau 0.5, in one column
     assert plain["heldout-swap-att"]["count"] == pooled["pooled/heldout-swap-att"]["count"] > 0
     with pytest.raises(SystemExit) as err:

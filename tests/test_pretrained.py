@@ -16,11 +16,13 @@ import torch
 
 import eval as evaluate
 import train
+from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes
 from model import CLIP
-from pretrained import balanced_bias, convert_openai_state_dict, load_model
-from shapes import ShapesWorld
-from shapes_eval import ShapesBenchmark, evaluate_shapes
-from weight_files import read_torchscript_state_dict
+from released.convert import convert_openai_state_dict
+from released.files import read_torchscript_state_dict
+from released.weights import load_model
+from run.start import balanced_bias
+from sources.shapes import ShapesWorld
 
 open_clip = pytest.importorskip("open_clip")
 OpenCLIP, CLIPTextCfg, CLIPVisionCfg = open_clip.model.CLIP, open_clip.model.CLIPTextCfg, open_clip.model.CLIPVisionCfg

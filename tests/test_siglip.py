@@ -22,8 +22,9 @@ import train
 from data import eval_transform
 from fixtures import spm_model_bytes
 from model import CLIP, PRESETS, AttentionPool
-from pretrained import convert_siglip_state_dict, load_model
-from weight_files import read_safetensors, read_state_dict
+from released.convert import convert_siglip_state_dict
+from released.files import read_safetensors, read_state_dict
+from released.weights import load_model
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")

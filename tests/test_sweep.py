@@ -1,4 +1,4 @@
-"""sweep.py, the study's one command, end to end on a tiny protocol (2 pretraining steps, 1 fine-tuning step)."""
+"""study/sweep.py, the study's one command, end to end on a tiny protocol (2 pretraining steps, 1 fine-tuning step)."""
 
 import json
 import os
@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sweep
-from metrics import embed_texts
-from pretrained import load_model
-from shapes import ShapesWorld
-from shapes_eval import ShapesBenchmark
+from evaluation.metrics import embed_texts
+from evaluation.shapes_benchmark import ShapesBenchmark
+from released.weights import load_model
+from sources.shapes import ShapesWorld
+from study import sweep
 
 TINY = ["--pretrain-steps", "2", "--finetune-steps", "1", "--batch-size", "4", "--n", "12", "--seeds", "0", "1"]
 
@@ -35,8 +35,8 @@ def test_sweep_trains_reports_failures_and_reuses_its_runs(tmp_path, monkeypatch
     metrics = rows["siglip"]["runs"][1]["metrics"]  # the diagnostics: the end of the training log ...
     with open(tmp_path / "siglip" / "seed1" / "log.jsonl") as f:
         last = json.loads(f.readlines()[-1])
-    assert (metrics["loss/caption"], metrics["t"], metrics["b"]) == (last["caption"], last["scale"], last["bias"])
-    assert "loss/concept" not in metrics  # ... and the text encoder's binding: caption against swap-att negative
+    assert (metrics["L_sig"], metrics["t"], metrics["b"]) == (last["L_sig"], last["scale"], last["bias"])
+    assert "L_npc" not in metrics  # ... and the text encoder's binding: caption against swap-att negative
     model, tokenizer, _ = load_model(str(tmp_path / "siglip" / "seed1" / "ckpt.pt"), torch.device("cpu"))
     swaps = ShapesBenchmark(ShapesWorld(), n=12).pairs["swap-att"]
     pos, neg = (embed_texts(model, tokenizer, [p[k] for p in swaps], 256, "cpu") for k in (1, 2))

@@ -11,11 +11,10 @@ from PIL import Image
 import eval as evaluate
 import train
 from data import Collate
-from fixtures import crash_after_first_checkpoint
-from objective import Objective, loss_terms
-from pretrained import load_model
-from shapes import ShapesDataset, ShapesWorld
-from shapes_eval import ShapesBenchmark, evaluate_shapes
+from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes
+from fixtures import crash_after_first_checkpoint, step_args
+from released.weights import load_model
+from sources.shapes import ShapesDataset, ShapesWorld
 
 FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
@@ -30,12 +29,12 @@ def test_train_writes_checkpoint_and_log(tmp_path, method):
     # t after one step at lr 5e-4 (warm-up): still CLIP's 1/0.07 for its softmax loss, SigLIP's 10 for the others
     assert records[0]["scale"] == pytest.approx(1 / 0.07 if method == "clip" else 10.0, rel=0.01)
     terms = {
-        "c2lip": {"caption", "concept", "pooled"},
-        "siglip": {"caption"},
-        "clip": {"caption"},
-        "negclip": {"caption"},
+        "c2lip": {"L_sig", "L_npc", "L_xac"},
+        "siglip": {"L_sig"},
+        "clip": {"L_clip"},
+        "negclip": {"L_sig"},
     }[method]
-    assert terms <= set(records[-1]) and not ({"concept", "pooled"} - terms) & set(records[-1])
+    assert terms <= set(records[-1]) and not ({"L_sig", "L_npc", "L_xac", "L_clip"} - terms) & set(records[-1])
     assert ("logit_bias" in state["model"]) == (method != "clip")  # CLIP's softmax form has no bias
     assert Image.open(tmp_path / "loss.png").size == (640, 400)  # the loss curve beside the log
 
@@ -128,13 +127,13 @@ def test_concept_losses_with_their_own_logit_scale_and_bias(tmp_path):
 
     model, tokenizer, _ = load_model(own, torch.device("cpu"))
     scenes = ShapesDataset(ShapesWorld(), 0, "train", 4)
-    _, terms = loss_terms(model, Collate(tokenizer)([scenes[i] for i in range(4)]), Objective("c2lip"))
-    terms["caption"].backward(retain_graph=True)
+    _, terms = train.step_loss(model, Collate(tokenizer)([scenes[i] for i in range(4)]), step_args("c2lip"))
+    terms["L_sig"].backward(retain_graph=True)
     assert (
         model.concept_logit_scale.grad is None and model.logit_scale.grad is not None
     )  # the caption loss keeps to its pair
     model.zero_grad()
-    terms["concept"].backward()
+    terms["L_npc"].backward()
     assert model.concept_logit_scale.grad is not None and model.logit_scale.grad is None
 
     shared = train.main(["--method", "c2lip", "--init", own, "--steps", "1", "--out", str(tmp_path / "shared"), *FAST])

@@ -1,4 +1,4 @@
-"""The tar-shard reader (webdata.WebDataset and helpers) on CC3M-format fixtures, and train.py on them."""
+"""The tar-shard reader (sources/shards.py, sources/stream.py) on CC3M-format fixtures, and train.py on them."""
 
 import json
 import os
@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 import train
-import webdata
 from data import Collate, WordTokenizer, eval_transform, image_to_tensor, train_transform
 from fixtures import GOOD_CAPTIONS, IMG2DATASET, crash_after_first_checkpoint, image_bytes, write_cc3m, write_tar
-from webdata import WebDataset, caption_word_counts, expand_braces, expand_shards, shard_sizes, shuffled
+from sources import concepts_file, stream
+from sources.shards import caption_word_counts, expand_braces, expand_shards, shard_sizes
+from sources.stream import WebDataset, shuffled
 
 SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
 
@@ -43,12 +44,12 @@ def test_reads_both_shard_styles_and_skips_bad_samples(cc3m):
     list(ds)
     assert ds.skipped == {k: 2 * n for k, n in SKIPS.items()}  # every pass counts them again
     dog = next(s for s in samples if "dog" in s["caption"])
-    assert dog["concepts"] == ["a dog", "a red ball", "the grass"]  # no --concept-key: extracted (concepts.py)
+    assert dog["phrases"] == ["a dog", "a red ball", "the grass"]  # no --concept-key: extracted (concepts.py)
 
 
 def test_caption_and_concept_keys_from_json(cc3m):
     ds = WebDataset(expand_shards(cc3m), eval_transform(16), caption_key="shortLLA_captions", concept_key="nounphrases")
-    samples = {s["caption"]: s["concepts"] for s in ds}
+    samples = {s["caption"]: s["phrases"] for s in ds}
     expect = {llava: phrases for key, _, llava, phrases in IMG2DATASET if key not in ("000000002", "000000004")}
     assert samples == expect  # "An empty street." has a caption in .json; its empty .txt is not read
     # the re-hosted shard has no .json, so none of its 4 samples has the named caption
@@ -64,13 +65,13 @@ def test_precomputed_concepts_file_is_used(cc3m, tmp_path):
                 "caption_key": None,
                 "count": 1,
                 "concepts": {"s0001_0003": ["a precomputed phrase"]},
-                "digests": {"s0001_0003": webdata.caption_digest("a kitchen with white cabinets")},
+                "digests": {"s0001_0003": concepts_file.caption_digest("a kitchen with white cabinets")},
             }
         )
         + "\n"
     )
     ds = WebDataset(expand_shards(cc3m), eval_transform(16), concepts_file=str(path))
-    by_caption = {s["caption"]: s["concepts"] for s in ds}
+    by_caption = {s["caption"]: s["phrases"] for s in ds}
     assert by_caption["a kitchen with white cabinets"] == ["a precomputed phrase"]
     assert by_caption["a man riding a horse on the beach"] == ["a man", "a horse", "the beach"]  # not in the file
 
@@ -80,7 +81,7 @@ def test_readers_split_shards_or_samples_without_overlap(cc3m, monkeypatch):
     for readers in (2, 3):  # 2 readers: a shard each; 3 readers > 2 shards: every third sample
         seen = []
         for reader in range(readers):
-            monkeypatch.setattr(webdata, "reader_index", lambda r=reader, n=readers: (r, n))
+            monkeypatch.setattr(stream, "reader_index", lambda r=reader, n=readers: (r, n))
             seen += [s["caption"] for s in WebDataset(shards, eval_transform(8), shuffle_buffer=0)]
         assert sorted(seen) == sorted(GOOD_CAPTIONS), readers
 
@@ -128,7 +129,7 @@ def test_sample_counts_from_stats_sizes_json_or_counted_and_cached(cc3m, tmp_pat
     shards = expand_shards(cc3m)
     assert shard_sizes(shards, cc3m) == [5, 4]  # 00000_stats.json says 5 successes; 00001 counted
     assert json.load(open(os.path.join(cc3m, "c2lip-sizes.json")))[shards[1]][1] == 4
-    monkeypatch.setattr(webdata, "shard_groups", lambda *a, **k: pytest.fail("counted twice"))
+    monkeypatch.setattr("sources.shards.shard_groups", lambda *a, **k: pytest.fail("counted twice"))
     assert shard_sizes(shards, cc3m) == [5, 4]
     with open(os.path.join(cc3m, "sizes.json"), "w") as f:
         json.dump({"00001.tar": 40}, f)
@@ -139,7 +140,7 @@ def test_vocabulary_streamed_once_and_cached(cc3m, monkeypatch):
     shards = expand_shards(cc3m)
     counts = caption_word_counts(shards, None, cc3m)
     assert counts["a"] == sum(WordTokenizer.split(c).count("a") for c in GOOD_CAPTIONS + ["a cat sleeping on a sofa"])
-    monkeypatch.setattr(webdata, "shard_captions", lambda *a, **k: pytest.fail("read twice"))
+    monkeypatch.setattr("sources.shards.shard_captions", lambda *a, **k: pytest.fail("read twice"))
     assert caption_word_counts(shards, None, cc3m) == counts
     tok = WordTokenizer.from_counts(counts, context_length=16, max_size=8)
     assert len(tok) == 8 and tok.vocab[4] == "a" and tok.encode("a zebra")[2] == 1  # rare words: <unk>
@@ -168,7 +169,7 @@ def test_train_on_cc3m_shards_end_to_end(cc3m, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     # 7 usable samples in batches of 2: 4 steps per pass, so step 5 is in the second epoch
     assert records[-1]["epoch"] == 1 and set(records[-1]["skipped"]) == set(SKIPS)
-    assert {"caption", "concept", "pooled"} <= set(records[-1])
+    assert {"L_sig", "L_npc", "L_xac"} <= set(records[-1])
 
 
 def test_train_epochs_sets_the_steps_and_reads_json_fields(cc3m, tmp_path):
@@ -200,7 +201,7 @@ def test_train_errors_name_the_layout(tmp_path, capsys):
         (["--epochs", "1"], "--epochs"),
         (
             ["--data", "cc3m", "--data-dir", write_cc3m(str(tmp_path / "c")), "--concepts", "nope.jsonl"],
-            "precompute_concepts.py",
+            "python -m sources.precompute",
         ),
     ]:
         with pytest.raises(SystemExit) as err:

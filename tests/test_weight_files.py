@@ -15,7 +15,7 @@ import torch
 
 import eval as evaluate
 import train
-from weight_files import MAX_HEADER, STORAGE_DTYPES, read_safetensors, read_state_dict, read_torchscript_state_dict
+from released.files import MAX_HEADER, STORAGE_DTYPES, read_safetensors, read_state_dict, read_torchscript_state_dict
 
 
 def never(what: str):

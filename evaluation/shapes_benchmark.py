@@ -44,7 +44,7 @@ import torch
 
 from concepts import article
 from data import WordTokenizer, image_to_tensor
-from metrics import (
+from evaluation.metrics import (
     cos,
     embed_image_tokens,
     embed_images,
@@ -57,7 +57,7 @@ from metrics import (
 )
 from model import CLIP
 from pool import pooled_similarity
-from shapes import COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, Obj, Scene, ShapesWorld
+from sources.shapes import COLOURS, GRID, HOLDOUT_COMBOS, SHAPES, SIZES, Obj, Scene, ShapesWorld
 
 BENCH_SEED = 1234  # the held-out scenes: split "test" of this seed, never seen in training
 CATEGORIES = [

@@ -1,4 +1,4 @@
-"""The studies that sweep.py runs: each a protocol (pretraining and fine-tuning flags), its rows and its columns.
+"""The studies that study/sweep.py runs: each a protocol (pretraining and fine-tuning flags), its rows and its columns.
 
   hypotheses   docs/study.md, "When does concept-centric learning help?": seven explanations of C2LIP's
                gap to the SigLIP baseline, one row each (the default study)
@@ -13,7 +13,7 @@ from that seed's pretrained model and is compared with the baseline row of the s
 
 from dataclasses import dataclass
 
-from shapes_eval import CATEGORIES
+from evaluation.shapes_benchmark import CATEGORIES
 
 
 @dataclass(frozen=True)
@@ -41,24 +41,24 @@ HYPOTHESES = Study(
         "pretrained": (None, "the pretrained SigLIP model every row starts from, not fine-tuned"),
         "siglip": (["--method", "siglip"], "the baseline: fine-tuned with the caption loss alone"),
         "negclip": (["--method", "negclip"], "NegCLIP-style: plus one rule-made hard negative per caption"),
-        "c2lip": (["--method", "c2lip"], "C2LIP with the paper's weights: concept 1.0, pooled 0.01, tau 1"),
-        "c2lip -concept": (["--method", "c2lip", "--concept-weight", "0"], "ablation: without the concept loss"),
-        "c2lip -pooled": (["--method", "c2lip", "--pool-weight", "0"], "ablation: without the pooled loss"),
-        "c2lip pooled 1": (
-            ["--method", "c2lip", "--pool-weight", "1"],
-            "the pooled loss weighted as much as the concept loss",
+        "c2lip": (["--method", "c2lip"], "C2LIP with the paper's weights: L_npc 1.0, L_xac 0.01, tau 1"),
+        "c2lip -npc": (["--method", "c2lip", "--npc-weight", "0"], "ablation: without the concept loss L_npc"),
+        "c2lip -xac": (["--method", "c2lip", "--xac-weight", "0"], "ablation: without the pooled concept loss L_xac"),
+        "c2lip xac 1": (
+            ["--method", "c2lip", "--xac-weight", "1"],
+            "L_xac weighted as much as L_npc",
         ),
         "c2lip tau 0.1": (["--method", "c2lip", "--tau", "0.1"], "hypothesis 5: a sharper pooling"),
-        "c2lip pooled 1 tau 0.1": (
-            ["--method", "c2lip", "--pool-weight", "1", "--tau", "0.1"],
+        "c2lip xac 1 tau 0.1": (
+            ["--method", "c2lip", "--xac-weight", "1", "--tau", "0.1"],
             "hypothesis 5: a sharper pooling that carries weight",
         ),
         "c2lip own t,b": (
             ["--method", "c2lip", "--concept-logits", "own"],
             "hypothesis 2: the concept losses get their own logit scale and bias",
         ),
-        "c2lip concept 0.1": (
-            ["--method", "c2lip", "--concept-weight", "0.1"],
+        "c2lip npc 0.1": (
+            ["--method", "c2lip", "--npc-weight", "0.1"],
             "hypothesis 2: a lighter concept loss",
         ),
         "c2lip phrase labels": (
@@ -68,7 +68,7 @@ HYPOTHESES = Study(
     },
     # eval.py's shapes metrics, compositional categories first
     columns=[*CATEGORIES, "i2t-R@1", "t2i-R@1", "zeroshot-top1"],
-    diagnostics=["swap-text-cos", "loss/caption", "loss/concept", "loss/pooled", "t", "b", "concept t", "concept b"],
+    diagnostics=["swap-text-cos", "L_sig", "L_npc", "L_xac", "t", "b", "concept t", "concept b"],
 )
 
 MECHANISM = Study(
@@ -86,8 +86,8 @@ MECHANISM = Study(
             ["--method", "c2lip", "--concept-labels", "scene"],
             "question 2: the same with labels from the scene, no false negatives",
         ),
-        "c2lip pooled 1 tau 0.1": (
-            ["--method", "c2lip", "--pool-weight", "1", "--tau", "0.1"],
+        "c2lip xac 1 tau 0.1": (
+            ["--method", "c2lip", "--xac-weight", "1", "--tau", "0.1"],
             "question 3: the pooled loss that carries weight, read plain and through the pooling",
         ),
     },
@@ -108,9 +108,9 @@ MECHANISM = Study(
         "above/phrase",
         "pos/phrase",
         "fn/phrase",
-        "loss/caption",
-        "loss/concept",
-        "loss/pooled",
+        "L_sig",
+        "L_npc",
+        "L_xac",
         "t",
         "b",
     ],

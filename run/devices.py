@@ -1,13 +1,10 @@
 """Where the computation runs: the device, the autocast precision, and torchrun's processes.
 
-Paper map ("Training setup" in docs/paper.md): the paper trains on 8 GPUs in bf16, and its losses see the
-global batch: image tokens and phrases are all-gathered across GPUs. `gather` does that, with gradients.
-
-Devices are chosen explicitly: CUDA, then Apple's MPS, then the CPU (`--device` overrides), and every
-autocast goes through torch.autocast(device_type=...), never a CUDA-only API. bf16 is the default on
-CUDA only: on CPU it measured no faster (bench/step.py).
-
-Dimension legend: n_r rows held by rank r of W ranks.
+Not part of the paper, which trains on 8 GPUs in bf16 (docs/paper.md, "The paper's training recipe"):
+devices are chosen explicitly, CUDA, then Apple's MPS, then the CPU (`--device` overrides), and every
+autocast goes through torch.autocast(device_type=...), never a CUDA-only API. bf16 is the default on CUDA
+only: on CPU it measured no faster (bench/step.py). Under torchrun every rank runs train.py; `setup` joins
+the process group (NCCL on GPUs, gloo on CPUs) and run/scale.py gathers the global batch.
 """
 
 import argparse
@@ -15,7 +12,6 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
@@ -83,38 +79,3 @@ def log0(*text) -> None:
     """Print on rank 0 only (every rank runs train.py under torchrun)."""
     if rank_and_world()[0] == 0:
         print(*text, flush=True)
-
-
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x (n_r, ...) from every rank along dim 0 -> (sum_r n_r, ...); ranks may hold different n_r.
-
-    Why the gather must carry gradients: rank r's images are the negatives of every other rank's texts
-    and phrases. A plain all_gather returns constants, so the gradient of those terms would never reach
-    the encoder that produced them and each rank would learn only from its own slice of the batch.
-    torch.distributed.nn's all_gather is differentiable: its backward sends each rank the gradients
-    that every rank computed for its rows, summed. Every rank computes the same global loss L, so rank r
-    receives W * dL/dx_r; DistributedDataParallel then averages parameter gradients over the W ranks,
-    which leaves exactly dL/dtheta, the gradient of one process holding the whole batch (tested).
-    """
-    if rank_and_world()[1] == 1:
-        return x
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
-    sizes = [int(n) for n in sizes]
-    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])  # all_gather needs equal shapes
-    if x.is_floating_point():
-        parts = dist_fn.all_gather(padded)
-    else:  # integer labels carry no gradient
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def gather_owner(owner: torch.Tensor, num_images: int) -> torch.Tensor:
-    """Owners (K_r,) index this rank's images; in the gathered batch they are offset by the images of
-    the ranks before it."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return owner
-    counts = gather(torch.tensor([num_images], device=owner.device))  # (W,)
-    return gather(owner + counts[:rank].sum())

@@ -8,21 +8,17 @@ name and then renamed, so an interrupted write never leaves a half file where a 
 checkpoint is only ever written from finite weights (train.py checks them), and it is read back with
 torch.load(weights_only=True): tensors and plain data, never code. A checkpoint that cannot be used is
 refused in one line, which names ckpt-prev.pt and its step when that one can be read; a full disk stops
-the run with both files as they were.
+the run with both files as they were. Continuing a run is run/resume.py's concern.
 """
 
 import contextlib
 import json
 import os
-import shlex
-import signal
-import sys
 
 import torch
 
-from devices import log0
 from model import CLIPConfig
-from released_tokenizers import tokenizer_from_state_dict
+from released.tokenizers import tokenizer_from_state_dict
 
 try:
     import fcntl  # POSIX; on Windows the lock below is skipped
@@ -164,29 +160,23 @@ def read_log(path: str) -> list[dict]:
     return records
 
 
-def truncate_log(path: str, step: int) -> None:
-    """Keep the records of steps <= step: a resumed run replays the steps after its checkpoint, and its log
-    must not hold them twice."""
-    if os.path.exists(path):
-        kept = [r for r in read_log(path) if r["step"] <= step]
-        with atomic_write(path) as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-
-
-def out_problem(out: str) -> str | None:
-    """Why `out` cannot be a run's folder (it, or a folder above it, is a file), or None."""
-    existing = out
-    while existing and not os.path.exists(existing):  # the nearest part of the path that exists
-        existing = os.path.dirname(existing)
-    if existing and not os.path.isdir(existing):
-        return f"{existing} is a file, not a folder: pass a folder for the run (it is made if missing)"
-    return None
-
-
-def resume_command(command: str) -> str:
-    """The command that continues a run: `command` with --resume, without --overwrite (they exclude each other)."""
-    words = [w for w in shlex.split(command) if w != "--overwrite"]
-    return shlex.join(words + ["--resume"] * ("--resume" not in words))
+def log_record(step: int, loss, terms: dict, model, optimizer, seconds: float, dataset) -> dict:
+    """One line of log.jsonl: the loss and its unweighted terms, t and b (and the concept losses' own pair),
+    the learning rate, the wall time and, for a stream of shards, its epoch and the samples it skipped (or
+    kept but changed) so far."""
+    record = {
+        "step": step,
+        "loss": loss.item(),
+        **{k: v.item() for k, v in terms.items()},
+        "scale": model.scale().item(),
+        "bias": model.bias().item(),
+    }
+    if model.cfg.concept_logits:
+        record |= dict(zip(("concept_scale", "concept_bias"), (v.item() for v in model.concept_scale_bias())))
+    record |= {"lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)}
+    if hasattr(dataset, "skipped"):  # a stream of shards (sources/stream.py)
+        record |= dict(epoch=dataset.epoch, skipped=dataset.skipped, noted=dataset.noted)
+    return record
 
 
 class RunInUse(RuntimeError):
@@ -209,105 +199,3 @@ def locked(folder: str):
         finally:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def log_record(step: int, loss, terms: dict, model, lr: float, seconds: float, skipped: dict | None) -> dict:
-    """One line of log.jsonl: the loss and its unweighted terms, t and b (and the concept losses' own pair),
-    the learning rate, the wall time and, for shards, the epoch and the samples skipped so far."""
-    record = {
-        "step": step,
-        "loss": loss.item(),
-        **{k: v.item() for k, v in terms.items()},
-        "scale": model.scale().item(),
-        "bias": model.bias().item(),
-    }
-    if model.cfg.concept_logits:
-        record |= dict(zip(("concept_scale", "concept_bias"), (v.item() for v in model.concept_scale_bias())))
-    record |= {"lr": lr, "seconds": round(seconds, 2)}
-    if skipped is not None:  # a stream of shards: its epoch and the samples it skipped so far
-        record |= skipped
-    return record
-
-
-# ----------------------------------------------------------------------------- resume, stop, skip
-
-# Flags a resumed run may change; any other must equal the checkpoint's, or the run would silently become
-# another experiment under the old name.
-RESUMABLE_CHANGES = set(
-    "steps epochs resume overwrite out workers device precision compile grad_checkpointing log_every ckpt_every "
-    "max_nonfinite data_dir concepts init bpe clip_act cache_dir".split()
-)
-
-
-def resume_state(args, ckpt_path: str, log_path: str) -> dict | None:
-    """The checkpoint to continue from (--resume), or None to start afresh. Refuses, in one line each, to
-    overwrite a run by accident, to read a file that is not a checkpoint, and to continue a run with other
-    flags or past its end."""
-    held = [f for f in (ckpt_path, previous(ckpt_path), log_path) if os.path.exists(f)]
-    if not args.resume:
-        if held and not args.overwrite:
-            files = ", ".join(map(os.path.basename, held))
-            sys.exit(f"error: {args.out} holds a run ({files}): --resume continues it, --overwrite replaces it")
-        for f in held:
-            os.remove(f)
-        return None
-    path = next((f for f in (ckpt_path, previous(ckpt_path)) if os.path.exists(f)), None)
-    if path is None:
-        log0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
-        return None
-    try:
-        state = load_checkpoint(path)
-    except ValueError as err:
-        sys.exit(f"error: --resume: {err}{previous_hint(path, '--resume')}")
-    changed = [k for k, v in state.get("args", {}).items() if k not in RESUMABLE_CHANGES and vars(args).get(k, v) != v]
-    if changed:
-        theirs = " ".join(f"--{k.replace('_', '-')} {state['args'][k]}" for k in changed)
-        sys.exit(f"error: --resume: {path} was trained with {theirs}; resume with those, or use another --out")
-    if state["step"] > args.steps:
-        sys.exit(f"error: --resume: {path} is at step {state['step']}, past --steps {args.steps}")
-    return state
-
-
-class Stop:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) ask the loop to stop after the current step; it then
-    saves and says how to resume. Under torchrun every rank must stop at the same step, so the flag is agreed
-    on by an all_reduce each step."""
-
-    def __init__(self, world_size: int, device):
-        self.signal, self.world_size, self.device = None, world_size, device
-
-    def __enter__(self):
-        self.old = {s: signal.signal(s, self.catch) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-    def catch(self, signum, frame) -> None:
-        self.signal = signum
-
-    def requested(self) -> bool:
-        if self.world_size == 1:
-            return self.signal is not None
-        flag = torch.tensor([0 if self.signal is None else self.signal], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.signal = int(flag) or None
-        return self.signal is not None
-
-
-def ignore_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def skip_or_stop(args, step: int, in_a_row: int, ckpt_path: str) -> None:
-    """A step whose loss or gradient is not finite is skipped (the weights are left as they were), up to
-    --max-nonfinite in a row; one more stops the run before anything is saved."""
-    if in_a_row <= args.max_nonfinite:
-        log0(f"step {step + 1}: non-finite loss or gradient, step skipped ({in_a_row} in a row)")
-        return
-    saved = f"{ckpt_path} keeps the last good weights" if os.path.exists(ckpt_path) else "no checkpoint was written"
-    what = f"the loss or its gradient is not finite ({in_a_row} step(s) in a row)"
-    sys.exit(f"error: step {step + 1}: {what}; the run stops and {saved}. Lower --lr (now {args.lr:g}) perhaps")

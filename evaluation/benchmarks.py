@@ -15,7 +15,7 @@ retrieval. The file formats are those of the official releases:
                 of the image's captions is in the top K) and text->image R@1, R@5, R@10
 A file that is missing or not in the format stops with a message naming what was expected and where to
 get it; a benchmark is never scored on part of its images. With eval.py --download, `fetch_benchmark` gets
-the official files into download.py's cache first (CIFAR through torchvision's own download; ImageNet,
+the official files into released/download.py's cache first (CIFAR through torchvision's own download; ImageNet,
 which needs a licence, never).
 
 Dimension legend: M benchmark examples, B images, X texts, C classes, P prompt templates, D joint width.
@@ -30,9 +30,8 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-import download
-from data import ImageFiles, eval_transform, load_image
-from metrics import (
+from data import eval_transform, load_image
+from evaluation.metrics import (
     cos,
     embed_texts,
     fraction,
@@ -45,6 +44,7 @@ from metrics import (
     zeroshot_classifier,
 )
 from model import CLIP
+from released import download
 
 SUGARCREPE = {
     "add": ["add_att", "add_obj"],
@@ -82,6 +82,19 @@ LAYOUT = {
     "flickr30k_test.json), and the images under DIR: COCO's val2014/ (images.cocodataset.org/zips/"
     "val2014.zip) or Flickr30k's flickr30k-images/ (request form at shannon.cs.illinois.edu/DenotationGraph).",
 }
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Item i: transform(image file i), decoded in the DataLoader's workers; a corrupt file raises OSError."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[index]))
 
 
 def fail(message: str):

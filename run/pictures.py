@@ -6,7 +6,7 @@
                      paper Section 3.2) as a heat map over the image, a row per model (eval.py --show)
   contact_sheet      training scenes of the shapes world with their captions and concept phrases:
 
-  python pictures.py --n 4 --out docs/shapes.png
+  python -m run.pictures --n 4 --out docs/shapes.png
 
 Dimension legend: K phrases, N = g x g patches, D joint embedding width.
 """
@@ -21,15 +21,16 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoint import read_log
 from concepts import extract_concepts
 from data import eval_transform, load_image
-from metrics import embed_texts
+from evaluation.metrics import embed_texts
 from model import CLIP
 from pool import pooling_weights
-from shapes import WORLDS, ShapesWorld
+from run.checkpoint import read_log
+from sources.shapes import WORLDS, ShapesWorld
 
-LOSS_TERMS = {"caption": (31, 119, 180), "concept": (214, 39, 40), "pooled": (44, 160, 44)}  # term -> line colour
+# term -> line colour
+LOSS_TERMS = {"L_sig": (31, 119, 180), "L_npc": (214, 39, 40), "L_xac": (44, 160, 44), "L_clip": (148, 103, 189)}
 
 
 def plot_losses(log_path: str, out_path: str, size: tuple[int, int] = (640, 400)) -> str | None:

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from checkpoint import atomic_write
-from transfer import DownloadError, discard, download
+from released.transfer import DownloadError, discard, download
+from run.checkpoint import atomic_write
 
 try:
     import fcntl  # POSIX; on Windows concurrent downloads are not serialised
@@ -100,7 +100,7 @@ TOKENIZERS = {
     ),
 }
 # The benchmark files at their pinned commits: SHA-256 and size of each git blob, which the raw URLs serve
-# byte for byte. Kept in the cache as DIR/add_att.json ..., the layout benchmarks.py reads.
+# byte for byte. Kept in the cache as DIR/add_att.json ..., the layout evaluation/benchmarks.py reads.
 SUGARCREPE_FILES = {
     "add_att": ("012d88d729693d193760e6f3393b06a1cf874380a9db0062e937201199fe044d", 158_863),
     "add_obj": ("1b9d76b93139a937b8dc1ada92a4f05ecc821bb3c291d752428bafadd4bb0682", 484_593),

@@ -3,13 +3,13 @@
 Not part of C2LIP: the paper's point is that it needs no hard negatives, and it compares against NegCLIP
 (Yuksekgonul et al., ICLR 2023), which trains with a hard negative caption per image: the same kind of
 words, bound differently. Its rules are written here over the noun phrases of concepts.py, so they
-apply to any caption. The negatives join the batch as extra texts that every image must score below
-(losses.siglip_loss, `negatives`).
+apply to any caption. `hard_negatives` adds them to a batch (a data.Collate extra) as extra texts that
+every image must score below (baselines/losses.py, `negclip_loss`).
 
 Departure: NegCLIP shuffles parts of COCO captions parsed with spaCy and mines hard negative images too;
 this keeps only the two rules that target binding (swap and replace), with no image negatives.
 
-  python negatives.py "a tiny red circle and a large blue star"     # print a hard negative of each caption
+  python -m baselines.negatives "a tiny red circle and a large blue star"    # a hard negative of each caption
 """
 
 import argparse
@@ -17,6 +17,8 @@ import functools
 import itertools
 import random
 import re
+
+import torch
 
 from concepts import MAX_CAPTION_CHARS, TOKENIZER, article, collapse_spaces, noun_phrase_spans, tagged_tokens
 
@@ -119,6 +121,20 @@ def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] |
     for start, end, new in sorted(changes, reverse=True):
         negative = negative[:start] + new + negative[end:]
     return negative
+
+
+def hard_negatives(samples: list[dict], phrases: list[str], tokenizer) -> dict:
+    """Collate extra of --method negclip, made in the DataLoader workers: one hard negative per caption,
+    "negatives" (B, Tn), and "has_negative" (B,), False where no rule applies (that row holds an empty text,
+    never scored). Replacement words come from the batch's own captions; each caption's draws are seeded by
+    its text, so a batch's negatives do not depend on which worker made it (and a resumed run replays them)."""
+    captions = [s["caption"] for s in samples]
+    words = slot_words(captions)
+    negatives = [hard_negative(c, random.Random(f"negative:{c}"), words) for c in captions]
+    return {
+        "negatives": tokenizer([n or "" for n in negatives]),  # (B, Tn)
+        "has_negative": torch.tensor([n is not None for n in negatives]),  # (B,)
+    }
 
 
 def main(argv=None) -> None:

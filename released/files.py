@@ -1,5 +1,5 @@
 """Files of released weights, read without running any of their code: OpenAI's TorchScript archive and
-safetensors. pretrained.py renames what they hold onto model.py's modules.
+safetensors. released/convert.py renames what they hold onto model.py's modules.
 
   read_state_dict        any supported file -> its dict (a state dict, or a checkpoint of ours or open_clip's)
   read_torchscript_state_dict   OpenAI's CLIP release, a TorchScript zip, unpickled with an allow-list

@@ -1,7 +1,7 @@
 """SentencePiece's unigram tokenizer, written from scratch: the .model file, its normalisation, its Viterbi.
 
 SigLIP's text tower reads the ids of a SentencePiece unigram model (T5's English vocabulary, 32,000 pieces);
-released_tokenizers.SigLIPTokenizer adds open_clip's cleaning, end token and padding around this file. What
+released/tokenizers.SigLIPTokenizer adds open_clip's cleaning, end token and padding around this file. What
 is reproduced here is `sentencepiece.SentencePieceProcessor(model_file=...).encode(text)`, id for id
 (tests/test_sentencepiece.py compares the two on hundreds of strings with a model trained in the test):
 

@@ -1,20 +1,20 @@
 """The study of docs/study.md ("When does concept-centric learning help?"): every row of its table, over
 several seeds, in one command.
 
-  python sweep.py                               # the table: trains what is missing, reuses the rest
-  python sweep.py --seeds 3 4 5 --root runs/sweep_b   # the same study on other seeds
-  python sweep.py --rows siglip c2lip --seeds 0 # part of it
-  python sweep.py --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip  # docs/study.md, H1
-  python sweep.py --list                        # the rows, their flags and what each one tests
-  python sweep.py --study mechanism             # docs/mechanism.md: the threshold regime, scene labels
+  python -m study.sweep                               # the table: trains what is missing, reuses the rest
+  python -m study.sweep --seeds 3 4 5 --root runs/sweep_b   # the same study on other seeds
+  python -m study.sweep --rows siglip c2lip --seeds 0 # part of it
+  python -m study.sweep --world dense --root runs/sweep_dense --rows pretrained siglip negclip c2lip  # study.md, H1
+  python -m study.sweep --list                        # the rows, their flags and what each one tests
+  python -m study.sweep --study mechanism             # docs/mechanism.md: the threshold regime, scene labels
 
-Studies (studies.py): `hypotheses` (the default) and `mechanism`; each sets the protocol's flags, its rows,
+Studies (study/studies.py): `hypotheses` (the default) and `mechanism`; each sets the protocol's flags, its rows,
 its columns and its defaults (--root, the step counts, --batch-size).
 
-Protocol, the paper's in miniature ("Training setup" in docs/paper.md: fine-tune a pretrained SigLIP model,
+Protocol, the paper's in miniature ("The paper's training recipe" in docs/paper.md: fine-tune a pretrained SigLIP model,
 baseline and C2LIP for the same steps): for each seed, pretrain one SigLIP model on the shapes world (the
 study's pretraining flags), then fine-tune a copy of it per row for the same number of steps (its
-fine-tuning flags plus the row's). Every model is scored on the same held-out benchmark (shapes_eval.py,
+fine-tuning flags plus the row's). Every model is scored on the same held-out benchmark (evaluation/shapes_benchmark.py,
 drawn by --bench-seed, which no training run uses). Training scenes never hold a colour-shape pair of
 shapes.HOLDOUT_COMBOS, so the heldout-* columns are the compositional-generalisation split.
 
@@ -30,7 +30,7 @@ Departure: the paper fine-tunes at lr 1e-5 for 5 epochs of CC3M; here fine-tunin
 studies). In the hypotheses study the logit scale and bias learn at their own rate
 (--logit-lr) in every run: at the shared rate they barely move from t = 10, b = -10 in a few hundred steps
 (the README's first comparison), which leaves the sigmoid losses far from fitting. The mechanism study
-instead restarts t at 100 for fine-tuning (train.py --init-scale; studies.py says why).
+instead restarts t at 100 for fine-tuning (train.py --init-scale; study/studies.py says why).
 """
 
 import argparse
@@ -44,17 +44,17 @@ import time
 
 import torch
 
-from checkpoint import read_log, write_json
-from metrics import cos, embed_texts
-from pretrained import load_model
-from shapes import WORLDS, ShapesWorld
-from shapes_eval import BENCH_SEED, ShapesBenchmark, evaluate_shapes
-from studies import STUDIES, Study
+from evaluation.metrics import cos, embed_texts
+from evaluation.shapes_benchmark import BENCH_SEED, ShapesBenchmark, evaluate_shapes
+from released.weights import load_model
+from run.checkpoint import read_log, write_json
+from sources.shapes import WORLDS, ShapesWorld
+from study.studies import STUDIES, Study
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train.py is
 
-ROWS = STUDIES["hypotheses"].rows  # the default study's rows (studies.py holds every study)
-DIAG_TAIL = 5  # diagnostics.py's per-batch measurements are averaged over the last this many log records
+ROWS = STUDIES["hypotheses"].rows  # the default study's rows (study/studies.py holds every study)
+DIAG_TAIL = 5  # run/diagnostics.py's per-batch measurements are averaged over the last this many log records
 
 
 def folder(root: str, row: str, seed: int) -> str:
@@ -84,10 +84,10 @@ def run_training(out: str, flags: list[str], seed: int, init: str | None = None)
     t0 = time.time()
     with open(os.path.join(out, "train.txt"), "a") as console:
         code = subprocess.run(
-            [sys.executable, os.path.join(HERE, "train.py"), *argv, *where],
+            [sys.executable, os.path.join(ROOT, "train.py"), *argv, *where],
             stdout=console,
             stderr=subprocess.STDOUT,
-            cwd=HERE,
+            cwd=ROOT,
         ).returncode
     record["seconds"] += time.time() - t0
     if code < 0 or code in (130, 143):  # stopped by a signal (train.py saves, then exits 128 + signal): resume
@@ -112,9 +112,9 @@ def finite_loss(out: str) -> bool:
 
 
 def score_run(out: str, bench: ShapesBenchmark, bench_seed: int, pooled_tau: float | None = None) -> dict:
-    """The shapes benchmark's scores of OUT/ckpt.pt (shapes_eval.py, plain scoring; with pooled_tau, also
-    scored through the pooling at that tau, named pooled/...) and the diagnostics below, cached in
-    OUT/eval.json."""
+    """The shapes benchmark's scores of OUT/ckpt.pt (evaluation/shapes_benchmark.py, plain scoring; with
+    pooled_tau, also scored through the pooling at that tau, named pooled/...) and the diagnostics below,
+    cached in OUT/eval.json."""
     path, key, results = os.path.join(out, "eval.json"), {"bench_seed": bench_seed, "n": len(bench.scenes)}, {}
     if os.path.exists(path):
         with open(path) as f:
@@ -138,7 +138,7 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
     """What docs/study.md's explanation rests on: the mean cosine between a caption's embedding and its
     swap-att negative's (near 1: the text encoder does not tell the two bindings apart), and the end of
     training from log.jsonl: each unweighted loss term, and the logit scale t and bias b (of the concept
-    losses too, when they have their own); and diagnostics.py's threshold fractions and label counts, each
+    losses too, when they have their own); and run/diagnostics.py's threshold fractions and label counts, each
     measured on one batch, so averaged over the last DIAG_TAIL log records."""
     pos, neg = ([p[k] for p in bench.pairs["swap-att"]] for k in (1, 2))
     swap_cos = (
@@ -152,9 +152,9 @@ def diagnostics(model, tokenizer, bench: ShapesBenchmark, out: str) -> dict:
     keys = [k for k in ("above/caption", "above/phrase", "pos/phrase", "fn/phrase") if all(k in r for r in tail)]
     measured = {k: statistics.fmean(r[k] for r in tail) for k in keys}
     names = {
-        "caption": "loss/caption",
-        "concept": "loss/concept",
-        "pooled": "loss/pooled",
+        "L_sig": "L_sig",
+        "L_npc": "L_npc",
+        "L_xac": "L_xac",
         "scale": "t",
         "bias": "b",
         "concept_scale": "concept t",
@@ -195,7 +195,7 @@ def markdown(stats: dict[str, dict], columns: list[str], signed: bool = False) -
     return "\n".join(lines)
 
 
-def curve(outs: list[str], key: str = "caption", parts: int = 4) -> list[float]:
+def curve(outs: list[str], key: str = "L_sig", parts: int = 4) -> list[float]:
     """The mean of `key` over each of `parts` consecutive stretches of the runs' logs, averaged over the runs.
     Every training scene is fresh, so the caption loss of the log is a held-out measure: where it stops
     falling, more steps would not help the run (the study's budget check)."""
@@ -210,7 +210,7 @@ def curve(outs: list[str], key: str = "caption", parts: int = 4) -> list[float]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", default="hypotheses", choices=list(STUDIES), help="which study (studies.py)")
+    p.add_argument("--study", default="hypotheses", choices=list(STUDIES), help="which study (study/studies.py)")
     p.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run, by name (default: all; see --list)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds, one run per row each")
     p.add_argument("--root", help="folder of every run, and of results.json (default: the study's)")
@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     for name in ("rows", "root", "pretrain_steps", "finetune_steps", "batch_size", "pretrain_seed"):  # the study's
         if getattr(args, name) is None:
             setattr(args, name, list(study.rows) if name == "rows" else getattr(study, name))
-    args.root = os.path.abspath(args.root)  # train.py runs in this file's folder, wherever sweep.py is called from
+    args.root = os.path.abspath(args.root)  # train.py runs in the repository's root, wherever this is called from
     for name in ("pretrain_steps", "finetune_steps", "batch_size", "n"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -285,7 +285,7 @@ def main(argv=None) -> dict:
         markdown(rows, study.columns),
         f"Difference to {BASELINE} of the same seed (same pretrained start), mean ± std:",
         markdown(paired, study.columns, signed=True),
-        "Diagnostics (diagnostics() in sweep.py), mean ± std:",
+        "Diagnostics (diagnostics() in study/sweep.py), mean ± std:",
         markdown(rows, study.diagnostics),
     ]
     done = [run["out"] for run in rows.get(BASELINE, {"runs": {}})["runs"].values() if run["status"] == "done"]

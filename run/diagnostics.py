@@ -1,6 +1,6 @@
 """What the sigmoid losses see during training, logged by train.py at the log interval (docs/mechanism.md).
 
-Paper map (docs/paper.md, "Losses"): every loss scores a pair with the logit t * cos + b and a sigmoid, so
+Paper map (docs/paper.md, "The losses"): every loss scores a pair with the logit t * cos + b and a sigmoid, so
 a matching pair counts as matched only when t * cos > -b, i.e. when its cosine is above the threshold
 -b/t. At SigLIP's start (t = 10, b = -10) the threshold is 1, which no pair of distinct vectors reaches:
 every positive stays in the loss's linear regime and is pulled with the same force, however well it
@@ -13,7 +13,7 @@ already fits. The released SigLIP weights the paper starts from have t near 112 
                   under every label rule, so the fraction compares across runs and methods
 
 The second is what the concept labels get wrong. The shapes world knows which images truly show a
-phrase (losses.scene_truth: an object of its colour and shape, and size if it says one):
+phrase (sources/shapes.scene_truth: an object of its colour and shape, and size if it says one):
 
   pos/phrase      mean over phrases of the images labelled positive by the run's label rule
                   (--concept-labels; the owner rule for methods without concept losses)
@@ -22,15 +22,15 @@ phrase (losses.scene_truth: an object of its colour and shape, and size if it sa
 
 Cost: one forward pass without gradients over the batch, at the log interval only (every 10 steps by
 default, ~3% of the training time). A separate pass rather than the loss's own embeddings: it needs
-the phrases for every method (the SigLIP baseline never embeds them), and it keeps loss_terms and the
-training loop as they are. Under torchrun each rank measures its own slice of the batch; rank 0 logs it.
+the phrases for every method (the SigLIP baseline never embeds them), and it keeps the training
+step as it is. Under torchrun each rank measures its own slice of the batch; rank 0 logs it.
 
 Dimension legend: B images (= captions), K concept phrases, D joint embedding width.
 """
 
 import torch
 
-from losses import concept_labels
+from baselines.losses import concept_labels
 
 
 def threshold_fractions(image, text, concept, owner, scale, bias, concept_scale, concept_bias) -> dict:
@@ -54,13 +54,11 @@ def batch_diagnostics(model, batch: dict, concept_rule: str = "owner") -> dict:
     """The diagnostics above for one batch (data.Collate) under the model's current weights; the label
     counts only where the batch carries the shapes world's truth ("objects", "phrase_codes")."""
     image, _ = model.encode_image(batch["images"])  # (B, D)
-    text, concept = model.encode_text(batch["captions"]), model.encode_text(batch["concepts"])  # (B, D), (K, D)
+    text, phrase = model.encode_text(batch["captions"]), model.encode_text(batch["phrases"])  # (B, D), (K, D)
     owner = batch["owner"]
-    out = threshold_fractions(image, text, concept, owner, model.scale(), model.bias(), *model.concept_scale_bias())
+    out = threshold_fractions(image, text, phrase, owner, model.scale(), model.bias(), *model.concept_scale_bias())
     if "objects" in batch:
-        scene = (batch["phrase_codes"], batch["objects"])
-        ids = batch["phrase_ids"] if concept_rule == "phrase" else None
-        labels = concept_labels(owner, len(image), ids, scene if concept_rule == "scene" else None)  # (B, K)
-        truth = concept_labels(owner, len(image), scene=scene) > 0  # (B, K): the owner, and the scene's truth
+        labels = concept_labels(concept_rule, owner, len(image), batch)  # (B, K)
+        truth = concept_labels("scene", owner, len(image), batch) > 0  # (B, K): the owner, and the scene's truth
         out |= label_counts(labels, truth)
     return out

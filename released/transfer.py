@@ -1,5 +1,5 @@
 """One HTTP transfer into a .part file, which a bad network or a misbehaving server cannot turn into a file
-download.py would then trust: download.py's cache decides what a finished .part becomes.
+released/download.py would then trust: its cache decides what a finished .part becomes.
 
   download(url, part, path, pinned)   url -> part, resumed where an earlier try stopped when that is safe
 

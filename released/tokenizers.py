@@ -7,8 +7,8 @@ records which one it was trained with (state_dict()["kind"], read back by tokeni
 eval.py always tokenizes as training did.
 
 Paper map: none directly. The paper fine-tunes SigLIP, whose tokenizer is SigLIPTokenizer below: open_clip's
-"canonicalize" cleaning, then T5's SentencePiece unigram model (sentencepiece_unigram.py), the end token
-and padding to the full 64-token context. OpenAI's CLIP weights (pretrained.py) use BPETokenizer.
+"canonicalize" cleaning, then T5's SentencePiece unigram model (released/sentencepiece.py), the end token
+and padding to the full 64-token context. OpenAI's CLIP weights (released/weights.py) use BPETokenizer.
 
 Dimension legend: B texts, T tokens (the longest in the batch, at most the context length).
 """
@@ -24,7 +24,7 @@ import unicodedata
 import torch
 
 from data import WordTokenizer, pad_batch
-from sentencepiece_unigram import UnigramModel, read_model
+from released.sentencepiece import UnigramModel, read_model
 
 # CLIP's byte-level BPE. A caption is cleaned, cut into pre-tokens (words, single digits, runs of other
 # symbols), each pre-token's UTF-8 bytes are spelled with 256 printable stand-in characters, and learned
@@ -262,7 +262,7 @@ class SigLIPTokenizer:
     attends to the padding, and the last position is the text's feature."""
 
     def __init__(self, spec: dict, context_length: int = 64):
-        self.spec, self.context_length = spec, context_length  # spec: sentencepiece_unigram.read_model's
+        self.spec, self.context_length = spec, context_length  # spec: released/sentencepiece.read_model's
         self.model = UnigramModel(spec)
         self.end_id = self.pad_id = self.model.eos_id
 

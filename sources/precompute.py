@@ -1,18 +1,18 @@
 """The concept phrases of tar shards, computed once, in a process pool, resumably (concepts.py on every caption).
 
-  python precompute_concepts.py --data-dir /data/cc3m --out /data/cc3m-concepts.jsonl --workers 16   # Ctrl-C, rerun
+  python -m sources.precompute --data-dir /data/cc3m --out /data/cc3m-concepts.jsonl --workers 16   # Ctrl-C, rerun
 
 Extracting phrases with NLTK in the DataLoader workers costs CPU on every epoch; this writes them once. The
 file holds one JSON line per shard:
   {"shard": "00000.tar", "caption_key": null, "concepts": {"<sample key>": ["a dog", ...], ...},
    "digests": {"<sample key>": "9f86d081884c7d65", ...}, "count": n, "failed": f, "cut": c}
 caption_key: the --caption-key the captions were read with (null: <key>.txt); digests: 8 bytes of blake2b of
-every caption read, as hex (webdata.caption_digest), in shard order, so that train.py can tell the file's
+every caption read, as hex (sources/concepts_file.py), in shard order, so that train.py can tell the file's
 captions from the shards' (shard names and sample keys repeat across datasets); count: the samples with
 phrases; failed: the captions NLTK failed on (an error, or nltk.redos's wall-clock limit), which have no
 phrases; cut: the captions over concepts.MAX_CAPTION_CHARS, whose phrases come from their start. "error" marks
 a shard that could not be read to its end (its phrases up to there are kept, and a rerun does not try it
-again). `train.py --concepts FILE` reads it and checks it (webdata.check_concepts_file). An interrupted run
+again). `train.py --concepts FILE` reads it and checks it (sources/concepts_file.py). An interrupted run
 resumes where it stopped, with the same --caption-key; a file written before the digests, or with another
 caption key, is only replaced with --overwrite; an existing file that is not a concepts file is never written to.
 """
@@ -29,7 +29,8 @@ import time
 from tqdm import tqdm
 
 from concepts import MAX_CAPTION_CHARS, ConceptError, extract_concepts
-from webdata import caption_digest, caption_source, concepts_index, concepts_lines, expand_shards, shard_captions
+from sources.concepts_file import caption_digest, caption_source, concepts_index, concepts_lines
+from sources.shards import expand_shards, shard_captions
 
 
 def _shard_job(job: tuple[str, str | None]) -> dict:

@@ -5,13 +5,16 @@ cause of poor binding). This world keeps that property in miniature: 64 x 64 sce
 (8 colours, 7 shapes, 2 sizes) on a dark background, and captions that name every object with its colour,
 and usually its size, in one of eight wordings ("there is a tiny red circle, a large blue star and a
 green hexagon."). Swapping two colours leaves the bag of words unchanged: only binding tells the two
-captions apart, which is what shapes_eval.py measures. Concept phrases come from concepts.py, exactly as
-for real captions; ShapesWorld.phrases gives the ground truth the tests compare them with.
+captions apart, which is what evaluation/shapes_benchmark.py measures. Concept phrases come from
+concepts.py, exactly as for real captions; ShapesWorld.phrases gives the ground truth the tests compare
+them with, and `truth` adds that truth to a batch (the training diagnostics, --concept-labels scene).
 
 Every scene is a pure function of (seed, split, index): a dataset needs no storage, the held-out
 benchmark (split "test") is fixed, and a resumed run sees exactly the batches it would have seen.
 
-Dimension legend: B images, C=3 channels, H=W image side.
+  python -m run.pictures --n 4 --out docs/shapes.png          # a contact sheet of training scenes
+
+Dimension legend: B images, C=3 channels, S image side, K concept phrases, O object slots per image.
 """
 
 import math
@@ -44,7 +47,8 @@ MAX_OBJECTS = GRID * GRID  # rows of object_codes: every scene fits
 
 # Colour-shape pairs that ShapesWorld(holdout=HOLDOUT_COMBOS) (train.py --holdout-combos) keeps out of every
 # training scene: one per colour, no shape more than twice, so each colour and each shape is still seen in
-# training, only never together. shapes_eval.py scores binding on test scenes holding one (the generalisation split).
+# training, only never together. evaluation/shapes_benchmark.py scores binding on test scenes holding one (the
+# generalisation split).
 HOLDOUT_COMBOS = (
     ("red", "circle"),
     ("green", "square"),
@@ -228,10 +232,30 @@ def phrase_code(phrase: str) -> tuple[int, int, int]:
     return index(list(COLOURS)), index(SHAPES), index(list(SIZES))
 
 
+def scene_truth(phrase_codes: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: image i holds an object that phrase k describes (its colour and shape, and its size when
+    the phrase says one). phrase_codes (K, 3) and objects (B, O, 3) hold (colour, shape, size) indices, -1 for
+    a word the phrase does not say or an empty object slot; a phrase without a colour or a shape word
+    describes no object here."""
+    obj, code = objects[:, :, None, :], phrase_codes[None, None, :, :]  # (B, O, 1, 3), (1, 1, K, 3)
+    same = obj == code  # (B, O, K, 3)
+    fits = same[..., 0] & same[..., 1] & (same[..., 2] | (code[..., 2] < 0))  # (B, O, K): size only if said
+    return fits.any(dim=1) & (phrase_codes[:, 0] >= 0) & (phrase_codes[:, 1] >= 0)  # (B, K)
+
+
+def truth(samples: list[dict], phrases: list[str], tokenizer) -> dict:
+    """Collate extra (data.Collate) of the shapes world: "objects" (B, O, 3) and "phrase_codes" (K, 3)."""
+    # a caption without phrases is its own phrase (data.Collate), which names no single object
+    codes = [c for s in samples for c in (s["phrase_codes"] if s["phrases"] else [(-1, -1, -1)])]
+    return {
+        "objects": torch.stack([s["objects"] for s in samples]),  # (B, O, 3)
+        "phrase_codes": torch.tensor(codes, dtype=torch.long).view(-1, 3),  # (K, 3)
+    }
+
+
 class ShapesDataset(torch.utils.data.Dataset):
-    """Item i of a split: {'image': (C, H, W), 'caption': str, 'concepts': list[str]}, and the ground truth
-    that the scene label rule and the training diagnostics read: 'objects' (object_codes, (O, 3)) and
-    'concept_codes' (phrase_code of each concept phrase).
+    """Item i of a split: {'image': (C, S, S), 'caption': str, 'phrases': list[str]}, and the ground truth
+    that `truth` reads: 'objects' (object_codes, (O, 3)) and 'phrase_codes' (phrase_code of each phrase).
 
     Concept phrases come from concepts.py (NLTK), exactly as they would for real captions; the
     ground-truth phrases are ShapesWorld.phrases, which the tests compare them against.
@@ -247,13 +271,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene = self.world.scene(self.seed, self.split, index)
         caption = self.world.caption(scene)
         image = image_to_tensor(self.world.render(scene), self.normalise)
-        concepts = extract_concepts(caption)
+        phrases = extract_concepts(caption)
         return {
             "image": image,
             "caption": caption,
-            "concepts": concepts,
+            "phrases": phrases,
             "objects": object_codes(scene),
-            "concept_codes": [phrase_code(p) for p in concepts],
+            "phrase_codes": [phrase_code(p) for p in phrases],
         }
 
 

@@ -1,0 +1,5 @@
+"""The study of the shapes world: several training runs per row, over seeds, in one command.
+
+sweep.py     python -m study.sweep: trains what is missing, resumes what was interrupted, prints the tables
+studies.py   the studies it runs: their protocols, rows and columns (docs/study.md, docs/mechanism.md)
+"""

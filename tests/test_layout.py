@@ -1,0 +1,89 @@
+"""The repository's shape: the paper's files alone at the root, the machinery in folders, and the rules the
+imports keep (the paper's files import no folder, no cycle, no script imports another, no test-only package
+at run time). Read from the source files with ast, nothing imported."""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = {"model", "pool", "losses", "concepts", "data", "train", "eval"}  # the root: the files read beside the paper
+CORE = {"model", "pool", "losses", "concepts"}  # the method itself: they import nothing of the machinery
+FOLDERS = ["baselines", "bench", "evaluation", "released", "run", "sources", "study"]
+SCRIPTS = {"train", "eval", "study.sweep", "sources.precompute"}  # (a module with a small CLI may be imported)
+TEST_ONLY = {
+    "open_clip",
+    "ftfy",
+    "regex",
+    "webdataset",
+    "sentencepiece",
+    "google",
+    "safetensors",
+    "timm",
+    "transformers",
+}
+
+
+def modules() -> dict[str, str]:
+    """{dotted module name: path} of every file of the project but the tests."""
+    found = {name[:-3]: os.path.join(ROOT, name) for name in os.listdir(ROOT) if name.endswith(".py")}
+    for folder in FOLDERS:
+        for name in os.listdir(os.path.join(ROOT, folder)):
+            if name.endswith(".py") and name != "__init__.py":
+                found[f"{folder}.{name[:-3]}"] = os.path.join(ROOT, folder, name)
+    return found
+
+
+def imports(path: str) -> set[str]:
+    """The modules a file imports, by their full dotted names ("from run import scale" gives run.scale too)."""
+    tree, out = ast.parse(open(path).read()), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def project_graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imports(path) & set(found) for name, path in found.items()}
+
+
+def test_the_root_holds_the_paper_and_every_folder_says_what_it_holds():
+    assert {n[:-3] for n in os.listdir(ROOT) if n.endswith(".py")} == PAPER
+    for folder in FOLDERS:
+        doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, folder, "__init__.py")).read()))
+        assert doc and len(doc.splitlines()) >= 3, folder  # a few lines, then the files it holds
+        for name in os.listdir(os.path.join(ROOT, folder)):
+            if name.endswith(".py") and name != "__init__.py":
+                assert name in doc, (folder, name)
+
+
+def test_the_paper_files_import_no_machinery():
+    graph = project_graph()
+    for name in CORE:
+        assert graph[name] <= CORE, (name, graph[name] - CORE)
+
+
+def test_no_import_cycle_and_no_script_imports_another():
+    graph = project_graph()
+    state = {}
+
+    def visit(name, path):
+        assert state.get(name) != "open", " -> ".join([*path, name])
+        if state.get(name) is None:
+            state[name] = "open"
+            for other in graph[name]:
+                visit(other, [*path, name])
+            state[name] = "done"
+
+    for name in graph:
+        visit(name, [])
+    for name, imported in graph.items():
+        assert not imported & SCRIPTS, (name, imported & SCRIPTS)
+
+
+def test_no_run_time_imports_of_test_only_packages():
+    for name, path in modules().items():
+        if not name.startswith("bench."):  # the speed benchmarks compare with open_clip when it is installed
+            assert not {m.split(".")[0] for m in imports(path)} & TEST_ONLY, name
