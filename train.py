@@ -301,7 +301,8 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
 
     # ---- checkpoint
     save(args.steps)
-    log0(f"wrote {ckpt_path} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {ckpt_path}")
+    files = f"{ckpt_path}, {log_path} and {os.path.join(args.out, 'loss.png')}"  # the weights, the log, its curve
+    log0(f"wrote {files} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {ckpt_path}")
     return ckpt_path
 
 

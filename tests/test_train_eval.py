@@ -140,3 +140,17 @@ def test_concept_losses_with_their_own_logit_scale_and_bias(tmp_path):
     assert "concept_logit_scale" not in torch.load(shared, weights_only=False)["model"]
     with pytest.raises(SystemExit):
         train.get_args(["--method", "siglip", "--concept-logits", "own"])
+
+
+def test_a_run_ends_by_saying_where_its_files_are_and_how_to_evaluate(tmp_path, capsys):
+    ckpt = train.main(["--steps", "1", "--out", str(tmp_path), *FAST])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    for name in ("ckpt.pt", "log.jsonl", "loss.png"):
+        assert str(tmp_path / name) in last and (tmp_path / name).exists()
+    assert last.endswith(f"python eval.py --ckpt {ckpt}")
+
+
+def test_the_default_schedule_is_the_short_one_and_the_flags_still_reach_the_long_one():
+    args = train.get_args([])
+    assert (args.steps, args.batch_size, args.out) == (200, 64, "runs/c2lip")  # the README's first block
+    assert (train.get_args(["--steps", "600", "--batch-size", "128"]).steps, args.lr) == (600, 5e-4)
