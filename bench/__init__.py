@@ -5,7 +5,8 @@
   python -m bench.accumulation   accumulation.py: --accum-freq K, step time and peak memory against one batch
   python -m bench.pool           pool.py: L_xac batched (the root's pool.py) against the authors' loop over phrases
   python -m bench.data           data.py: does one loader process keep up with the training step?
+  python -m bench.scoring        scoring.py: SugarCrepe at full size through eval.py with a B/16, time and memory
   common.py                      the training step they time, train.py's rebuilt (scripts do not import scripts)
 
-docs/scale.md shows the figures they printed, with the commands.
+docs/scale.md shows the figures they printed, with the commands (bench.scoring's: docs/real-data.md).
 """

@@ -1,5 +1,5 @@
 """The shapes world's compositional-generalisation split: colour-shape pairs held out of training scenes
-(shapes.HOLDOUT_COMBOS, train.py --holdout-combos) and shapes_eval.py's held-out categories on test scenes."""
+(sources/shapes.HOLDOUT_COMBOS, train.py --holdout-combos) and the shapes benchmark's held-out categories."""
 
 import re
 
