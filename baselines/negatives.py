@@ -58,15 +58,15 @@ def phrase_slots(caption: str) -> tuple[str, tuple]:
 
 
 def slot_words(captions: list[str]) -> dict[int, list[str]]:
-    """{slot: the distinct lower-case words seen in that slot, sorted}: the replacement pool of hard_negative.
+    """{slot: the distinct lower-case words seen in that slot, sorted}: the replacement words of hard_negative.
     Sorted, not a set: a set's order changes with each process's string hashing, and so would the negatives."""
-    pool: dict[int, set] = {}
+    seen: dict[int, set] = {}
     for caption in captions:
         text, phrases = phrase_slots(caption)
         for slots, _ in phrases:
             for d, (s, e) in enumerate(slots):
-                pool.setdefault(d, set()).add(text[s:e].lower())
-    return {d: sorted(words) for d, words in pool.items()}
+                seen.setdefault(d, set()).add(text[s:e].lower())
+    return {d: sorted(words) for d, words in seen.items()}
 
 
 def _cased(word: str, like: str) -> str:
@@ -76,12 +76,12 @@ def _cased(word: str, like: str) -> str:
     return word.lower() if word[:1].isupper() and word[1:].islower() else word
 
 
-def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] | None = None) -> str | None:
+def hard_negative(caption: str, rng: random.Random, words: dict[int, list[str]] | None = None) -> str | None:
     """A caption with the same kind of words bound differently, or None when no rule applies. A rule is
     drawn among those that apply, then one of its edits:
       swap     two phrases exchange their words in one modifier slot: 'a tiny red circle and a large blue
                star' -> 'a tiny blue circle and a large red star' (an attribute swap, as in NegCLIP)
-      replace  a word becomes one seen in the same slot of `pool` (slot_words) that the caption lacks:
+      replace  a word becomes one seen in the same slot of `words` (slot_words) that the caption lacks:
                'a tiny green circle and ...' (slot 1), 'a tiny red square and ...' (slot 0, the noun)
     An 'a'/'an' before an edited word follows the new word. Only the edited words change, so the
     negative keeps the caption's wording and punctuation: nothing but the binding tells them apart."""
@@ -91,7 +91,7 @@ def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] |
         return text[slice(*phrases[p][0][d])]
 
     present = set(re.findall(r"[\w']+", text.lower()))
-    pool = pool or {}
+    words = words or {}
     swaps = [
         (a, b, d)
         for a, b in itertools.combinations(range(len(phrases)), 2)
@@ -99,7 +99,7 @@ def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] |
         if word(a, d).lower() != word(b, d).lower()
     ]
     replaces = [
-        (p, d) for p, (slots, _) in enumerate(phrases) for d in range(len(slots)) if set(pool.get(d, ())) - present
+        (p, d) for p, (slots, _) in enumerate(phrases) for d in range(len(slots)) if set(words.get(d, ())) - present
     ]
     rules = [r for r in (swaps, replaces) if r]
     if not rules:
@@ -110,7 +110,7 @@ def hard_negative(caption: str, rng: random.Random, pool: dict[int, list[str]] |
         edits = {(a, d): word(b, d), (b, d): word(a, d)}
     else:
         p, d = rng.choice(replaces)
-        edits = {(p, d): rng.choice([w for w in pool[d] if w not in present])}
+        edits = {(p, d): rng.choice([w for w in words[d] if w not in present])}
     changes = []  # (start, end, new text), applied right to left so earlier ranges stay valid
     for (p, d), new in edits.items():
         (slots, a_or_an), old = phrases[p], word(p, d)
@@ -141,9 +141,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("captions", nargs="+", help="captions; replacement words are drawn from all of them")
     args = parser.parse_args(argv)
-    pool = slot_words(args.captions)
+    words = slot_words(args.captions)
     for caption in args.captions:
-        print(f"{caption}\n  negative: {hard_negative(caption, random.Random(caption), pool)}")
+        print(f"{caption}\n  negative: {hard_negative(caption, random.Random(caption), words)}")
 
 
 if __name__ == "__main__":

@@ -86,14 +86,14 @@ def precompute(
         f"{out}: {len(shards) - len(todo)} of {len(shards)} shards already done, {len(todo)} to do, {workers} processes"
     )
     # Ctrl-C reaches every process of the group: the pool ignores it, this process stops the pool.
-    pool = (
+    processes = (
         multiprocessing.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) if workers > 0 and todo else None
     )
     captions, failed, t0 = 0, [], time.time()
     bad_captions = cut = 0
     try:
         with open(out, "a") as f, tqdm(total=len(todo), desc="concepts", unit="shard") as bar:
-            for record in pool.imap_unordered(_shard_job, todo) if pool else map(_shard_job, todo):
+            for record in processes.imap_unordered(_shard_job, todo) if processes else map(_shard_job, todo):
                 f.write(json.dumps(record) + "\n")
                 f.flush()  # a finished shard survives an interruption
                 captions += record["count"]
@@ -102,8 +102,8 @@ def precompute(
                 bar.update()
                 bar.set_postfix(captions_per_s=f"{captions / (time.time() - t0):.0f}", unreadable=len(failed))
     finally:
-        if pool:
-            pool.terminate()
+        if processes:
+            processes.terminate()
     rate = captions / max(time.time() - t0, 1e-9)
     if todo:
         print(f"{captions} captions in {time.time() - t0:.1f}s: {rate:.0f} captions/s")
