@@ -1,6 +1,6 @@
-"""Run the tests from any folder: put the repository root on the import path, and find NLTK's tagger
-data in ../shared/nltk_data when that folder exists (machines without internet); the benchmark files that
-several test files score (`bench`)."""
+"""Run the tests from any folder: put the repository root on the import path; the benchmark files that
+several test files score (`bench`). NLTK's tagger is found on NLTK's own search path (set NLTK_DATA on a
+machine without internet)."""
 
 import os
 import sys
@@ -9,12 +9,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED_NLTK = os.path.join(os.path.dirname(ROOT), "shared", "nltk_data")
-if os.path.isdir(SHARED_NLTK) and "NLTK_DATA" not in os.environ:
-    os.environ["NLTK_DATA"] = SHARED_NLTK
-    import nltk
-
-    nltk.data.path.insert(0, SHARED_NLTK)
 
 
 @pytest.fixture
