@@ -16,7 +16,7 @@ Pipeline (the paper's "standard NLP software"):
 
 Bound: a caption longer than MAX_CAPTION_CHARS is cut (at a space) before it is tagged and chunked, and a
 failure of the tagger or chunker on one caption raises ConceptError, which the callers count as a skip of that
-caption (sources/shards.py, sources/precompute.py): NLTK runs every regular expression under a wall-clock limit
+caption (sources/stream.py, sources/precompute.py): NLTK runs every regular expression under a wall-clock limit
 (nltk.redos, 5 s) and a 1 MB caption, scraped text pasted into an alt-text, runs past it.
 
 Departure: the authors' released code asks an LLM for the noun phrases of the main subjects; this file

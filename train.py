@@ -34,7 +34,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from baselines.losses import LABEL_KEYS, LABEL_RULES, baseline_loss, concept_labels, phrase_ids
+from baselines.losses import LABEL_RULES, RULE_KEYS, baseline_loss, concept_labels, phrase_ids
 from baselines.negatives import hard_negatives
 from data import Collate
 from losses import c2lip_loss
@@ -162,7 +162,8 @@ def embed(net, batch: dict, args) -> dict[str, torch.Tensor]:
     if args.method == "negclip":
         emb["negatives"] = texts[batch["has_negative"]]  # (M, D): captions no rule applies to have none
     if args.method == "c2lip":
-        emb |= {"phrase": texts, "owner": batch["owner"]} | {k: batch[k] for k in LABEL_KEYS if k in batch}
+        rule_keys = RULE_KEYS[args.concept_labels]  # gathered with the embeddings: only what the rule reads
+        emb |= {"phrase": texts, "owner": batch["owner"]} | {k: batch[k] for k in rule_keys}
         if patches:  # the patches are the largest tensor: kept only when L_xac reads them
             emb["patch"] = patch
     return emb

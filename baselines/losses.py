@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from concepts import normalise_phrase
-from losses import owner_labels, sig_loss, sigmoid_loss
+from losses import owner_labels, sig_loss
 from sources.shapes import scene_truth
 
-LABEL_RULES = ("owner", "phrase", "scene")
-LABEL_KEYS = ("phrase_ids", "objects", "phrase_codes")  # what the rules read, gathered with the embeddings
+RULE_KEYS = {"owner": (), "phrase": ("phrase_ids",), "scene": ("objects", "phrase_codes")}  # what each rule reads
+LABEL_RULES = tuple(RULE_KEYS)
 
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -39,10 +39,7 @@ def negclip_loss(image_emb, text_emb, negatives, t, b) -> torch.Tensor:
     """L_sig with negatives (M, D), texts that match no image, as M more columns with z = -1 for every image,
     still divided by B: each image is pushed below every negative's threshold, its own caption's included.
         L = -(1/B) [ sum_i sum_j log sigmoid(z_ij (t x_i.y_j + b)) + sum_i sum_m log sigmoid(-(t x_i.n_m + b)) ]"""
-    texts = torch.cat([text_emb, negatives])  # (B + M, D)
-    logits = t * image_emb @ texts.T + b  # (B, B + M)
-    labels = 2 * torch.eye(*logits.shape, device=logits.device) - 1  # +1 on the diagonal, -1 elsewhere
-    return sigmoid_loss(logits, labels, len(logits))
+    return sig_loss(image_emb, torch.cat([text_emb, negatives]), t, b)  # logits (B, B + M)
 
 
 def baseline_loss(method: str, emb: dict[str, torch.Tensor], t, b) -> tuple[torch.Tensor, dict]:
@@ -71,7 +68,7 @@ def phrase_ids(samples: list[dict], phrases: list[str], tokenizer) -> dict:
 
 
 def concept_labels(rule: str, owner: torch.Tensor, num_images: int, extras: dict) -> torch.Tensor:
-    """z (B, K) in {+1, -1} of a label rule (LABEL_RULES), for owner (K,) and the gathered LABEL_KEYS of the
+    """z (B, K) in {+1, -1} of a label rule (LABEL_RULES), for owner (K,) and the gathered RULE_KEYS of the
     batch: phrase_ids (K,) for "phrase"; phrase_codes (K, 3) and objects (B, O, 3) for "scene"."""
     positive = owner_labels(owner, num_images) > 0  # (B, K)
     if rule == "scene":

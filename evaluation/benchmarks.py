@@ -45,6 +45,7 @@ from evaluation.metrics import (
 )
 from model import CLIP
 from released import download
+from released.files import DuplicateKey, unique_keys
 
 SUGARCREPE = {
     "add": ["add_att", "add_obj"],
@@ -144,21 +145,6 @@ def embed_examples(model: CLIP, tokenizer, files: dict[str, list[tuple]], args, 
 
 
 # ----------------------------------------------------------------------------- the real benchmarks: files
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-def unique_keys(pairs: list[tuple]) -> dict:
-    """json's object_pairs_hook: an object, refused if a key repeats. json itself keeps the last value, which
-    silently drops a SugarCrepe record that shares its index with another."""
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise DuplicateKey(key)
-        obj[key] = value
-    return obj
 
 
 def read_json_file(path: str, bench: str):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from released.transfer import DownloadError, discard, download
+from released.transfer import CHUNK, DownloadError, discard, download
 from run.checkpoint import atomic_write
 
 try:
@@ -143,7 +143,6 @@ BENCHMARK_FILES = {
 FILES = WEIGHTS | TOKENIZERS | BENCHMARK_FILES
 
 CACHE_ENV = "C2LIP_CACHE"
-CHUNK = 1 << 20
 FETCHED: dict[str, str] = {}  # path -> name of every file fetch() returned in this process (see refetch_hint)
 
 

@@ -264,14 +264,19 @@ def is_safetensors(path: str) -> bool:
     return len(start) == 9 and start[8:] == b"{" and struct.unpack("<Q", start[:8])[0] > 1
 
 
-def _unique_keys(pairs: list) -> dict:
-    """json.loads keeps the last of two equal keys; a header that names a tensor twice is refused instead."""
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise WeightFileError(f"the header names {key!r} twice")
-        seen.add(key)
-    return dict(pairs)
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs: list[tuple]) -> dict:
+    """json's object_pairs_hook: an object, refused (DuplicateKey) if a key repeats. json itself keeps the last
+    value, which would let a safetensors header name a tensor twice, or drop a SugarCrepe record unseen."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
 
 
 def safetensors_layout(header: dict, data_bytes: int) -> list[tuple[int, int, str, torch.dtype, list[int]]]:
@@ -321,7 +326,9 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         if length > min(MAX_HEADER, size - 8):
             raise WeightFileError(f"a header of {length:,} bytes: more than the file holds or {MAX_HEADER:,}")
         try:
-            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=_unique_keys)
+            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=unique_keys)
+        except DuplicateKey as err:
+            raise WeightFileError(f"the header names {err.args[0]!r} twice") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise WeightFileError(f"the header is not JSON ({err})") from None
         if not isinstance(header, dict):

@@ -297,7 +297,7 @@ class SigLIPTokenizer:
         return cls(state["model"], state["context_length"])
 
 
-TOKENIZERS = {"word": WordTokenizer, "clip_bpe": BPETokenizer, "sentencepiece": SigLIPTokenizer}  # kind -> class
+TOKENIZER_KINDS = {"word": WordTokenizer, "clip_bpe": BPETokenizer, "sentencepiece": SigLIPTokenizer}  # kind -> class
 
 
 def tokenizer_from_state_dict(state: dict):
@@ -306,10 +306,12 @@ def tokenizer_from_state_dict(state: dict):
     if not isinstance(state, dict):
         raise ValueError(f"the checkpoint's tokenizer is a {type(state).__name__}, not a tokenizer's state (a dict)")
     kind = state.get("kind")
-    if not isinstance(kind, str) or kind not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer kind {kind!r} in the checkpoint (train.py writes {', '.join(TOKENIZERS)})")
+    if not isinstance(kind, str) or kind not in TOKENIZER_KINDS:
+        raise ValueError(
+            f"unknown tokenizer kind {kind!r} in the checkpoint (train.py writes {', '.join(TOKENIZER_KINDS)})"
+        )
     try:
-        tokenizer = TOKENIZERS[kind].from_state_dict(state)
+        tokenizer = TOKENIZER_KINDS[kind].from_state_dict(state)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         detail = f"no field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
         raise ValueError(f"the checkpoint's {kind} tokenizer is malformed ({detail})") from None

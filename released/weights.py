@@ -9,7 +9,7 @@ The paper fine-tunes pretrained weights; none of OpenAI's, open_clip's or timm's
 read without executing anything (released/files.py) and renamed onto model.py's modules
 (released/convert.py). A release named instead of a file is downloaded once into a cache folder and checked
 there (released/download.py), as is CLIP's BPE vocabulary when none is at hand. Starting a training run
-from them (train.py --init) is released/init.py's.
+from them (train.py --init) is run/start.py's.
 """
 
 import argparse

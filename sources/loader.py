@@ -9,8 +9,6 @@ Resuming replays the batches an uninterrupted run would have seen: at any step i
 is a pure function of its index), at an epoch boundary for shards (sources/stream.py says why).
 """
 
-from collections import Counter
-
 import torch
 
 from data import WordTokenizer, train_transform
@@ -30,7 +28,7 @@ def word_tokenizer(args, context_length: int, plan) -> WordTokenizer:
     if args.data == "shapes":  # a few thousand captions hold every word of this small world
         world = shapes_world(args, 0)
         captions = (world.caption(world.scene(args.seed, "train", i)) for i in range(2000))
-        return WordTokenizer.from_counts(Counter(w for c in captions for w in WordTokenizer.split(c)), context_length)
+        return WordTokenizer.build(captions, context_length)
     counts = caption_word_counts(plan.paths, args.caption_key, plan.cache)  # counted once, cached
     return WordTokenizer.from_counts(counts, context_length, max_size=args.vocab_size)
 
