@@ -1,4 +1,4 @@
-"""Concept phrases: cut a caption into the noun phrases it names (paper Section 3.1).
+"""Concept phrases: cut a caption into the noun phrases it names (docs/paper.md, "The problem and the method").
 
 The paper's first fix for bag-of-words matching: a long caption can be matched by its words in any
 order, but a short phrase such as "a tiny red circle" can only be matched by an image region that has
@@ -19,8 +19,9 @@ failure of the tagger or chunker on one caption raises ConceptError, which the c
 caption (sources/stream.py, sources/precompute.py): NLTK runs every regular expression under a wall-clock limit
 (nltk.redos, 5 s) and a 1 MB caption, scraped text pasted into an alt-text, runs past it.
 
-Departure: the authors' released code asks an LLM for the noun phrases of the main subjects; this file
-uses the paper's "standard NLP software" route, which needs no model and runs in DataLoader workers.
+Departure (docs/departures.md): the authors' released code asks an LLM (Phi-3.5-mini-instruct) for the noun
+phrases of the main subjects, and their README says the paper's own phrases came from a proprietary pipeline;
+this file takes the paper's "standard NLP software" route, which needs no model and runs in DataLoader workers.
 A known limit of any POS grammar: a participle between two nouns ("people walking dogs") starts a new
 phrase ("walking dogs").
 
@@ -47,10 +48,10 @@ GENERIC = set(
 )
 ARTICLES = {"a", "an", "the", "one", "this", "that", "these", "those", "some"}
 TAGGER_DATA = "averaged_perceptron_tagger_eng"
-# Longer captions are cut before chunking. About 1,700 words: CC3M's alt-texts and DreamLIP's LLaVA captions
-# (the paper's) are tens to a few hundred words, so none is cut, and 10,000 characters tag and chunk in well
-# under a second, far inside nltk.redos's 5 s per regular expression. That limit is wall clock, so on a
-# loaded machine a shorter caption can still run past it: extract_concepts then raises ConceptError.
+# Longer captions are cut before chunking. About 1,700 words, far above CC3M's alt-texts and the short LLaVA
+# captions the paper trains on (DreamLIP's shortLLA_captions), so none of theirs is cut; 10,000 characters tag
+# and chunk in well under a second, far inside nltk.redos's 5 s per regular expression. That limit is wall
+# clock, so on a loaded machine a shorter caption can still run past it: extract_concepts then raises ConceptError.
 MAX_CAPTION_CHARS = 10_000
 
 TOKENIZER = TreebankWordTokenizer()

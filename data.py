@@ -3,7 +3,7 @@
 Paper map (docs/paper.md, "Notation"): a batch holds B images with their captions y_i, and the concept
 phrases p_k of every caption (concepts.py), each owned by the image o(k) whose caption it came from:
 
-  images (B, C, H, W)    the pixels, normalised as the model's config says (NORMALISE)
+  images (B, C, S, S)    the pixels, normalised as the model's config says (NORMALISE)
   captions (B, T)        token ids, right-padded
   phrases (K, Tc)        every caption's phrases, one after another, each a short sequence of its own
   owner (K,)             owner[k] = o(k), the image whose caption phrase k was cut from

@@ -12,16 +12,16 @@
   python eval.py --bench sugarcrepe zeroshot --data-dir sugarcrepe=sc/data zeroshot=imagenet/val ...
   python eval.py --show 3 --concepts "a red circle" "a tiny blue star" --ckpt A.pt B.pt --out attention.png
 
-Paper map: Section 4. `--bench shapes` (the default) is the shapes benchmark (evaluation/shapes_benchmark.py):
-SugarCrepe's categories generated exactly on held-out scenes, retrieval and zero-shot; the real benchmarks
-(SugarCrepe, SugarCrepe++, zero-shot, retrieval) are read and scored on their official files
-(evaluation/benchmarks.py); every metric is a pure function of scores (evaluation/metrics.py) in which ties
-count against the model. A checkpoint is one of ours, OpenAI's CLIP release or an open_clip state dict
-(released/weights.py), each evaluated with the tokenizer, image size and pixel normalisation it was trained
-with. `--show` draws, instead, where each phrase looks in an image: its pooling weights over the patches
-(run/pictures.py). `--download` fetches the official benchmark files into a cache folder first, and a
-released model can be named instead of a file (`openai/ViT-B-16`): released/download.py. Evaluation records
-no autograd graph (torch.inference_mode).
+Paper map (docs/paper.md, "What the paper reports"). `--bench shapes` (the default) is the shapes benchmark
+(evaluation/shapes_benchmark.py): SugarCrepe's categories generated exactly on held-out scenes, retrieval and
+zero-shot; the real benchmarks (SugarCrepe, SugarCrepe++, zero-shot, retrieval) are read and scored on their
+official files (evaluation/benchmarks.py); every metric is a pure function of scores (evaluation/metrics.py) in
+which ties count against the model. A checkpoint is one of ours, OpenAI's CLIP release or an open_clip state dict
+(released/weights.py), each evaluated with the tokenizer, image size and pixel normalisation it was trained with.
+`--show` draws, instead, where each phrase looks in an image: its pooling weights over the patches
+(run/pictures.py). `--download` fetches the official benchmark files into a cache folder first, and a released model
+can be named instead of a file (`openai/ViT-B-16`): released/download.py. Evaluation records no autograd graph
+(torch.inference_mode).
 
 Departure: the paper reports the real benchmarks only; `--bench shapes` is the same protocol on a world
 where each category is generated exactly, with counts.
@@ -35,123 +35,33 @@ from tqdm import tqdm
 
 from data import image_to_tensor
 from evaluation import benchmarks
-from evaluation.shapes_benchmark import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
+from evaluation.flags import add_benchmark_flags, check_benchmark_args
+from evaluation.shapes_benchmark import ShapesBenchmark, checkpoint_world, evaluate_shapes
 from released.weights import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
 from run.checkpoint import write_json
 from run.devices import add_device_flag, pick_device
+from run.flags import HelpFormatter
 from run.pictures import attention_maps, attention_picture, show_image
 from sources.shapes import WORLDS, ShapesWorld
 
-BENCHES = ["shapes", "sugarcrepe", "sugarcrepe++", "zeroshot", "retrieval"]
-
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--ckpt",
-        nargs="+",
-        default=["runs/c2lip/ckpt.pt"],
-        metavar="PATH_OR_NAME",
-        help=f"checkpoints to compare, a column each: our checkpoints, CLIP weights files, {WEIGHT_NAMES}",
-    )
-    p.add_argument("--bench", nargs="+", default=["shapes"], choices=BENCHES, help="benchmarks to run, in one table")
-    p.add_argument("--n", type=int, default=1000, help="held-out scenes in the shapes benchmark")
-    p.add_argument("--bench-seed", type=int, default=BENCH_SEED, help="seed that draws the shapes benchmark")
-    p.add_argument(
-        "--data-dir",
-        nargs="+",
-        default=[],
-        metavar="[BENCH=]DIR",
-        help="the real benchmarks' data: one DIR for all, or BENCH=DIR each; sugarcrepe(++): the JSON "
-        "files, zeroshot: the ImageFolder (or CIFAR) root, retrieval: the images' root",
-    )
-    p.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch the benchmarks' official files into --cache-dir first (once; checked), for each benchmark "
-        "given no --data-dir: sugarcrepe(++) their JSON files and COCO val2017 (1 GB), retrieval the Karpathy "
-        "COCO test split and COCO val2014 (6 GB), zeroshot CIFAR through torchvision (ImageNet cannot be "
-        "fetched: it needs a licence)",
-    )
-    p.add_argument(
-        "--images", default=None, help="sugarcrepe, sugarcrepe++: the COCO val2017 folder (default DIR/val2017)"
-    )
-    p.add_argument(
-        "--zeroshot-set",
-        default="imagefolder",
-        choices=["imagefolder", "cifar10", "cifar100"],
-        help="zeroshot: an ImageFolder (ImageNet val ...), or torchvision's CIFAR-10/100 test files in DIR",
-    )
-    p.add_argument(
-        "--classnames", default=None, help="zeroshot: class names, one per line, in sorted class-folder order"
-    )
-    p.add_argument("--templates", default=None, help="zeroshot: prompt templates, one per line, {} for the class name")
-    p.add_argument("--ann", default=None, help="retrieval: Karpathy-split JSON list of {image, caption: [...]}")
-    p.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader processes that decode benchmark images")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ckpt = f"checkpoints to compare, a column each: our checkpoints, CLIP weights files, {WEIGHT_NAMES}"
+    p.add_argument("--ckpt", nargs="+", default=["runs/c2lip/ckpt.pt"], metavar="PATH_OR_NAME", help=ckpt)
+    add_benchmark_flags(p)  # evaluation/flags.py: --bench, each benchmark's files, --n, --score, ...
     add_device_flag(p)
     p.add_argument("--json", default=None, help="also write the results, with counts, to this JSON file")
     add_weight_flags(p)
-    p.add_argument(
-        "--score",
-        nargs="+",
-        default=["plain"],
-        choices=["plain", "pooled"],
-        help="shapes: plain (the paper's global-embedding cosine) and/or pooled (each image pooled by the text "
-        "it is scored against, a diagnostic; its metrics are named pooled/...)",
-    )
-    p.add_argument(
-        "--tau",
-        type=float,
-        default=None,
-        help="pooling temperature of --score pooled and --show (default: the checkpoint's training --tau, else 1)",
-    )
-    p.add_argument(
-        "--show",
-        default=None,
-        metavar="IMAGE_OR_INDEX",
-        help="instead of benchmarks, draw where each of --concepts looks in this image (a shapes test scene "
-        "index of --bench-seed, or an image file): the pooling weights over the patches, a row per --ckpt",
-    )
-    p.add_argument("--concepts", nargs="+", default=None, metavar="PHRASE", help="--show: the phrases to draw")
-    p.add_argument("--out", default="attention.png", help="--show: the PNG to write")
+    show = p.add_argument_group("--show: where each phrase looks, instead of benchmarks").add_argument
+    image = "a shapes test scene index of --bench-seed, or an image file: the pooling weights over the patches"
+    show("--show", default=None, metavar="IMAGE_OR_INDEX", help=image + " for each of --concepts, a row per --ckpt")
+    show("--concepts", nargs="+", default=None, metavar="PHRASE", help="the phrases to draw")
+    show("--out", default="attention.png", help="the PNG to write")
     args = p.parse_args(argv)
-    if args.tau is not None and args.tau <= 0:
-        p.error("--tau must be positive")
     if (args.show is None) != (args.concepts is None):
         p.error("--show and --concepts go together: --show IMAGE_OR_INDEX --concepts PHRASE [PHRASE ...]")
-    if "pooled" in args.score and set(args.bench) != {"shapes"}:
-        p.error("--score pooled applies to --bench shapes only")
-    if args.n < 5:
-        p.error("--n must be at least 5 (R@5 needs five captions)")
-    if args.batch_size < 1 or args.workers < 0:
-        p.error("--batch-size must be at least 1 and --workers at least 0")
-    if "retrieval" in args.bench and not args.ann and not args.download:
-        p.error(f"--bench retrieval needs --ann FILE.\n{benchmarks.LAYOUT['retrieval']}")
-    args.bench = list(dict.fromkeys(args.bench))
-    args.dirs = bench_dirs(args.data_dir, args.bench, p, args.download)
-    if args.download and "zeroshot" in args.bench and args.zeroshot_set == "imagefolder":
-        p.error(
-            "--download cannot fetch ImageNet (its images need a licence from image-net.org): give --data-dir, "
-            f"or --zeroshot-set cifar10 / cifar100.\n{benchmarks.LAYOUT['zeroshot']}"
-        )
-    return args
-
-
-def bench_dirs(values: list[str], benches: list[str], parser, download: bool = False) -> dict[str, str | None]:
-    """--data-dir values, 'DIR' (every benchmark) or 'BENCH=DIR' -> {bench: DIR} for the real benchmarks asked for;
-    None for a benchmark with no folder that --download fetches."""
-    named = dict(v.split("=", 1) for v in values if v.split("=", 1)[0] in BENCHES)
-    plain = [v for v in values if v.split("=", 1)[0] not in BENCHES]
-    if len(plain) > 1:
-        parser.error("--data-dir takes one plain DIR; name the others BENCH=DIR")
-    dirs = {b: named.get(b, plain[0] if plain else None) for b in benches if b != "shapes"}
-    for bench, folder in dirs.items():
-        if folder is None and not download:
-            parser.error(
-                f"--bench {bench} needs --data-dir DIR (or {bench}=DIR), or --download.\n{benchmarks.LAYOUT[bench]}"
-            )
-    return dirs
+    return check_benchmark_args(p, args)
 
 
 def checkpoint_tau(args, ckpt: dict) -> float:

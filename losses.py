@@ -12,8 +12,8 @@ Phrase k is positive for its owner image o(k) only (`owner_labels`), as in the a
 identical phrase owned by another image of the batch is a negative.
 
 Under torchrun these functions see the global batch: train.py gathers every rank's embeddings first
-(run/scale.py), so they stay single-device code. The baselines' losses and the study's other label rules
-are in baselines/losses.py.
+(run/scale.py), so they stay single-device code. The baselines' losses, and the study's other label rules
+and logit pair, are in baselines/.
 
 Dimension legend: B images (= captions), K concept phrases, N patches, D joint embedding width.
 Inputs are L2-normalised embeddings; t and b are scalar tensors (t = exp(logit_scale), not logit_scale).
@@ -57,35 +57,17 @@ def xac_loss(patch_emb, phrase_emb, labels, t, b, tau: float = 1.0) -> torch.Ten
     return sigmoid_loss(logits, labels, len(phrase_emb))
 
 
-def c2lip_loss(
-    image_emb,
-    text_emb,
-    phrase_emb,
-    patch_emb,
-    owner,
-    t,
-    b,
-    *,
-    npc_weight=1.0,
-    xac_weight=0.01,
-    tau=1.0,
-    labels=None,
-    concept_t=None,
-    concept_b=None,
-):
+def c2lip_loss(image_emb, text_emb, phrase_emb, patch_emb, owner, t, b, *, npc_weight=1.0, xac_weight=0.01, tau=1.0):
     """L = L_sig + npc_weight * L_npc + xac_weight * L_xac  -> (L, {"L_sig", "L_npc", "L_xac"}).
 
     image_emb x (B, D), text_emb y (B, D), phrase_emb c (K, D), patch_emb u (B, N, D), owner (K,). The
     paper's weights are 1.0 and 0.01, at tau = 1. A term of weight 0 is not computed (nor returned, and
-    patch_emb may then be None). The terms come back unweighted, for the log. Two departures the study uses,
-    off by default: `labels` (B, K) replaces the owner labels (baselines/losses.py), and concept_t, concept_b
-    give the two concept terms a logit scale and bias of their own (train.py --concept-logits own)."""
-    labels = owner_labels(owner, len(image_emb)) if labels is None else labels  # (B, K)
-    ct, cb = (t, b) if concept_t is None else (concept_t, concept_b)
+    patch_emb may then be None). The terms come back unweighted, for the log."""
+    labels = owner_labels(owner, len(image_emb))  # (B, K)
     terms = {"L_sig": sig_loss(image_emb, text_emb, t, b)}
     if npc_weight:
-        terms["L_npc"] = npc_loss(image_emb, phrase_emb, labels, ct, cb)
+        terms["L_npc"] = npc_loss(image_emb, phrase_emb, labels, t, b)
     if xac_weight:
-        terms["L_xac"] = xac_loss(patch_emb, phrase_emb, labels, ct, cb, tau)
+        terms["L_xac"] = xac_loss(patch_emb, phrase_emb, labels, t, b, tau)
     weights = {"L_sig": 1.0, "L_npc": npc_weight, "L_xac": xac_weight}
     return sum(weights[name] * value for name, value in terms.items()), terms

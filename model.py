@@ -5,8 +5,8 @@ Paper map (docs/paper.md, "Notation"):
   u_ij  = CLIP.encode_image(images)[1]   the L2-normalised patch embeddings in the joint space
   y_i   = CLIP.encode_text(captions)     the L2-normalised caption embedding
   c_k   = CLIP.encode_text(phrases)      the same text encoder on a short, separate sequence
-  t, b  = CLIP.logit_scale.exp(), CLIP.logit_bias   learned, shared by every loss (the paper); with
-          CLIPConfig.concept_logits the concept losses get a pair of their own (CLIP.concept_scale_bias)
+  t, b  = CLIP.scale(), CLIP.bias()              learned, shared by the three losses: t = exp(logit_scale),
+                                                 clamped at 100 where it is read; b = logit_bias
 
 C2LIP changes nothing here: its losses only need the patches in the joint space. One ViT, two poolings:
   "cls"  OpenAI's CLIP: a class token is x; the final LayerNorm and projection of every patch is u.
@@ -18,8 +18,9 @@ last position (SigLIP). Presets name the combinations; inference is the plain fo
 released/convert.py renames released weights onto these modules; what they need is a config option:
 activation (OpenAI's QuickGELU), LayerNorm eps, t and b, preprocessing (`normalise`, `resize`: data.py).
 
-Departures from the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16): the CLIP text feature
-is read at an explicit end-of-text index, never by argmax over token ids; t is clamped where it is read.
+Departures from the authors' code (an open_clip fork fine-tuning SigLIP ViT-B/16; docs/departures.md): the
+CLIP text feature is read at an explicit end-of-text index, never by argmax over token ids; t is clamped at 100
+where it is read, not clamped to [1, 100] after each step.
 SigLIP computes exact GELU, as open_clip's port that the paper fine-tuned ("gelu_tanh": big_vision's).
 
 Dimension legend:
@@ -77,9 +78,6 @@ class CLIPConfig:
     # SigLIP's initialisation: t = 10, b = -10. CLIP's softmax loss uses t = 1/0.07 and no bias (None).
     init_logit_scale: float = math.log(10.0)
     init_logit_bias: float | None = -10.0
-    # A departure, off by default: a second (t, b) pair for the concept losses, from SigLIP's t = 10, b = -10.
-    # The paper shares one pair; docs/study.md measures both (train.py --concept-logits own).
-    concept_logits: bool = False
 
     @staticmethod
     def from_dict(d: dict) -> "CLIPConfig":
@@ -314,9 +312,6 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
         bias = cfg.init_logit_bias
         self.logit_bias = nn.Parameter(torch.tensor(bias)) if bias is not None else None
-        if cfg.concept_logits:
-            self.concept_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.concept_logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def encode_image(self, images: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images (B, C, S, S) -> (x: (B, D), u: (B, N, D), or None if not patches), both L2-normalised."""
@@ -340,17 +335,9 @@ class CLIP(nn.Module):
         return image_emb, patch_emb, self.encode_text(captions), phrase_emb
 
     def scale(self) -> torch.Tensor:
-        """t = exp(logit_scale), clamped at 100 as in CLIP: here, where t is read (the authors' code clamps
-        logit_scale after each optimizer step instead; docs/paper.md)."""
+        """t = exp(logit_scale), clamped at 100 as in CLIP, here where t is read, from above only. The authors'
+        code clamps the parameter to [0, ln 100] after each optimizer step instead (docs/departures.md)."""
         return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
     def bias(self) -> torch.Tensor:
         return self.logit_bias if self.logit_bias is not None else torch.zeros((), device=self.logit_scale.device)
-
-    def concept_scale_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, b) of the concept losses: the shared pair, or their own with cfg.concept_logits. Why own: one
-        bias cannot sit right for both tasks, 1 match in B captions against ~3 phrases per image among
-        ~3B (a threshold a caption must cross versus one that many near-duplicate phrases must not)."""
-        if not self.cfg.concept_logits:
-            return self.scale(), self.bias()
-        return self.concept_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE), self.concept_logit_bias

@@ -1,4 +1,4 @@
-"""Parameter-free cross-modal attention pooling (paper Section 3.2, the XAC pooling).
+"""Parameter-free cross-modal attention pooling: the view of an image that L_xac reads (docs/paper.md, "The losses").
 
 The paper's second fix: a global image embedding mixes every object before the loss sees it, so a
 phrase such as "a tiny red circle" is compared with a blend of the whole scene. Instead, let the phrase
@@ -24,8 +24,9 @@ Two forms of the same computation:
                      `max_elements`; with several chunks, each is recomputed in the backward pass
                      (activation checkpointing), which bounds peak memory by one chunk.
 
-Departure: none in the formula. The authors' code loops over phrases in Python and has no temperature
-(tau = 1); this scores all K x B pairs at once and exposes tau. With unit vectors and tau = 1 the logits
+Departures (docs/departures.md): none in the formula. The authors' code loops over phrases in Python and has no
+temperature (tau = 1); this scores all K x B pairs at once and exposes tau. It normalises v with F.normalize's
+eps (1e-12), theirs with 1e-8. With unit vectors and tau = 1 the logits
 lie in [-1, 1], so the weights differ by at most e^2 and the pooling is close to a mean; a smaller tau
 makes it sharper.
 

@@ -1,5 +1,5 @@
-"""Train C2LIP or a baseline. Reads top to bottom: flags, the optimizer's recipe, one step, then the run:
-setup -> data -> model -> optimizer -> loop -> checkpoint.
+"""Train C2LIP or a baseline. Reads top to bottom: the flags, the optimizer's recipe, one step (`step`), then the
+run (`prepare`, `train`).
 
   python train.py                                  # C2LIP on the shapes world: 200 steps of 64, ~2 min on 2 cores
   python train.py --method siglip                  # the baseline: the same run without the concept losses
@@ -7,17 +7,24 @@ setup -> data -> model -> optimizer -> loop -> checkpoint.
   python train.py --data cc3m --data-dir /data/cc3m --caption-key shortLLA_captions --concept-key nounphrases \\
       --model B/16 --epochs 5 --workers 8             # the paper's data and captions, from scratch
   torchrun --nproc_per_node 8 train.py --data cc3m --data-dir /data/cc3m --init timm/ViT-B-16-SigLIP \\
-      --caption-key shortLLA_captions --concept-key nounphrases --lr 1e-5 --batch-size 96 --epochs 5 \\
-      --warmup 50                                   # the paper's recipe: SigLIP B/16 on 8 GPUs (docs/pretrained.md)
+      --caption-key shortLLA_captions --concept-key nounphrases --lr 1e-5 --weight-decay 0.1 --batch-size 96 \\
+      --epochs 5 --warmup 50 --grad-clip 0 --npc-weight 1 --xac-weight 0.01 --seed 42 --precision bf16
+                                                    # the authors' settings: SigLIP B/16 on 8 GPUs (docs/pretrained.md)
   torchrun --nproc_per_node 2 train.py ... --batch-size 96 --accum-freq 4   # the same 768-image batch on 2 GPUs
 
-Paper map (docs/paper.md): a step embeds images, captions and concept phrases (`embed`, model.py), gathers
-them across GPUs (run/scale.py) and minimises L = L_sig + 1.0 L_npc + 0.01 L_xac (`loss_of`, losses.py,
-pool.py) with the paper's AdamW recipe (`param_groups`, `lr_factor`): betas (0.9, 0.98), eps 1e-6, no weight
-decay on biases, norms, t and b, warm-up then cosine decay, gradients clipped at norm 1, bf16 on CUDA.
-Baselines and the study's options are in baselines/, --init in run/start.py. Departures: the defaults train
-a tiny model from scratch on the shapes world at lr 5e-4 (the paper fine-tunes SigLIP ViT-B/16 on CC3M at
-1e-5: docs/pretrained.md); the warm-up is 5% of the run unless --warmup 50.
+Paper map (docs/paper.md): `step` is one step of the paper's training. It embeds images, captions and concept
+phrases (`embed`, model.py), takes L = L_sig + 1.0 L_npc + 0.01 L_xac (`loss_of`, losses.py, pool.py),
+backpropagates, and lets AdamW update the weights with the paper's recipe (`param_groups`, `lr_factor`): betas
+(0.9, 0.98), eps 1e-6, weight decay on weight matrices only (not on biases, norms, t and b), a linear warm-up
+then a cosine decay. Three things enter the step through one call each, and only when asked for: under torchrun
+the loss reads every GPU's embeddings (run/scale.py `gathered`); with --accum-freq K > 1 the step embeds K
+micro-batches one at a time (run/scale.py `accumulated_step`); a baseline or a study option replaces `embed` and
+`loss_of` (baselines/objectives.py). --init starts from released weights (run/start.py).
+
+Departures (docs/departures.md lists each, with the authors' line): the defaults train a tiny model from
+scratch on the shapes world at lr 5e-4 (the paper fine-tunes SigLIP ViT-B/16 on CC3M at 1e-5); CLIP_DEFAULT
+the warm-up is 5% of the run unless --warmup 50; bf16 is autocast over float32 weights (the authors cast the
+model to bf16); an epoch is one pass over the shards (theirs draws shards with replacement).
 """
 
 import argparse
@@ -28,14 +35,14 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from baselines.losses import LABEL_RULES, RULE_KEYS, baseline_loss, concept_labels, phrase_ids
-from baselines.negatives import hard_negatives
+from baselines.objectives import add_study_flags, collate_extras
+from baselines.objectives import objective as objective_of
 from data import Collate
 from losses import c2lip_loss
 from model import CLIP, PRESETS
@@ -43,13 +50,13 @@ from released.weights import WEIGHT_NAMES, add_weight_flags
 from run.checkpoint import RunInUse, locked, log_record, save_checkpoint
 from run.devices import add_device_flag, autocast_dtype, log0, setup
 from run.diagnostics import batch_diagnostics
-from run.flags import check_args
+from run.flags import HelpFormatter, check_args
 from run.pictures import plot_losses
 from run.resume import Stop, resume_state, skip_or_stop, stop_on_full_disk, truncate_log
-from run.scale import accumulated_step, gather_embeddings
+from run.scale import accumulated_step, gathered
 from run.start import fit_bias, start_model
 from sources.loader import training_batches
-from sources.shapes import WORLDS, truth
+from sources.shapes import WORLDS
 from sources.shards import shard_plan
 
 METHODS = ("c2lip", "siglip", "clip", "negclip")
@@ -57,7 +64,7 @@ STEPS = 200  # --steps when neither it nor --epochs is given: with --batch-size 
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = p.add_argument_group("data").add_argument
     data("--data", default="shapes", choices=["shapes", "cc3m"], help="the shapes world, or image-text tar shards")
     data("--data-dir", help="cc3m: a folder of .tar shards, a glob, or DIR/{00000..00331}.tar (any webdataset)")
@@ -74,11 +81,7 @@ def get_parser() -> argparse.ArgumentParser:
     loss("--npc-weight", type=float, default=1.0, help="weight of the concept loss L_npc (c2lip)")
     loss("--xac-weight", type=float, default=0.01, help="weight of the pooled concept loss L_xac (c2lip)")
     loss("--tau", type=float, default=1.0, help="temperature of the cross-modal pooling (paper: 1)")
-    labels = "owner: a phrase is positive for its own image only (the paper's); phrase: for every image with "
-    labels += "that phrase; scene (shapes world): for every image holding an object the phrase describes"
-    loss("--concept-labels", default="owner", choices=LABEL_RULES, help=labels)
-    logits = "shared: the concept losses use the caption loss's t and b (paper); own: a pair from t = 10, b = -10"
-    loss("--concept-logits", default="shared", choices=["shared", "own"], help=logits)
+    add_study_flags(p)  # baselines/objectives.py: --concept-labels, --concept-logits (not the paper's)
     model = p.add_argument_group("model").add_argument
     model("--model", default="tiny", choices=list(PRESETS), help="size preset (model.py) when training from scratch")
     init = f"start from SigLIP's or CLIP's released weights (.safetensors/.bin/.pt) or our checkpoint, {WEIGHT_NAMES}"
@@ -150,42 +153,41 @@ def param_groups(model: CLIP, lr: float, logit_lr: float | None, weight_decay: f
 
 
 def embed(net, batch: dict, args) -> dict[str, torch.Tensor]:
-    """batch (data.Collate) -> this rank's embeddings: "image" x (B, D), "text" y (B, D), and for c2lip
-    "phrase" c (K, D), "owner" (K,), "patch" u (B, N, D) when L_xac reads them, and what a label rule reads
-    (baselines/losses.py); for negclip, "negatives" (M, D)."""
-    # The phrases (or the hard negatives) go through forward: DistributedDataParallel only prepares gradient
-    # syncing for what forward computes.
-    second = {"c2lip": "phrases", "negclip": "negatives"}.get(args.method)
-    patches = args.method == "c2lip" and bool(args.xac_weight)  # only L_xac reads the patches
-    image, patch, text, texts = net(batch["images"], batch["captions"], batch[second] if second else None, patches)
-    emb = {"image": image, "text": text}
-    if args.method == "negclip":
-        emb["negatives"] = texts[batch["has_negative"]]  # (M, D): captions no rule applies to have none
-    if args.method == "c2lip":
-        rule_keys = RULE_KEYS[args.concept_labels]  # gathered with the embeddings: only what the rule reads
-        emb |= {"phrase": texts, "owner": batch["owner"]} | {k: batch[k] for k in rule_keys}
-        if patches:  # the patches are the largest tensor: kept only when L_xac reads them
-            emb["patch"] = patch
-    return emb
+    """batch (data.Collate) -> this rank's embeddings (model.py): x "image" (B, D), y "text" (B, D), c "phrase"
+    (K, D) with "owner" (K,), the image o(k) of each phrase, and u "patch" (B, N, D) when L_xac reads it."""
+    # The phrases go through forward with the rest: DistributedDataParallel syncs gradients only through forward.
+    x, u, y, c = net(batch["images"], batch["captions"], batch["phrases"], patches=bool(args.xac_weight))
+    emb = {"image": x, "text": y, "phrase": c, "owner": batch["owner"]}
+    return emb if u is None else emb | {"patch": u}  # the patches are the largest tensor: kept only when read
 
 
 def loss_of(model: CLIP, emb: dict[str, torch.Tensor], args) -> tuple[torch.Tensor, dict]:
-    """(L, {term: unweighted value}) of the (gathered) embeddings, with t and b read from the model."""
-    t, b = model.scale(), model.bias()
-    if args.method != "c2lip":
-        return baseline_loss(args.method, emb, t, b)
-    rule = args.concept_labels  # the paper's owner rule is c2lip_loss's own; the others are the study's
-    labels = None if rule == "owner" else concept_labels(rule, emb["owner"], len(emb["image"]), emb)
-    concept_t, concept_b = model.concept_scale_bias()  # t and b again, unless --concept-logits own
+    """(L, {term: unweighted value}) = L_sig + 1.0 L_npc + 0.01 L_xac (losses.py, pool.py), at the model's t, b."""
     x, y, c, u, owner = emb["image"], emb["text"], emb["phrase"], emb.get("patch"), emb["owner"]
-    options = dict(npc_weight=args.npc_weight, xac_weight=args.xac_weight, tau=args.tau, labels=labels)
-    return c2lip_loss(x, y, c, u, owner, t, b, **options, concept_t=concept_t, concept_b=concept_b)
+    weights = dict(npc_weight=args.npc_weight, xac_weight=args.xac_weight, tau=args.tau)
+    return c2lip_loss(x, y, c, u, owner, model.scale(), model.bias(), **weights)
 
 
-def step_loss(net, batch: dict, args) -> tuple[torch.Tensor, dict]:
-    """(L, {term: value}) of one batch: the global batch under torchrun (every rank's embeddings gathered)."""
-    model = net.module if isinstance(net, DistributedDataParallel) else net
-    return loss_of(model, gather_embeddings(embed(net, batch, args)), args)
+def step(run: "Run", micro_batches: list[dict], lr: float, args, objective) -> tuple[torch.Tensor, dict, bool]:
+    """One optimizer step -> (L, {term: value}, whether it was applied). Embed the batch and take the loss
+    (`objective`: train.py's `embed` and `loss_of` for the paper's run), backpropagate, and let AdamW update the
+    weights at `lr` times each group's peak rate. A non-finite loss or gradient never reaches the weights."""
+    (embed, loss_of), net, model, optimizer, dtype = objective, run.net, run.model, run.optimizer, run.dtype
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr
+    optimizer.zero_grad(set_to_none=True)
+    if len(micro_batches) == 1:
+        with torch.autocast(micro_batches[0]["images"].device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss, terms = loss_of(model, embed(net, micro_batches[0], args), args)
+        loss.backward()
+    else:  # --accum-freq K > 1: the loss and gradient of the K micro-batches together (run/scale.py)
+        loss, terms = accumulated_step(net, micro_batches, embed, loss_of, args, dtype)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)  # inf: norm only
+    # Reading the norm waits for the device once per step, as AMP's GradScaler does.
+    applied = bool(torch.isfinite(loss.detach() + grad_norm))
+    if applied:
+        optimizer.step()
+    return loss, terms, applied
 
 
 # ----------------------------------------------------------------------------- the run
@@ -207,9 +209,28 @@ def main(argv=None) -> str:
             torch.distributed.destroy_process_group()
 
 
-def train(args, rank: int, world_size: int, device, stop: Stop, command: str) -> str:
-    # ---- setup: the run's folder, and the checkpoint it continues from (--resume)
-    dtype = autocast_dtype(args.precision, device)
+@dataclass
+class Run:
+    """What the loop reads and updates. `model` is the plain module (checkpoints hold its state_dict: no
+    "module." or "_orig_mod." prefixes); `net` is what a step calls: compiled and/or wrapped for DDP."""
+
+    model: CLIP
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    cfg: object
+    tokenizer: object
+    dataset: object
+    stream: object  # the micro-batches, from the run's first step on
+    plan: object  # cc3m: the shards' epochs (sources/shards.py); None for the shapes world
+    start: int  # the step the run starts from: 0, or the checkpoint's
+    nonfinite: int  # skipped non-finite steps in a row
+    dtype: torch.dtype  # autocast's
+    ckpt_path: str
+    log_path: str
+
+
+def prepare(args, rank: int, world_size: int, device) -> Run:
+    """The run's folder, model, data and optimizer, at step 0 or at the checkpoint --resume continues from."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     resume = resume_state(args, ckpt_path, log_path)
@@ -221,90 +242,83 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
     if plan and args.epochs is not None:
         args.steps = max(1, round(args.epochs * plan.steps_per_epoch))
 
-    # ---- model, then data: micro-batches in the layout every loss reads (data.Collate)
+    # model, then data: micro-batches in the layout every loss reads (data.Collate)
     model, cfg, tokenizer, unfitted_bias = start_model(args, resume, plan, device)  # run/start.py
-    extras = [truth] if args.data == "shapes" else []  # the world's truth: diagnostics, --concept-labels scene
-    extras += [phrase_ids] * (args.concept_labels == "phrase") + [hard_negatives] * (args.method == "negclip")
-    collate, size, normalise = Collate(tokenizer, extras), cfg.vision.image_size, cfg.vision.normalise
+    collate, size, normalise = Collate(tokenizer, collate_extras(args)), cfg.vision.image_size, cfg.vision.normalise
     dataset, loader = training_batches(args, size, normalise, collate, start, rank, world_size, plan, device)
     stream = iter(loader)  # after the model: starting a DataLoader draws from torch's generator
     if unfitted_bias:
         cfg, stream = fit_bias(model, cfg, stream, device)
     n, bias = sum(p.numel() for p in model.parameters()) / 1e6, model.logit_bias  # t, b as fitted or read
     started = f"t = {model.scale().item():.1f}, " + ("no bias" if bias is None else f"b = {bias.item():.2f}")
+    dtype = autocast_dtype(args.precision, device)
     log0(f"model {args.init or args.model}: {n:.2f}M parameters, {started}, {world_size} x {device}, autocast {dtype}")
     log0("config:", json.dumps({"model": asdict(cfg), "args": vars(args)}))
 
-    # ---- optimizer
     groups = param_groups(model, args.lr, args.logit_lr, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         log0(f"resumed from {ckpt_path} at step {start}")
-    # `model` stays the plain module (checkpoints hold its state_dict: no "module." or "_orig_mod."
-    # prefixes); `net` is what the loop calls: compiled and/or wrapped for gradient averaging.
     net = torch.compile(model) if args.compile else model
     if world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    nonfinite = resume.get("nonfinite", 0) if resume else 0  # a streak of skipped steps goes on across a resume
+    state = (cfg, tokenizer, dataset, stream, plan, start, nonfinite, dtype, ckpt_path, log_path)
+    return Run(model, net, optimizer, *state)
 
-    def save(step: int) -> None:
-        if rank == 0:  # one writer; every rank holds the same weights
-            if not all(p.isfinite().all() for p in model.parameters()):
-                sys.exit(f"error: step {step}: the weights are no longer finite; {ckpt_path} keeps the last good ones")
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg), step=step)
-            state |= dict(args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed, nonfinite=nonfinite)
-            save_checkpoint(ckpt_path, **state)
-            plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
-    # ---- loop: a step's K micro-batches are drawn K at a time from the one stream
-    model.train()
-    bar = tqdm(total=args.steps, initial=start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
-    t0, nonfinite = time.time(), resume.get("nonfinite", 0) if resume else 0  # a streak goes on across a resume
-    with open(log_path if rank == 0 else os.devnull, "a") as log:
-        for step, micro_batches in zip(range(start, args.steps), zip(*[stream] * args.accum_freq)):
+def train(args, rank: int, world_size: int, device, stop: Stop, command: str) -> str:
+    """The loop: a step per batch from the run's start to --steps; the log, the checkpoint and Ctrl-C between steps."""
+    run, t0 = prepare(args, rank, world_size, device), time.time()
+    objective = objective_of(args, embed, loss_of)  # baselines/objectives.py: the paper's pair, or what replaces it
+    if world_size > 1:
+        objective = (objective[0], gathered(objective[1]))  # run/scale.py: the loss of every rank's embeddings
+    run.model.train()
+    bar = tqdm(total=args.steps, initial=run.start, desc=f"train {args.method}", dynamic_ncols=True, disable=rank != 0)
+    with open(run.log_path if rank == 0 else os.devnull, "a") as log:
+        # a step's K micro-batches (--accum-freq K) are drawn K at a time from the one stream
+        for i, micro_batches in zip(range(run.start, args.steps), zip(*[run.stream] * args.accum_freq)):
             micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, args.steps, args.warmup)
-            optimizer.zero_grad(set_to_none=True)
-            if args.accum_freq == 1:
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss, terms = step_loss(net, micro_batches[0], args)
-                loss.backward()
-            else:  # the loss of the K micro-batches together (run/scale.py); leaves its gradient in .grad
-                loss, terms = accumulated_step(net, micro_batches, embed, loss_of, args, dtype)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
-            # A non-finite loss or gradient must never reach the weights. Checking it waits for the device
-            # once per step, as AMP's GradScaler does. A skipped step still reaches the stop check below.
-            finite = bool(torch.isfinite(loss.detach() + grad_norm))
-            nonfinite = 0 if finite else nonfinite + 1
-            if finite:
-                optimizer.step()
-            else:
-                skip_or_stop(args, step, nonfinite, ckpt_path)
+            lr = lr_factor(i, args.steps, args.warmup)
+            loss, terms, applied = step(run, micro_batches, lr, args, objective)
+            run.nonfinite = 0 if applied else run.nonfinite + 1
+            if not applied:  # skipped, or the run stops (--max-nonfinite)
+                skip_or_stop(args, i, run.nonfinite, run.ckpt_path)
             bar.update()
             # .item() waits for the device: read the values at the log interval only, not every step
-            if finite and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
-                record = log_record(step + 1, loss, terms, model, optimizer, time.time() - t0, dataset)
-                record |= batch_diagnostics(model, micro_batches[0], args.concept_labels)  # no-grad, this batch
+            if applied and ((i + 1) % args.log_every == 0 or i + 1 == args.steps):
+                record = log_record(i + 1, loss, terms, run.model, run.optimizer, time.time() - t0, run.dataset)
+                record |= batch_diagnostics(run.model, micro_batches[0], args.concept_labels)  # no-grad, this batch
                 skipped = {"skipped": sum(record["skipped"].values())} if record.get("skipped") else {}
                 bar.set_postfix({k: f"{record[k]:.3f}" for k in terms} | {"t": f"{record['scale']:.1f}"} | skipped)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if stop.requested():  # Ctrl-C or SIGTERM: save, say how to resume, exit 128 + the signal
-                save(step + 1)
-                stop.exit(step + 1, ckpt_path, command)
-            if (step + 1) % args.ckpt_every == 0:
-                save(step + 1)
+                save(run, args, rank, i + 1)
+                stop.exit(i + 1, run.ckpt_path, command)
+            if (i + 1) % args.ckpt_every == 0:
+                save(run, args, rank, i + 1)
     bar.close()
-    if plan and (summary := dataset.summary()):
+    if run.plan and (summary := run.dataset.summary()):
         log0(summary)  # the samples skipped or changed, by reason
+    save(run, args, rank, args.steps)
+    files = f"{run.ckpt_path}, {run.log_path} and {os.path.join(args.out, 'loss.png')}"  # weights, log, its curve
+    log0(f"wrote {files} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {run.ckpt_path}")
+    return run.ckpt_path
 
-    # ---- checkpoint
-    save(args.steps)
-    files = f"{ckpt_path}, {log_path} and {os.path.join(args.out, 'loss.png')}"  # the weights, the log, its curve
-    log0(f"wrote {files} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {ckpt_path}")
-    return ckpt_path
+
+def save(run: Run, args, rank: int, step: int) -> None:
+    """The checkpoint of `step` (rank 0 writes it: every rank holds the same weights), and the loss picture."""
+    if rank != 0:
+        return
+    if not all(p.isfinite().all() for p in run.model.parameters()):
+        sys.exit(f"error: step {step}: the weights are no longer finite; {run.ckpt_path} keeps the last good ones")
+    state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), config=asdict(run.cfg), step=step)
+    state |= dict(args=vars(args), tokenizer=run.tokenizer.state_dict(), seed=args.seed, nonfinite=run.nonfinite)
+    save_checkpoint(run.ckpt_path, **state)
+    plot_losses(run.log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
 
 if __name__ == "__main__":

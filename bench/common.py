@@ -2,7 +2,7 @@
 
 train.py is a script, and scripts do not import one another, so its `embed` and `loss_of` are written again
 here, on one process and for --method c2lip (the paper's weights) and siglip only. tests/test_bench.py
-checks that `step_loss` equals train.step_loss.
+checks that `step_loss` equals the loss train.py's step takes (tests/fixtures.py `batch_loss`).
 
 Dimension legend: B images, K phrases, N patches, D joint width.
 """
@@ -31,5 +31,5 @@ def loss_of(model, emb: dict, method: str):
 
 
 def step_loss(model, batch: dict, method: str):
-    """(L, {term: value}) of one batch, as train.step_loss on one process."""
+    """(L, {term: value}) of one batch, as train.py's step takes it on one process."""
     return loss_of(model, embed(model, batch, method), method)

@@ -1,7 +1,7 @@
 """The paper's real benchmarks: readers of the official files, and their scores.
 
-Paper map: Section 4 evaluates on SugarCrepe, SugarCrepe++, ImageNet zero-shot and COCO / Flickr30k
-retrieval. The file formats are those of the official releases:
+Paper map (docs/paper.md, "What the paper reports"): the paper evaluates on SugarCrepe, SugarCrepe++, ImageNet
+zero-shot and COCO / Flickr30k retrieval. The file formats are those of the official releases:
   sugarcrepe    7 JSON objects keyed by a string index (keys need not be contiguous), each value
                 {filename, caption, negative_caption}, COCO val2017 images. Correct iff
                 cos(image, caption) > cos(image, negative); accuracy per file, the add / replace / swap

@@ -1,9 +1,10 @@
 """Benchmark metrics as pure functions of scores, and embedding in batches.
 
-Paper map: Section 4 scores every model by cosine similarity of L2-normalised embeddings, as the
-benchmarks' own code does: SugarCrepe (a caption against its hard negative), SugarCrepe++ (image-to-text
-and text-only), zero-shot classification (a prompt ensemble) and retrieval (R@K both ways). Each function
-below takes scores and returns what is counted, and is tested against values worked out by hand.
+Paper map (docs/paper.md, "What the paper reports"): every benchmark scores a model by cosine similarity of
+L2-normalised embeddings, as the benchmarks' own code does: SugarCrepe (a caption against its hard negative),
+SugarCrepe++ (image-to-text and text-only), zero-shot classification (a prompt ensemble) and retrieval (R@K both
+ways). Each function below takes scores and returns what is counted, and is tested against values worked out by
+hand.
 
 Two rules throughout, so that a broken model never looks good: a wrong candidate that scores at least as
 high as the right one counts against the model (a tie is wrong: a model that ignores its input never
@@ -111,7 +112,7 @@ def embed_images(model: CLIP, images: torch.Tensor, batch_size: int, device) -> 
 
 @torch.no_grad()
 def embed_image_tokens(model: CLIP, images: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (B, C, H, W) -> (x (B, D), u (B, N, D)): global and patch embeddings, for text-conditioned scores."""
+    """images (B, C, S, S) -> (x (B, D), u (B, N, D)): global and patch embeddings, for text-conditioned scores."""
     out = [model.encode_image(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
     return torch.cat([x.float().cpu() for x, _ in out]), torch.cat([u.float().cpu() for _, u in out])
 

@@ -1,8 +1,8 @@
 """The shapes benchmark: SugarCrepe's protocol on held-out scenes of the shapes world, with counts.
 
-Paper map: Section 4 reports SugarCrepe (compositionality), zero-shot classification and retrieval.
-Here every category is generated exactly from held-out scenes (split "test" of BENCH_SEED, never seen
-in training) of the world a checkpoint was trained in:
+Paper map (docs/paper.md, "What the paper reports"): the paper reports SugarCrepe (compositionality), zero-shot
+classification and retrieval. Here every category is generated exactly from held-out scenes (split "test" of
+BENCH_SEED, never seen in training) of the world a checkpoint was trained in:
   compositionality  one image, a true caption and a hard negative that differs in one way; correct iff
                     cos(image, caption) > cos(image, negative) with L2-normalised global embeddings.
                       swap-att     two objects exchange colours     "a red circle and a blue star"
@@ -28,8 +28,9 @@ in training) of the world a checkpoint was trained in:
   zero-shot         single-object images classified among every colour-shape pair from prompts such as
                     "a photo of a red circle.", averaged over templates (CLIP's prompt ensemble)
   score="pooled"    the same metrics again (named pooled/...), each image-text score replaced by the
-                    text-conditioned one of the authors' optional evaluation wrapper: the image's patches
-                    pooled by the text (pool.py), against the text. A diagnostic; the paper's claim is
+                    text-conditioned one: the image's patches pooled by the text (pool.py), against the
+                    text. The authors' code has an unused wrapper with the same idea and another pooling
+                    (a near-even mean over the patches the text scores positively). A diagnostic; the paper's claim is
                     about plain scoring (inference unchanged).
 
 Dimension legend: B images, M benchmark examples, X texts, C classes, N patches, D joint embedding width.
@@ -178,7 +179,7 @@ class ShapesBenchmark:
         rng, held_rng, holdout = random.Random(seed), random.Random(f"heldout:{seed}"), set(map(tuple, holdout))
         self.normalise = normalise  # the pixel normalisation of the models this benchmark can score
         self.scenes = [world.scene(seed, "test", i) for i in range(n)]
-        self.images = torch.stack([image_to_tensor(world.render(s), normalise) for s in self.scenes])  # (B, C, H, W)
+        self.images = torch.stack([image_to_tensor(world.render(s), normalise) for s in self.scenes])  # (B, C, S, S)
         self.captions = [world.caption(s) for s in self.scenes]
         self.pairs = {c: [] for c in CATEGORIES}  # category -> [(scene index, true text, negative text)]
         words = world.words()
@@ -219,7 +220,7 @@ def evaluate_shapes(
 ) -> dict:
     """Every category, retrieval and zero-shot on the shapes benchmark. score="plain" (the paper's, the
     default): cos(x_i, y) of the global image embedding, inference unchanged. score="pooled" (a diagnostic,
-    as in the authors' optional evaluation wrapper): every image-text score, in every metric, becomes
+    not the paper's): every image-text score, in every metric, becomes
     v . y with v the image's patches pooled by that text (pool.py at `tau`); metrics are named pooled/..."""
     pooled = score == "pooled"
     if pooled:

@@ -108,21 +108,22 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
 
 def add_weight_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that say how to read released weights; train.py (--init) and eval.py (--ckpt) share them."""
-    parser.add_argument(
+    group = parser.add_argument_group("released weights (--init, --ckpt)")
+    group.add_argument(
         "--bpe",
         default=None,
         metavar="PATH",
         help="CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for CLIP weights (default: the copy "
         "inside an installed open_clip_torch; our checkpoints carry their tokenizer)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--clip-act",
         default="quick_gelu",
         choices=["quick_gelu", "gelu"],
         help="activation of CLIP weights, which their shapes cannot tell: quick_gelu for OpenAI's "
         "(and open_clip's *-quickgelu) models, gelu for open_clip's own ViT-B-16 trainings",
     )
-    parser.add_argument(
+    group.add_argument(
         "--spm",
         default=None,
         metavar="PATH",
@@ -130,7 +131,7 @@ def add_weight_flags(parser: argparse.ArgumentParser) -> None:
         "SigLIP weights (default: sentencepiece.model or spiece.model beside the weights; our checkpoints "
         "carry their tokenizer)",
     )
-    add_cache_flag(parser)
+    add_cache_flag(group)
 
 
 def weight_options(args) -> dict:
@@ -155,8 +156,8 @@ def load_model(path: str, device: torch.device, **options):
     try:
         ckpt = load_weights(path, **options)
         cfg, tokenizer = checkpoint_parts(ckpt)
-        model = CLIP(cfg)
-        model.load_state_dict(ckpt["model"])
+        model = CLIP(cfg)  # the study's concept logit pair (--concept-logits own) is read in training only
+        model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("concept_logit_")})
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no tokenizer; other weights; offline
         sys.exit(f"error: {path}: {err}{previous_hint(path, '--ckpt')}")
     if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise

@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from baselines.objectives import concept_scale_bias
 from model import CLIPConfig
 from released.tokenizers import tokenizer_from_state_dict
 
@@ -103,7 +104,8 @@ def checkpoint_parts(state: dict) -> tuple[CLIPConfig, object]:
         what = f"no {' and no '.join(missing)}" if missing else "a model that is not a state dict"
         raise ValueError(f"a checkpoint with {what}: not one train.py wrote (model, config, tokenizer), nor weights")
     try:
-        cfg = CLIPConfig.from_dict(state["config"])
+        config = {k: v for k, v in state["config"].items() if k != "concept_logits"}  # older checkpoints have it
+        cfg = CLIPConfig.from_dict(config)
     except KeyError as err:
         raise ValueError(f"its config has no {err}: not a checkpoint train.py wrote (vision, text, ...)") from None
     except (TypeError, ValueError, AttributeError) as err:
@@ -171,8 +173,8 @@ def log_record(step: int, loss, terms: dict, model, optimizer, seconds: float, d
         "scale": model.scale().item(),
         "bias": model.bias().item(),
     }
-    if model.cfg.concept_logits:
-        record |= dict(zip(("concept_scale", "concept_bias"), (v.item() for v in model.concept_scale_bias())))
+    if hasattr(model, "concept_logit_scale"):  # the study's (baselines/objectives.py)
+        record |= dict(zip(("concept_scale", "concept_bias"), (v.item() for v in concept_scale_bias(model))))
     record |= {"lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 2)}
     if hasattr(dataset, "skipped"):  # a stream of shards (sources/stream.py)
         record |= dict(epoch=dataset.epoch, skipped=dataset.skipped, noted=dataset.noted)

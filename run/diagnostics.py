@@ -31,6 +31,7 @@ Dimension legend: B images (= captions), K concept phrases, D joint embedding wi
 import torch
 
 from baselines.losses import concept_labels
+from baselines.objectives import concept_scale_bias
 
 
 def threshold_fractions(image, text, concept, owner, scale, bias, concept_scale, concept_bias) -> dict:
@@ -56,7 +57,7 @@ def batch_diagnostics(model, batch: dict, concept_rule: str = "owner") -> dict:
     image, _ = model.encode_image(batch["images"])  # (B, D)
     text, phrase = model.encode_text(batch["captions"]), model.encode_text(batch["phrases"])  # (B, D), (K, D)
     owner = batch["owner"]
-    out = threshold_fractions(image, text, phrase, owner, model.scale(), model.bias(), *model.concept_scale_bias())
+    out = threshold_fractions(image, text, phrase, owner, model.scale(), model.bias(), *concept_scale_bias(model))
     if "objects" in batch:
         labels = concept_labels(concept_rule, owner, len(image), batch)  # (B, K)
         truth = concept_labels("scene", owner, len(image), batch) > 0  # (B, K): the owner, and the scene's truth

@@ -18,6 +18,17 @@ from sources.concepts_file import OldConceptsFile, check_concepts_file
 from sources.shards import SHARD_LAYOUT, expand_shards
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of train.py and eval.py: the docstring as written, and every flag's default that its help does not
+    already say (a flag whose default is None or off has none to say)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, steps: int) -> argparse.Namespace:
     """args, checked (p.error on the first problem), with --out and --steps given their defaults (`steps`)."""
     check_numbers(p, args)

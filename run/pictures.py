@@ -3,7 +3,7 @@
   plot_losses        OUT/loss.png beside OUT/log.jsonl, one line per loss term (train.py redraws it at
                      every checkpoint)
   attention_picture  per phrase, the cross-modal pooling weights a_ijk over the patches (pool.py,
-                     paper Section 3.2) as a heat map over the image, a row per model (eval.py --show)
+                     docs/paper.md, "The losses") as a heat map over the image, a row per model (eval.py --show)
   contact_sheet      training scenes of the shapes world with their captions and concept phrases:
 
   python -m run.pictures --n 4 --out docs/shapes.png

@@ -3,9 +3,11 @@ accumulation (train.py --accum-freq), which gives the paper's 768-image batch on
 
 Paper map (docs/paper.md, "The paper's training recipe"): the paper trains on 8 GPUs and its losses see
 the global batch: image tokens and phrases are all-gathered across GPUs. `gather` does that, with
-gradients; `gather_embeddings` gathers a rank's embeddings and offsets its phrase owners. On one process
-both return what they are given. Departure: the authors' code scores each GPU's own images against the
-gathered phrases in L_npc; here the images are gathered too, so every phrase meets every image.
+gradients; `gather_embeddings` gathers a rank's embeddings and offsets its phrase owners; `gathered` wraps a
+loss so that it reads them. On one process none of this runs. Departures (docs/departures.md): the gather
+carries gradients (theirs does not: see `gather`); the authors' L_npc scores each GPU's own images against the
+gathered phrases (labelled by global owner, an index past this GPU's images on every GPU but the first), here
+every phrase meets every image; accumulated micro-batches offset their phrase owners (theirs are not).
 
 Dimension legend: n_r rows held by rank r of W ranks; B_r, K_r the images and phrases of this rank's
 micro-batches together (accumulated_step); N patches, D joint width.
@@ -25,13 +27,14 @@ from run.devices import rank_and_world
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x (n_r, ...) from every rank along dim 0 -> (sum_r n_r, ...); ranks may hold different n_r.
 
-    Why the gather must carry gradients: rank r's images are the negatives of every other rank's texts
-    and phrases. A plain all_gather returns constants, so the gradient of those terms would never reach
-    the encoder that produced them and each rank would learn only from its own slice of the batch.
-    torch.distributed.nn's all_gather is differentiable: its backward sends each rank the gradients
-    that every rank computed for its rows, summed. Every rank computes the same global loss L, so rank r
-    receives W * dL/dx_r; DistributedDataParallel then averages parameter gradients over the W ranks,
-    which leaves exactly dL/dtheta, the gradient of one process holding the whole batch (tested).
+    Every rank computes the same global loss L. torch.distributed.nn's all_gather is differentiable: its backward
+    sends each rank the gradients every rank computed for its rows, summed, so rank r receives W * dL/dx_r, and
+    DistributedDataParallel's average over the W ranks leaves exactly dL/dtheta, the gradient of one process
+    holding the whole batch (tests/test_distributed.py). open_clip's default, which the authors' C2LIP_Loss
+    uses, gathers without autograd and puts the rank's own rows back in place: those rows still carry dL/dx_r
+    to the encoders, but only once, so after the average every encoder weight gets dL/dtheta / W, while t and b,
+    which every rank reads whole, get dL/dt and dL/db (tested too). AdamW divides each weight's gradient by its
+    own running magnitude, so a constant 1/W changes its update only against eps; clipped or plain SGD, it would.
     """
     if rank_and_world()[1] == 1:
         return x
@@ -65,12 +68,22 @@ def gather_embeddings(emb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def gathered(loss_of):
+    """loss_of(model, emb, args), but of every rank's embeddings together (`gather_embeddings`): what train.py's
+    step minimises under torchrun, where each rank embeds its own slice of the global batch."""
+
+    def loss_of_global_batch(model, emb: dict, args):
+        return loss_of(model, gather_embeddings(emb), args)
+
+    return loss_of_global_batch
+
+
 def accumulated_step(net, micro_batches: list[dict], embed, loss_of, args, dtype: torch.dtype = torch.float32):
     """(L, {term: unweighted value}) of the batch made of the micro-batches (data.Collate batches), and in
     every parameter's .grad the gradient of L: what one step on the micro-batches concatenated would give
     (tested), while the encoders hold the activations of one micro-batch at a time. `embed(net, batch, args)`
-    gives a micro-batch's embeddings on this rank and `loss_of(model, embeddings, args)` the loss of (gathered)
-    embeddings (train.py's); `dtype` is the autocast precision. The values returned are detached.
+    gives a micro-batch's embeddings on this rank and `loss_of(model, embeddings, args)` their loss (train.py's, wrapped
+    by `gathered` under torchrun); `dtype` is the autocast precision. The values returned are detached.
 
     Why a cache of embeddings, not a sum of micro-batch losses: every caption, phrase and negative is scored
     against every image of the batch, so a micro-batch alone is a different loss. But L depends on the weights
@@ -100,7 +113,7 @@ def accumulated_step(net, micro_batches: list[dict], embed, loss_of, args, dtype
 
     # 2. the loss of the whole batch (the global batch under torchrun) and its gradient at the embeddings
     with autocast():
-        loss, terms = loss_of(model, gather_embeddings(whole), args)
+        loss, terms = loss_of(model, whole, args)
     logit = [p for n, p in model.named_parameters() if "logit_" in n and p.requires_grad]  # t and b: read by L
     grads = torch.autograd.grad(loss, [whole[n] for n in names] + logit, allow_unused=True)
     # an embedding no loss term reads (a term of weight 0) has gradient 0; an unused parameter none at all

@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import torch
 
+from baselines.objectives import model_class
 from model import CLIP, PRESETS, CLIPConfig
 from released.download import DownloadError
 from released.weights import load_weights, weight_options
@@ -42,10 +43,9 @@ def start_model(args, resume: dict | None, plan, device) -> tuple[CLIP, object, 
             cfg = PRESETS[args.model]
             tokenizer = word_tokenizer(args, cfg.text.context_length, plan)
             cfg = replace(cfg, text=replace(cfg.text, vocab_size=len(tokenizer)))
-            cfg = replace(cfg, concept_logits=args.concept_logits == "own")
             if args.method == "clip":  # CLIP's softmax form: t = 1/0.07 and no bias
                 cfg = replace(cfg, init_logit_scale=math.log(1 / 0.07), init_logit_bias=None)
-        model, unfitted_bias = CLIP(cfg).to(device), False
+        model, unfitted_bias = model_class(args)(cfg).to(device), False  # CLIP, or the study's
     model.visual.grad_checkpointing = model.text.grad_checkpointing = args.grad_checkpointing
     return model, cfg, tokenizer, unfitted_bias
 
@@ -60,7 +60,7 @@ def init_model(args, device) -> tuple[CLIP, CLIPConfig, object, bool]:
         cfg, tokenizer = checkpoint_parts(ckpt)
     except (DownloadError, ValueError, FileNotFoundError) as err:  # offline; not weights; no tokenizer file
         sys.exit(f"error: --init {args.init}: {err}{previous_hint(args.init, '--init')}")
-    cfg, init = replace(cfg, concept_logits=args.concept_logits == "own"), ckpt["model"]
+    init = ckpt["model"]
     has_bias = "logit_bias" in init and args.init_scale is None
     if args.init_scale is not None:
         init["logit_scale"] = torch.tensor(math.log(args.init_scale))
@@ -70,7 +70,7 @@ def init_model(args, device) -> tuple[CLIP, CLIPConfig, object, bool]:
     elif not has_bias:
         init["logit_bias"] = torch.tensor(-10.0 if args.init_bias == "auto" else float(args.init_bias))
     cfg = replace(cfg, init_logit_bias=init["logit_bias"].item() if "logit_bias" in init else None)
-    model = CLIP(cfg).to(device)
+    model = model_class(args)(cfg).to(device)
     # The concept losses' own (t, b) is a choice of this run: kept from the weights when both have one,
     # else started fresh (or dropped).
     fresh = {k: v for k, v in model.state_dict().items() if k.startswith("concept_logit_")}

@@ -75,7 +75,7 @@ MECHANISM = Study(
     # Pretraining as above (batch 64, to fit the study on a 2-core CPU). Fine-tuning restarts t at 100,
     # the regime of released SigLIP weights (t ~ 112), with b refitted midway between matching and other
     # captions' logits on the first batch (--init-bias auto), and leaves t and b at the shared learning
-    # rate: they stay where they start, as in the paper's fine-tuning at lr 1e-5 (docs/mechanism.md).
+    # rate: they stay where they start (docs/mechanism.md).
     pretrain=["--method", "siglip", "--logit-lr", "0.05", "--holdout-combos"],
     finetune=["--lr", "1e-4", "--holdout-combos", "--init-scale", "100"],
     rows={

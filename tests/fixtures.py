@@ -258,7 +258,26 @@ def crash_after_first_checkpoint(monkeypatch, argv: list[str]) -> None:
 
 
 def step_args(method: str = "c2lip", *flags: str):
-    """train.py's flags for one step of `method` (its defaults, then `flags`), as train.step_loss reads them."""
+    """train.py's flags for one step of `method` (its defaults, then `flags`), as train.step reads them."""
     import train  # here, not at the top: the fixtures also serve tests that never train
 
     return train.get_parser().parse_args(["--method", method, *flags])
+
+
+def step_objective(args) -> tuple:
+    """(embed, loss_of) of train.py's step for these flags: the paper's pair or what replaces it
+    (baselines/objectives.py), the loss of every rank's embeddings under torch.distributed."""
+    import train
+    from baselines.objectives import objective
+    from run.devices import rank_and_world
+    from run.scale import gathered
+
+    embed, loss_of = objective(args, train.embed, train.loss_of)
+    return (embed, gathered(loss_of)) if rank_and_world()[1] > 1 else (embed, loss_of)
+
+
+def batch_loss(net, batch: dict, args) -> tuple:
+    """(L, {term: value}) of one batch, as train.py's step computes it (`net` may be wrapped in DDP)."""
+    embed, loss_of = step_objective(args)
+    model = getattr(net, "module", net)
+    return loss_of(model, embed(net, batch, args), args)

@@ -16,9 +16,10 @@ from torch.nn.parallel import DistributedDataParallel
 import train
 from baselines.losses import phrase_ids
 from baselines.negatives import hard_negatives
+from baselines.objectives import model_class
 from data import Collate, WordTokenizer
-from fixtures import crash_after_first_checkpoint, step_args, write_cc3m
-from model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from fixtures import batch_loss, crash_after_first_checkpoint, step_args, step_objective, write_cc3m
+from model import CLIPConfig, TextConfig, VisionConfig
 from run.scale import accumulated_step
 from sources.shapes import ShapesDataset, ShapesWorld
 
@@ -28,9 +29,9 @@ CFG = CLIPConfig(
     embed_dim=16,
 )
 # c2lip with every option the cache must carry: patches (L_xac's weight), phrase ids, the concept losses' own t, b
-C2LIP = ["--npc-weight", "1.0", "--xac-weight", "0.5", "--tau", "0.5", "--concept-labels", "phrase"]
+C2LIP = "--npc-weight 1.0 --xac-weight 0.5 --tau 0.5 --concept-labels phrase --concept-logits own".split()
 CASES = {
-    "c2lip": (replace(CFG, concept_logits=True), step_args("c2lip", *C2LIP)),
+    "c2lip": (CFG, step_args("c2lip", *C2LIP)),
     "siglip": (CFG, step_args("siglip")),
     "negclip": (CFG, step_args("negclip")),
     "clip": (replace(CFG, init_logit_bias=None), step_args("clip")),
@@ -65,7 +66,7 @@ def concatenate(batches: list[dict]) -> dict:
 
 
 def whole_batch_step(model, batch, args):
-    loss, terms = train.step_loss(model, batch, args)
+    loss, terms = batch_loss(model, batch, args)
     loss.backward()
     return loss.detach(), {k: v.detach() for k, v in terms.items()}
 
@@ -90,11 +91,11 @@ def test_four_micro_batches_give_the_gradient_of_the_whole_batch(method):
     cfg, args = CASES[method]
     parts = micro_batches(method, k=4, size=8)
     torch.manual_seed(0)
-    model = CLIP(cfg)
+    model = model_class(args)(cfg)
     loss, terms = whole_batch_step(model, concatenate(parts), args)
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    got_loss, got_terms = accumulated_step(model, parts, train.embed, train.loss_of, args)
+    got_loss, got_terms = accumulated_step(model, parts, *step_objective(args), args)
     torch.testing.assert_close(got_loss, loss, atol=1e-5, rtol=1e-5)
     assert_same(got_terms, grads(model), terms, expected)
     if method == "negclip":  # the hard negatives are in the loss: some micro-batches have several
@@ -107,23 +108,24 @@ def test_with_grad_checkpointing_and_bf16():
     cfg, args = CASES["c2lip"]
     parts = micro_batches("c2lip", k=4, size=8)
     torch.manual_seed(0)
-    model = CLIP(cfg)
+    model = model_class(args)(cfg)
     whole_batch_step(model, concatenate(parts), args)
     expected = grads(model)
     model.visual.grad_checkpointing = model.text.grad_checkpointing = True
     model.zero_grad(set_to_none=True)
-    accumulated_step(model, parts, train.embed, train.loss_of, args)
+    accumulated_step(model, parts, *step_objective(args), args)
     assert_same({}, grads(model), {}, expected)
 
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = train.step_loss(model, concatenate(parts), args)
+        loss, _ = batch_loss(model, concatenate(parts), args)
     loss.backward()
     plain = grads(model)
     model.zero_grad(set_to_none=True)
     seen = []
-    record = lambda model, emb, args: seen.append(emb["patch"]) or train.loss_of(model, emb, args)
-    bf16_loss, _ = accumulated_step(model, parts, train.embed, record, args, torch.bfloat16)
+    embed, loss_of = step_objective(args)
+    record = lambda model, emb, args: seen.append(emb["patch"]) or loss_of(model, emb, args)
+    bf16_loss, _ = accumulated_step(model, parts, embed, record, args, torch.bfloat16)
     assert seen[0].dtype == torch.bfloat16 and seen[0].shape == (32, 16, 16) and seen[0].is_leaf
     assert abs(bf16_loss.item() - loss.item()) < 1e-2 * abs(loss.item())
     for name, g in grads(model).items():
@@ -150,7 +152,7 @@ def worker(rank, init_file, out):
         calls = {}
         for kind in ("plain", "accumulated"):
             torch.manual_seed(0)
-            net = DistributedDataParallel(CLIP(cfg))
+            net = DistributedDataParallel(model_class(args)(cfg))
             count = [0]
             net.register_comm_hook(count, counting_allreduce)
             opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -159,7 +161,7 @@ def worker(rank, init_file, out):
                 if kind == "plain":
                     terms = whole_batch_step(net, concatenate(parts), args)[1]
                 else:
-                    terms = accumulated_step(net, parts, train.embed, train.loss_of, args)[1]
+                    terms = accumulated_step(net, parts, *step_objective(args), args)[1]
                 step_grads = grads(net)
                 opt.step()
             calls[kind] = count[0]
@@ -176,7 +178,7 @@ def test_two_ranks_of_micro_batches_equal_one_process_with_everything(tmp_path):
     for method, (cfg, args) in CASES.items():
         everything = concatenate(micro_batches(method, WORLD * K, SIZE))  # rank 0's micro-batches, then rank 1's
         torch.manual_seed(0)
-        model = CLIP(cfg)
+        model = model_class(args)(cfg)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(2):
             opt.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
 """The speed benchmarks time train.py's step: bench/common.py rebuilds it (scripts do not import scripts), and
-must give train.step_loss's loss and gradients; and a benchmark runs as `python -m bench.NAME`."""
+must give train.py's step's loss and gradients; and a benchmark runs as `python -m bench.NAME`."""
 
 import os
 import subprocess
@@ -8,10 +8,9 @@ import sys
 import pytest
 import torch
 
-import train
 from bench.common import step_loss
 from data import Collate, WordTokenizer
-from fixtures import step_args
+from fixtures import batch_loss, step_args
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from sources.shapes import ShapesDataset, ShapesWorld
 
@@ -30,7 +29,7 @@ def test_the_benchmarks_step_is_train_py_s(method):
         embed_dim=16,
     )
     results = []
-    for loss_of in (lambda m: step_loss(m, batch, method), lambda m: train.step_loss(m, batch, step_args(method))):
+    for loss_of in (lambda m: step_loss(m, batch, method), lambda m: batch_loss(m, batch, step_args(method))):
         torch.manual_seed(0)
         model = CLIP(cfg)
         loss, terms = loss_of(model)

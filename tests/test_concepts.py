@@ -146,8 +146,9 @@ def test_precompute_with_a_caption_key_and_cli_errors(tmp_path):
 
 
 def test_one_character_items_go_and_every_leading_article_is_ignored():
-    """The authors' rule drops one-character items ("a b": the letter b); phrases compare without every leading
-    article, not only the first; a capitalised word gets its article too."""
+    """A phrase of one character without its article ("a b": the letter b) is dropped (the authors drop a phrase
+    string of one character, articles included); phrases compare without every leading article, not only the
+    first; a capitalised word gets its article too."""
     assert extract_concepts("a cat with a b") == ["a cat"]
     assert extract_concepts("a photo of x") == ["a photo of x"]  # nothing left: the caption is its own phrase
     assert normalise_phrase("The one big red circle") == normalise_phrase("big red circle") == "big red circle"

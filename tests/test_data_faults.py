@@ -21,30 +21,30 @@ from sources.shards import expand_shards
 from sources.stream import WebDataset
 
 FAST = ["--batch-size", "4", "--workers", "0", "--log-every", "1"]
-STEP_LOSS = train.step_loss  # the real one: a test may patch it twice, each wrapper must wrap this one
+LOSS_OF = train.loss_of  # the real one: a test may patch it twice, each wrapper must wrap this one
 
 
 # ----------------------------------------------------------------------------- 1. a signal during skipped steps
 
 
 def nan_then_signal(signum: int, after_call: int):
-    """train.step_loss, but every loss is NaN, and the process sends itself `signum` during call `after_call`
+    """train.loss_of, but every loss is NaN, and the process sends itself `signum` during call `after_call`
     (as Ctrl-C or a scheduler would, mid-step)."""
-    real, calls = STEP_LOSS, []
+    real, calls = LOSS_OF, []
 
-    def step_loss(*args):
+    def loss_of(*args):
         calls.append(1)
         if len(calls) == after_call:
             os.kill(os.getpid(), signum)
         loss, terms = real(*args)
         return loss * float("nan"), terms
 
-    return step_loss
+    return loss_of
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_a_streak_of_skipped_steps_stops_and_saves(tmp_path, monkeypatch, capsys, signum):
-    monkeypatch.setattr(train, "step_loss", nan_then_signal(signum, after_call=3))
+    monkeypatch.setattr(train, "loss_of", nan_then_signal(signum, after_call=3))
     argv = ["--steps", "8", "--max-nonfinite", "1000", "--ckpt-every", "1000", "--out", str(tmp_path), *FAST]
     with pytest.raises(SystemExit) as stopped:
         train.main(argv)
@@ -55,7 +55,7 @@ def test_a_signal_during_a_streak_of_skipped_steps_stops_and_saves(tmp_path, mon
     assert state["step"] == 3 and state["nonfinite"] == 3  # every step was skipped: the streak is kept
     assert read_log(tmp_path / "log.jsonl") == []  # a skipped step logs nothing
     # resumed, the streak goes on from 3: with --max-nonfinite 4 the second skipped step stops the run
-    monkeypatch.setattr(train, "step_loss", nan_then_signal(signum, after_call=0))
+    monkeypatch.setattr(train, "loss_of", nan_then_signal(signum, after_call=0))
     with pytest.raises(SystemExit) as failed:
         train.main([*argv, "--resume", "--max-nonfinite", "4"])
     assert "step 5" in str(failed.value.code) and "5 step(s) in a row" in str(failed.value.code)

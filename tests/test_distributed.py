@@ -1,5 +1,5 @@
 """Two processes with the gloo backend against one process holding the whole batch: the global-batch
-losses and the gradients of one step must be the same (run/scale.gather, train.step_loss)."""
+losses and the gradients of one step must be the same (run/scale.gather, train.py's step)."""
 
 import json
 import os
@@ -12,12 +12,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import train
 from baselines.losses import concept_labels, phrase_ids
 from data import Collate, WordTokenizer
-from fixtures import step_args
+from fixtures import batch_loss, step_args
 from losses import npc_loss, owner_labels, xac_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from run import scale
 from sources.shapes import ShapesDataset, ShapesWorld, truth
 
 CFG = CLIPConfig(
@@ -40,15 +40,30 @@ def make_batches():
 
 def one_step(model, batch, labels):
     args = step_args("c2lip", "--npc-weight", "1.0", "--xac-weight", "0.5", "--tau", "0.5", "--concept-labels", labels)
-    loss, terms = train.step_loss(model, batch, args)
+    loss, terms = batch_loss(model, batch, args)
     torch.testing.assert_close(loss, terms["L_sig"] + 1.0 * terms["L_npc"] + 0.5 * terms["L_xac"])
     loss.backward()
     raw = model.module if isinstance(model, DistributedDataParallel) else model
     return {k: v.item() for k, v in terms.items()}, {n: p.grad.clone() for n, p in raw.named_parameters()}
 
 
-def worker(rank, init_file, out, labels):
+def put_back_gather(x: torch.Tensor) -> torch.Tensor:
+    """open_clip's default gather (gather_with_grad off), as the authors' C2LIP_Loss uses it: a plain all_gather,
+    which carries no gradient, then this rank's own rows put back in place, so that theirs does."""
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(WORLD)]
+    dist.all_gather(sizes, torch.tensor([len(x)]))
+    padded = torch.cat([x.detach(), x.new_zeros(int(max(sizes)) - len(x), *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(WORLD)]
+    dist.all_gather(parts, padded)
+    parts = [part[: int(n)] for part, n in zip(parts, sizes)]
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def worker(rank, init_file, out, labels, gather="ours"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    if gather == "put-back":
+        scale.gather = put_back_gather
     torch.manual_seed(0)
     model = DistributedDataParallel(CLIP(CFG))
     _, local = make_batches()
@@ -70,7 +85,7 @@ def test_the_label_rule_reaches_both_concept_losses(labels):
     torch.manual_seed(0)
     model = CLIP(CFG)
     args = step_args("c2lip", "--npc-weight", "1.0", "--xac-weight", "0.5", "--tau", "0.5", "--concept-labels", labels)
-    _, terms = train.step_loss(model, whole, args)
+    _, terms = batch_loss(model, whole, args)
     x, u, _, c = model(whole["images"], whole["captions"], whole["phrases"])
     t, b = model.scale(), model.bias()
     torch.testing.assert_close(terms["L_npc"], npc_loss(x, c, labels_z, t, b))
@@ -93,6 +108,25 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, labels)
         assert abs(got["terms"][k] - v) < 1e-5 * max(1.0, abs(v)), k
     for name, g in grads.items():
         torch.testing.assert_close(got["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_gather_without_gradient_scales_the_encoders_update_by_one_over_the_world_size(tmp_path):
+    """What run/scale.py's `gather` docstring states. With open_clip's default gather each rank computes the same
+    global loss L, and its own rows still carry dL/d(own rows) to the encoders; DDP's average over the W ranks then
+    leaves dL/dtheta / W for every encoder weight, while t and b, read whole by every rank, keep dL/dt and dL/db.
+    Our differentiable gather gives dL/dtheta for all (the test above)."""
+    whole = make_batches()[0]
+    torch.manual_seed(0)
+    terms, grads = one_step(CLIP(CFG), whole, "owner")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    args = (str(tmp_path / "init"), str(tmp_path / "out.pt"), "owner", "put-back")
+    mp.spawn(worker, args=args, nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "out.pt")
+    for k, v in terms.items():
+        assert abs(got["terms"][k] - v) < 1e-5 * max(1.0, abs(v)), k  # the same loss: only its gradient differs
+    for name, g in grads.items():
+        expected = g if name.startswith("logit_") else g / WORLD
+        torch.testing.assert_close(got["grads"][name], expected, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_torchrun_two_cpu_processes_train_and_checkpoint(tmp_path):

@@ -28,7 +28,7 @@ from sources.stream import WebDataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "4", "--workers", "0", "--log-every", "1"]
 NAN = float("nan")
-STEP_LOSS = train.step_loss  # the real one: a test may patch it twice, each wrapper must wrap this one
+LOSS_OF = train.loss_of  # the real one: a test may patch it twice, each wrapper must wrap this one
 
 
 def run(argv, tmp_path, *extra):
@@ -75,25 +75,25 @@ def test_eval_refuses_non_finite_weights(tmp_path):
 
 
 def nan_at(bad_calls: set[int]):
-    """train.step_loss, but the loss of the calls numbered in bad_calls (from 1) is NaN."""
-    real, calls = STEP_LOSS, []
+    """train.loss_of, but the loss of the calls numbered in bad_calls (from 1) is NaN."""
+    real, calls = LOSS_OF, []
 
-    def step_loss(*args):
+    def loss_of(*args):
         calls.append(1)
         loss, terms = real(*args)
         return (loss * NAN if len(calls) in bad_calls else loss), terms
 
-    return step_loss
+    return loss_of
 
 
 def test_a_non_finite_loss_stops_before_any_checkpoint_is_overwritten(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "step_loss", nan_at({3, 4, 5, 6}))
+    monkeypatch.setattr(train, "loss_of", nan_at({3, 4, 5, 6}))
     message = exits_with(lambda: run(["--steps", "6", "--ckpt-every", "2"], tmp_path), "step 3")
     assert "not finite" in message and "keeps the last good weights" in message
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 2 and all(v.isfinite().all() for v in state["model"].values())
     # two bad steps in a row may be skipped; a good step starts the count again, so step 5 is one in a row
-    monkeypatch.setattr(train, "step_loss", nan_at({2, 3, 5}))
+    monkeypatch.setattr(train, "loss_of", nan_at({2, 3, 5}))
     ckpt = run(["--steps", "6", "--max-nonfinite", "2"], tmp_path / "skip")
     assert torch.load(ckpt, weights_only=True)["step"] == 6
     assert [r["step"] for r in read_log(tmp_path / "skip" / "log.jsonl")] == [1, 4, 6]  # steps 2, 3 and 5 skipped

@@ -1,6 +1,6 @@
 """The repository's shape: the paper's files alone at the root, the machinery in folders, and the rules the
 imports keep (the paper's files import no folder, no cycle, no script imports another, no test-only package
-at run time). Read from the source files with ast, nothing imported."""
+at run time), read from the source files with ast; and one step of the paper's run, traced, runs in four files."""
 
 import ast
 import os
@@ -87,3 +87,43 @@ def test_no_run_time_imports_of_test_only_packages():
     for name, path in modules().items():
         if not name.startswith("bench."):  # the speed benchmarks compare with open_clip when it is installed
             assert not {m.split(".")[0] for m in imports(path)} & TEST_ONLY, name
+
+
+def test_one_step_of_the_papers_run_reads_in_four_files():
+    """train.py's `step` on one process, no accumulation, the paper's flags: every function of the project it
+    runs is in train.py, model.py, losses.py or pool.py (the batch was made before, by data.py)."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+
+    import train
+    from data import Collate, WordTokenizer
+    from fixtures import step_args
+    from model import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from sources.shapes import ShapesDataset, ShapesWorld
+
+    data = ShapesDataset(ShapesWorld(), seed=0, split="train", length=4)
+    samples = [data[i] for i in range(4)]
+    batch = Collate(WordTokenizer.build([s["caption"] for s in samples], context_length=48))(samples)
+    vision = VisionConfig(image_size=64, patch_size=16, width=32, layers=1, heads=2)
+    model = CLIP(CLIPConfig(vision=vision, text=TextConfig(width=32, layers=1, heads=2), embed_dim=16))
+    args = step_args("c2lip")
+    optimizer = torch.optim.AdamW(train.param_groups(model, 1e-3, None, 0.1), lr=1e-3)
+    run = SimpleNamespace(net=model, model=model, optimizer=optimizer, dtype=torch.float32)
+    objective = train.objective_of(args, train.embed, train.loss_of)
+    assert objective == (train.embed, train.loss_of)  # the paper's flags: train.py's own pair
+
+    files = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(ROOT + os.sep):
+            files.add(os.path.relpath(frame.f_code.co_filename, ROOT))
+
+    sys.setprofile(profile)
+    try:
+        loss, terms, applied = train.step(run, [batch], 0.5, args, objective)
+    finally:
+        sys.setprofile(None)
+    assert applied and set(terms) == {"L_sig", "L_npc", "L_xac"}
+    assert files == {"train.py", "model.py", "losses.py", "pool.py"}, files

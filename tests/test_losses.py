@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from baselines.losses import clip_loss, concept_labels
+from baselines.objectives import ConceptLogitsCLIP, study_loss
+from fixtures import step_args
 from losses import c2lip_loss, npc_loss, owner_labels, sig_loss, xac_loss
+from model import CLIPConfig
 
 
 def log_sigmoid(x: float) -> float:
@@ -167,14 +170,12 @@ def test_c2lip_loss_is_the_weighted_sum_paper_weights():
     assert math.isclose(total.item(), expect["L_sig"] + expect["L_npc"] + 0.01 * expect["L_xac"], rel_tol=1e-5)
 
 
-def test_c2lip_loss_is_the_weighted_sum_other_weights_tau_and_labels():
+def test_c2lip_loss_is_the_weighted_sum_other_weights_and_tau():
     x, y, c, u, owner = random_batch(seed=3)
-    ids = torch.tensor([0, 1, 2, 0, 3, 1, 4, 0, 5])  # phrase labels: both concept terms read them
-    for npc_weight, xac_weight, tau, phrase_ids in ((0.3, 2.0, 0.2, None), (2.5, 0.5, 0.5, ids)):
-        labels = None if phrase_ids is None else concept_labels("phrase", owner, len(x), {"phrase_ids": phrase_ids})
-        kw = {"npc_weight": npc_weight, "xac_weight": xac_weight, "tau": tau, "labels": labels}
+    for npc_weight, xac_weight, tau in ((0.3, 2.0, 0.2), (2.5, 0.5, 0.5)):
+        kw = {"npc_weight": npc_weight, "xac_weight": xac_weight, "tau": tau}
         total, terms = c2lip_loss(x, y, c, u, owner, T, BIAS, **kw)
-        expect = naive_terms(x, y, c, u, owner, tau=tau, ids=phrase_ids)
+        expect = naive_terms(x, y, c, u, owner, tau=tau)
         check_terms(terms, expect)
         weighted = expect["L_sig"] + npc_weight * expect["L_npc"] + xac_weight * expect["L_xac"]
         assert math.isclose(total.item(), weighted, rel_tol=1e-5), kw
@@ -195,18 +196,31 @@ def test_c2lip_loss_weight_zero_leaves_the_term_out():
     assert math.isclose(total.item(), expect["L_sig"], rel_tol=1e-5)  # SigLIP's loss alone
 
 
-def test_c2lip_loss_concept_scale_and_bias_reach_the_concept_terms_only():
+def study_model(t: float, b: float, concept_t: float, concept_b: float) -> ConceptLogitsCLIP:
+    """A model of the study's --concept-logits own, whose two logit pairs are (t, b) and (concept_t, concept_b)."""
+    model = ConceptLogitsCLIP(CLIPConfig())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(t)), model.logit_bias.fill_(b)
+        model.concept_logit_scale.fill_(math.log(concept_t)), model.concept_logit_bias.fill_(concept_b)
+    return model
+
+
+def test_the_studys_loss_reads_its_label_rule_and_its_own_concept_logits_in_the_concept_terms_only():
+    """baselines/objectives.py study_loss: the three terms of c2lip_loss with --concept-labels phrase (both concept
+    terms read the labels) and --concept-logits own (the caption term at (7, -3), the concept terms at (4, -1.5))."""
     x, y, c, u, owner = random_batch(seed=1)
-    t, b = torch.tensor(7.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)
-    ct, cb = torch.tensor(4.0, requires_grad=True), torch.tensor(-1.5, requires_grad=True)
-    total, terms = c2lip_loss(x, y, c, u, owner, t, b, concept_t=ct, concept_b=cb, xac_weight=0.2)
-    expect = naive_terms(x, y, c, u, owner, concept_t=4.0, concept_b=-1.5)
-    check_terms(terms, expect)  # the caption term at (7, -3), the concept terms at (4, -1.5)
+    ids = torch.tensor([0, 1, 2, 0, 3, 1, 4, 0, 5])
+    model = study_model(7.0, -3.0, 4.0, -1.5)
+    args = step_args("c2lip", "--concept-labels", "phrase", "--concept-logits", "own", "--xac-weight", "0.2")
+    emb = {"image": x, "text": y, "phrase": c, "patch": u, "owner": owner, "phrase_ids": ids}
+    total, terms = study_loss(model, emb, args)
+    expect = naive_terms(x, y, c, u, owner, concept_t=4.0, concept_b=-1.5, ids=ids)
+    check_terms(terms, expect)
     assert math.isclose(total.item(), expect["L_sig"] + expect["L_npc"] + 0.2 * expect["L_xac"], rel_tol=1e-5)
-    assert math.isclose(terms["L_sig"].item(), sig_loss(x, y, T, BIAS).item(), rel_tol=1e-6)
-    caption_grads = torch.autograd.grad(terms["L_sig"], [t, b, ct, cb], retain_graph=True, allow_unused=True)
+    pairs = [model.logit_scale, model.logit_bias, model.concept_logit_scale, model.concept_logit_bias]
+    caption_grads = torch.autograd.grad(terms["L_sig"], pairs, retain_graph=True, allow_unused=True)
     assert caption_grads[0] is not None and caption_grads[1] is not None and caption_grads[2:] == (None, None)
-    concept_grads = torch.autograd.grad(terms["L_npc"] + terms["L_xac"], [t, b, ct, cb], allow_unused=True)
+    concept_grads = torch.autograd.grad(terms["L_npc"] + terms["L_xac"], pairs, allow_unused=True)
     assert concept_grads[:2] == (None, None) and concept_grads[2] is not None and concept_grads[3] is not None
 
 

@@ -1,6 +1,6 @@
 """The NegCLIP-style baseline: rule-made hard negatives (baselines/negatives.py), their batch (a data.Collate
 extra), the loss with extra negative columns (baselines/losses.negclip_loss) against a naive loop, and
-train.step_loss with them."""
+train.py's step with them."""
 
 import math
 import os
@@ -12,11 +12,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import train
 from baselines.losses import negclip_loss
 from baselines.negatives import hard_negative, hard_negatives, phrase_slots, slot_words
 from data import Collate, WordTokenizer
-from fixtures import step_args
+from fixtures import batch_loss, step_args
 from losses import sig_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from sources.shapes import ShapesDataset, ShapesWorld
@@ -136,8 +135,8 @@ def test_negclip_loss_terms_score_the_batch_negatives():
         embed_dim=16,
     )
     model = CLIP(cfg)
-    _, negclip = train.step_loss(model, batch, step_args("negclip"))
-    _, siglip = train.step_loss(model, batch, step_args("siglip"))
+    _, negclip = batch_loss(model, batch, step_args("negclip"))
+    _, siglip = batch_loss(model, batch, step_args("siglip"))
     assert set(negclip) == {"L_sig"}
     x, _ = model.encode_image(batch["images"])
     y, n = model.encode_text(batch["captions"]), model.encode_text(batch["negatives"])[batch["has_negative"]]
@@ -145,6 +144,6 @@ def test_negclip_loss_terms_score_the_batch_negatives():
     torch.testing.assert_close(negclip["L_sig"], expect)
     assert negclip["L_sig"] > siglip["L_sig"]  # the negatives add terms, each positive
     batch["has_negative"][1] = False  # as for a caption no rule applies to: its row is an empty text, never scored
-    _, masked = train.step_loss(model, batch, step_args("negclip"))
+    _, masked = batch_loss(model, batch, step_args("negclip"))
     n = model.encode_text(batch["negatives"])[batch["has_negative"]]  # (5, D)
     torch.testing.assert_close(masked["L_sig"], negclip_loss(x, y, n, model.scale(), model.bias()))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import train
+from baselines.objectives import ConceptLogitsCLIP
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 
 SMALL = CLIPConfig(
@@ -83,14 +84,15 @@ def expected_groups(model: CLIP) -> dict[str, set[str]]:
     [
         (SMALL, {"logit_scale", "logit_bias"}),
         (
-            replace(SMALL, concept_logits=True),
+            (SMALL, ConceptLogitsCLIP),  # the study's --concept-logits own
             {"logit_scale", "logit_bias", "concept_logit_scale", "concept_logit_bias"},
         ),
         (replace(SMALL, init_logit_bias=None), {"logit_scale"}),  # CLIP's softmax form: no bias
     ],
 )
 def test_param_groups_split_decay_no_decay_and_logits(cfg, logit_names):
-    model = CLIP(cfg)
+    cfg, build = cfg if isinstance(cfg, tuple) else (cfg, CLIP)
+    model = build(cfg)
     named = dict(model.named_parameters())
     name_of = {id(p): n for n, p in named.items()}
     groups = train.param_groups(model, 1e-3, 0.05, 0.1)

@@ -145,6 +145,60 @@ def test_the_flags_default_to_the_papers_recipe():
     )
 
 
+# The authors' scripts/train_full_model_wds_data.sh: its settings, as train.py's flags name them.
+AUTHORS = dict(lr=1e-5, weight_decay=0.1, batch_size=96, epochs=5.0, warmup=50.0, grad_clip=0.0, npc_weight=1.0)
+AUTHORS |= dict(xac_weight=0.01, seed=42, precision="bf16", init="timm/ViT-B-16-SigLIP", data="cc3m")
+AUTHORS |= dict(caption_key="shortLLA_captions", concept_key="nounphrases", method="c2lip", tau=1.0, accum_freq=1)
+AUTHORS |= dict(concept_labels="owner", concept_logits="shared", logit_lr=None)
+
+
+def authors_command(text: str) -> list[str]:
+    """The words of the command in `text` that starts "torchrun --nproc_per_node 8 train.py", its lines joined."""
+    start = text.index("torchrun --nproc_per_node 8 train.py")
+    lines = []
+    for line in text[start:].splitlines():
+        lines.append(line.split("#")[0].strip().rstrip("\\"))
+        if not line.split("#")[0].rstrip().endswith("\\"):
+            break
+    return " ".join(lines).split()
+
+
+def test_the_authors_command_is_their_settings():
+    """train.py's docstring and docs/departures.md give one command for the paper's run: 8 processes, and every
+    flag the authors' script sets (lr, weight decay, batch per GPU, epochs, warm-up, both loss weights, no
+    clipping, seed, bf16), with train.py's defaults for the rest equal to theirs too."""
+    command = authors_command(train.__doc__)
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "departures.md")) as f:
+        assert authors_command(f.read()) == command
+    assert command[:4] == ["torchrun", "--nproc_per_node", "8", "train.py"]
+    flags = command[4:]
+    flags[flags.index("--data-dir") + 1] = "/tmp"  # a placeholder path: only the parse is read
+    args = train.get_parser().parse_args(flags)
+    assert {k: getattr(args, k) for k in AUTHORS} == AUTHORS
+
+
+def test_bf16_autocast_keeps_float32_weights_and_a_float32_loss():
+    """A departure (docs/departures.md): the authors cast the model to bf16; here bf16 is autocast, the weights
+    stay float32, and every loss term is summed in float32 though the matrix products ran in bf16."""
+    torch.manual_seed(0)
+    vision, text = (
+        VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2),
+        TextConfig(width=32, layers=1),
+    )
+    model = CLIP(CLIPConfig(vision=vision, text=text, embed_dim=16))
+    images = torch.randn(3, 3, 32, 32)
+    tokens = torch.randint(1, 60, (3, 5))
+    args = fixtures.step_args("c2lip")
+    batch = {"images": images, "captions": tokens, "phrases": tokens, "owner": torch.arange(3)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = train.embed(model, batch, args)
+        loss, terms = train.loss_of(model, emb, args)
+    assert emb["image"].dtype == torch.bfloat16  # the encoders ran in bf16
+    assert loss.dtype == torch.float32 and {v.dtype for v in terms.values()} == {torch.float32}
+    loss.backward()
+    assert {p.dtype for p in model.parameters()} == {p.grad.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_the_loss_functions_default_to_the_papers_weights_and_tau():
     """c2lip_loss called without weights is L_sig + 1.0 L_npc + 0.01 L_xac, pooled at tau = 1."""
     g = torch.Generator().manual_seed(0)

@@ -10,10 +10,12 @@ from PIL import Image
 
 import eval as evaluate
 import train
+from baselines.objectives import ConceptLogitsCLIP
 from data import Collate
 from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes
-from fixtures import crash_after_first_checkpoint, step_args
+from fixtures import batch_loss, crash_after_first_checkpoint, step_args
 from released.weights import load_model
+from run.checkpoint import checkpoint_parts
 from sources.shapes import ShapesDataset, ShapesWorld
 
 FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]
@@ -125,9 +127,15 @@ def test_concept_losses_with_their_own_logit_scale_and_bias(tmp_path):
     record = json.loads(open(tmp_path / "own" / "log.jsonl").readlines()[-1])
     assert record["concept_scale"] == pytest.approx(10.0) and record["concept_bias"] == -10.0
 
-    model, tokenizer, _ = load_model(own, torch.device("cpu"))
+    state = torch.load(own, weights_only=True)
+    cfg, tokenizer = checkpoint_parts(state)
+    model = ConceptLogitsCLIP(cfg)
+    model.load_state_dict(state["model"])
+    _, _, evaluated = load_model(own, torch.device("cpu"))  # eval.py reads it too: the pair is training's only
+    assert "concept_logit_scale" in evaluated["model"]
     scenes = ShapesDataset(ShapesWorld(), 0, "train", 4)
-    _, terms = train.step_loss(model, Collate(tokenizer)([scenes[i] for i in range(4)]), step_args("c2lip"))
+    args = step_args("c2lip", "--concept-logits", "own")
+    _, terms = batch_loss(model, Collate(tokenizer)([scenes[i] for i in range(4)]), args)
     terms["L_sig"].backward(retain_graph=True)
     assert (
         model.concept_logit_scale.grad is None and model.logit_scale.grad is not None
