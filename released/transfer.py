@@ -7,10 +7,11 @@ What can go wrong on the way, and what is done about it:
   - the file changes on the server between two tries. A .part is resumed only with If-Range naming the
     validator of the response that started it (its strong ETag, else its Last-Modified), recorded beside it
     in <part>.validator: a server whose file changed answers with the whole new file (200) and the .part
-    starts again from zero. A 206 is appended only if it names that same validator (RFC 9110 has a 206 carry
-    what a 200 would) and its Content-Range starts where the .part ends; any other 206 starts the .part again
-    from zero. A .part whose validator is unknown (the server sent none, or an older version of this code
-    started it) is restarted, never resumed: its bytes could be of another version of the file;
+    starts again from zero. A 206 is appended only if it names that same validator (RFC 9110 has a 206 repeat
+    a 200's ETag; one that names none cannot vouch for its bytes) and its Content-Range starts where the .part
+    ends; any other 206 starts the .part again from zero. A .part whose validator is unknown (the server sent
+    none, or an older version of this code started it) is restarted, never resumed: its bytes could be of
+    another version of the file;
   - sizes that disagree. A 206's file size is its Content-Range's total and its body is read to the range's
     end at most, whatever its Content-Length says; a 206 to a request without Range is taken only when its
     range is the whole file;
