@@ -13,6 +13,8 @@ there yet:
   - the download goes to <file>.part (transfer.py: resumed only when the server vouches that its file has not
     changed; an HTML page, or a body whose end cannot be told, is refused), and the .part is renamed to <file>
     only once it is complete and its SHA-256 checked, so a file under its real name is always whole;
+  - a download stops at the file's size where it is published, else at a cap each entry states (`most`,
+    a few times its size): a server that sends more is refused (transfer.py);
   - files with nothing published to pin are trusted on first use: the digest of the first download is
     recorded beside the file (<file>.sha256) and every later use checks the file against it;
   - the record (kept for pinned files too) holds the size and modification time the file was hashed at: a
@@ -44,12 +46,16 @@ except ImportError:
     fcntl = None
 
 
+MOST = 16 << 30  # the cap of an entry that states none: above every file here (val2014.zip, 6 GB)
+
+
 @dataclass(frozen=True)
 class Remote:
     url: str
     sha256: str | None  # None: nothing published to pin; trusted on first use (see the module docstring)
     size: str  # for --help and the docs: the official size where there is one, else an estimate, said as such
     path: str | None = None  # in the cache folder; None: <name>/<the URL's file name>
+    most: int = MOST  # bytes the download may bring: the file's size where published, else a cap stated here
 
 
 # Commits the benchmark files are pinned at (raw.githubusercontent.com serves a file at a commit unchanged).
@@ -72,6 +78,7 @@ WEIGHTS = {
         "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
         "about 350 MB (estimate)",
         "openai/ViT-B-16.pt",
+        1 << 30,
     ),
     # open_clip's ViT-B-16-SigLIP (WebLI), the paper's backbone, as its hub repository ships it, at a fixed
     # revision: the hub publishes the file's SHA-256 (its Git LFS object id), not a digest of `main`.
@@ -79,6 +86,7 @@ WEIGHTS = {
         f"https://huggingface.co/timm/ViT-B-16-SigLIP/resolve/{SIGLIP_REVISION}/open_clip_model.safetensors",
         "81942ea8c09b9e41963357cca5d2682118bf7eb7491c2ae51a28bc4f4f95b194",
         "about 800 MB (estimate)",
+        most=2 << 30,
     ),
 }
 TOKENIZERS = {
@@ -90,6 +98,7 @@ TOKENIZERS = {
         "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
         "1.3 MB",
         "openai/bpe_simple_vocab_16e6.txt.gz",
+        1_356_917,
     ),
     # T5's English SentencePiece model (cc_en.32000), the vocabulary of SigLIP's text tower. No digest is
     # published with it: trusted on first use.
@@ -97,6 +106,7 @@ TOKENIZERS = {
         "https://storage.googleapis.com/t5-data/vocabs/cc_en.32000/sentencepiece.model",
         None,
         "about 0.8 MB (estimate)",
+        most=16 << 20,
     ),
 }
 # The benchmark files at their pinned commits: SHA-256 and size of each git blob, which the raw URLs serve
@@ -119,7 +129,7 @@ SCPP_FILES = {
 }
 BENCHMARK_FILES = {
     **{
-        f"{bench}/{n}.json": Remote(url + f"{n}.json", digest, f"{size:,} bytes", f"{bench}/{n}.json")
+        f"{bench}/{n}.json": Remote(url + f"{n}.json", digest, f"{size:,} bytes", f"{bench}/{n}.json", size)
         for bench, url, files in (
             ("sugarcrepe", SUGARCREPE_URL, SUGARCREPE_FILES),
             ("sugarcrepe++", SCPP_URL, SCPP_FILES),
@@ -129,15 +139,19 @@ BENCHMARK_FILES = {
     # COCO's own zips: cocodataset.org lists val2017 as "5K images, 1GB" and val2014 as "40K images, 6GB";
     # no digest is published with them, nor with BLIP's Karpathy split: trusted on first use.
     "coco/val2017.zip": Remote(
-        "http://images.cocodataset.org/zips/val2017.zip", None, "1 GB (official)", "coco/val2017.zip"
+        "http://images.cocodataset.org/zips/val2017.zip", None, "1 GB (official)", "coco/val2017.zip", 2 << 30
     ),
     "coco/val2014.zip": Remote(
-        "http://images.cocodataset.org/zips/val2014.zip", None, "6 GB (official)", "coco/val2014.zip"
+        "http://images.cocodataset.org/zips/val2014.zip", None, "6 GB (official)", "coco/val2014.zip", 12 << 30
     ),
     # The Karpathy test split as released with BLIP (github.com/salesforce/BLIP): a JSON list of
     # {image, caption: [...]}, image paths under COCO's val2014/. (Flickr30k's images need a request form.)
     "coco/coco_karpathy_test.json": Remote(
-        BLIP_URL + "coco_karpathy_test.json", None, "about 2 MB (estimate)", "coco/coco_karpathy_test.json"
+        BLIP_URL + "coco_karpathy_test.json",
+        None,
+        "about 2 MB (estimate)",
+        "coco/coco_karpathy_test.json",
+        64 << 20,
     ),
 }
 FILES = WEIGHTS | TOKENIZERS | BENCHMARK_FILES
@@ -219,7 +233,7 @@ def fetch(name: str, folder: str | None = None) -> str:
 def get(remote: Remote, path: str) -> None:
     """Download, check and record: the .part gets the file's name only after all three."""
     part = path + ".part"
-    download(remote.url, part, path, pinned=remote.sha256 is not None)
+    download(remote.url, part, path, pinned=remote.sha256 is not None, most=remote.most)
     digest = sha256_of(part)
     if remote.sha256 and digest != remote.sha256:
         discard(part)  # a wrong file is not worth resuming
@@ -228,8 +242,11 @@ def get(remote: Remote, path: str) -> None:
             "(a changed or corrupted release, or a proxy's error page); try again, or place the right file "
             f"at {path} by hand"
         )
-    write_record(path, digest, part)  # before the rename: a file under its real name always has its record
-    os.replace(part, path)
+    try:
+        write_record(path, digest, part)  # before the rename: a file under its real name always has its record
+        os.replace(part, path)
+    except OSError as err:  # a disk that the download filled to the last byte
+        raise DownloadError(f"{path} could not be recorded ({err.strerror}): free some space and run again") from None
     discard(part)
 
 
