@@ -1,0 +1,165 @@
+"""Data and benchmark faults (issue 29, items 10, 11, 18 and 20): tar members that claim more than the file holds or
+name a sample twice, counts that are not counts, a sample with a million phrases, a MemoryError in one sample, JSON
+nested 100,000 deep, benchmark image names outside the image folder, and a 169-megapixel PNG of 164 KB. Every
+fixture is made here, in the real formats; nothing large is allocated, even by the code before the fixes: spies
+fail a test at the first read or decode that must not happen."""
+
+import json
+import os
+import tarfile
+
+import pytest
+
+from data import Collate, WordTokenizer, eval_transform
+from fixtures import image_bytes, write_tar
+from sources import stream
+from sources.shards import shard_captions, shard_sizes
+from sources.stream import WebDataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 deep: json's reader recurses once per level
+
+
+def one_line_exit(fn, needle: str) -> str:
+    """fn() must stop with a one-line "error: ..." SystemExit holding `needle`; returns the message."""
+    with pytest.raises(SystemExit) as err:
+        fn()
+    message = str(err.value.code)
+    assert message.startswith("error: ") and "\n" not in message and needle in message, message
+    return message
+
+
+def shard(folder, samples: list[tuple[str, str, bytes]]) -> str:
+    """folder/00000.tar holding (key, extension, bytes) members in this order; returns the shard's path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "00000.tar")
+    write_tar(path, [(f"{key}.{ext}", data) for key, ext, data in samples])
+    return path
+
+
+def pairs(keys) -> list[tuple[str, str, bytes]]:
+    """An image and a caption for each key."""
+    return [m for i, k in enumerate(keys) for m in ((k, "jpg", image_bytes(i)), (k, "txt", f"a red car {k}".encode()))]
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """tarfile.TarFile.extractfile, recording the members read; reading a sparse member fails the test at once
+    (the code before the fix read its declared 3 GiB of zeros)."""
+    real, names = tarfile.TarFile.extractfile, []
+
+    def spy(self, member):
+        if member.issparse():
+            pytest.fail(f"the sparse member {member.name} was read")
+        names.append(member.name)
+        return real(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    return names
+
+
+# ----------------------------------------------------------------------------- 10. members, names and counts
+
+
+def make_sparse(path: str, name: str, real_size: int) -> None:
+    """Turn the member `name` of an uncompressed tar into an old-GNU sparse member ('S') whose one data region is
+    its stored bytes, declaring `real_size` bytes in all: the rest is holes, zeros that tar does not store."""
+    with tarfile.open(path) as tar:
+        offset, stored = tar.getmember(name).offset, tar.getmember(name).size
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        header = bytearray(f.read(tarfile.BLOCKSIZE))
+        header[156:157] = b"S"
+        header[257:265] = b"ustar  \0"  # GNU magic
+        header[345:512] = bytes(167)  # the GNU fields: no atime, ctime, extension; one sparse region
+        header[386:410] = b"%011o\0%011o\0" % (0, stored)
+        header[483:495] = b"%011o\0" % real_size
+        header[148:156] = b" " * 8
+        header[148:156] = b"%06o\0 " % sum(header)
+        f.seek(offset)
+        f.write(header)
+
+
+def test_a_sparse_member_declaring_3_gib_is_skipped_unread(tmp_path, reads):
+    path = shard(tmp_path, pairs(["a", "b", "c"]))
+    make_sparse(path, "b.jpg", 3 << 30)
+    with tarfile.open(path) as tar:
+        assert tar.getmember("b.jpg").issparse() and tar.getmember("b.jpg").size == 3 << 30
+    ds = WebDataset([path], eval_transform(8), shuffle_buffer=0)
+    assert [s["caption"] for s in ds] == ["a red car a", "a red car c"]
+    assert ds.skipped == {"sparse_member": 1}
+    assert [k for k, _ in shard_captions(path)] == ["a", "c"]
+
+
+def test_a_member_claiming_bytes_past_the_end_of_the_file_is_not_read(tmp_path, reads):
+    path = shard(tmp_path, pairs(["a", "b"]) + [("c", "jpg", bytes(100_000))])
+    with tarfile.open(path) as tar:
+        os.truncate(path, tar.getmember("c.jpg").offset_data + 10_000)  # its header claims 100,000 bytes
+    ds = WebDataset([path], eval_transform(8), shuffle_buffer=0)
+    assert [s["caption"] for s in ds] == ["a red car a", "a red car b"] and ds.skipped == {"corrupt_shard": 1}
+    assert "c.jpg" not in reads  # refused from its header, before a read of what the file does not hold
+
+
+def test_a_name_given_twice_is_skipped_and_counted_not_replaced_or_repeated(tmp_path):
+    members = pairs(["a", "b"]) + [("b", "jpg", image_bytes(5))] + pairs(["c"]) + pairs(["a"])
+    path = shard(tmp_path, members)  # b.jpg twice in a row: which image is b's? then sample a again
+    ds = WebDataset([path], eval_transform(8), shuffle_buffer=0)
+    assert [s["caption"] for s in ds] == ["a red car a", "a red car c"]
+    assert ds.skipped == {"repeated_name": 2}
+    assert [k for k, _ in shard_captions(path)] == ["a", "c"]  # the concepts precompute reads these
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e400", "true", "1000000000000000", "-3"])
+def test_sizes_json_with_a_value_that_is_no_count_is_passed_over(tmp_path, value):
+    path = shard(tmp_path / "shards", pairs(["a", "b", "c"]))
+    (tmp_path / "shards" / "sizes.json").write_text('{"00000.tar": %s}' % value)
+    assert shard_sizes([path], str(tmp_path)) == [3]  # counted from the tar headers instead
+
+
+def test_a_sizes_json_nested_100k_deep_is_passed_over(tmp_path):
+    path = shard(tmp_path / "shards", pairs(["a", "b"]))
+    (tmp_path / "shards" / "sizes.json").write_text(DEEP)
+    assert shard_sizes([path], str(tmp_path)) == [2]
+
+
+# ----------------------------------------------------------------------------- 11. phrases and MemoryError
+
+
+def test_a_sample_with_a_million_phrases_keeps_its_first_32_and_is_counted(tmp_path):
+    phrases = [f"thing {i}" for i in range(1_000_000)]
+    meta = json.dumps({"nounphrases": phrases}).encode()
+    b = json.dumps({"nounphrases": ["a red car"]}).encode()
+    path = shard(tmp_path, pairs(["a"]) + [("a", "json", meta)] + pairs(["b"]) + [("b", "json", b)])
+    ds = WebDataset([path], eval_transform(8), concept_key="nounphrases", shuffle_buffer=0)
+    samples = list(ds)
+    assert [s["phrases"] for s in samples] == [phrases[:32], ["a red car"]]
+    assert ds.noted == {"phrases_cut": 1} and ds.skipped == {}
+    batch = Collate(WordTokenizer.build(["a red car thing"], context_length=8))(samples)
+    assert batch["phrases"].shape[0] == 33 and batch["owner"].tolist() == [0] * 32 + [1]  # (K, Tc)
+
+
+def test_a_memory_error_reading_a_member_is_a_counted_skip(tmp_path, monkeypatch):
+    path = shard(tmp_path, pairs(["a", "b", "c"]))
+    real = tarfile.TarFile.extractfile
+
+    class Huge:
+        def read(self):
+            raise MemoryError
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda t, m: Huge() if m.name == "b.jpg" else real(t, m))
+    ds = WebDataset([path], eval_transform(8), shuffle_buffer=0)
+    assert [s["caption"] for s in ds] == ["a red car a", "a red car c"] and ds.skipped == {"out_of_memory": 1}
+
+
+def test_a_memory_error_decoding_an_image_is_a_counted_skip(tmp_path, monkeypatch):
+    path = shard(tmp_path, pairs(["a", "b", "c"]))
+    real = stream.load_image
+
+    def load_image(source):
+        if source == image_bytes(1):  # b's
+            raise MemoryError
+        return real(source)
+
+    monkeypatch.setattr(stream, "load_image", load_image)
+    ds = WebDataset([path], eval_transform(8), shuffle_buffer=0)
+    assert [s["caption"] for s in ds] == ["a red car a", "a red car c"] and ds.skipped == {"out_of_memory": 1}
