@@ -6,10 +6,14 @@ fail a test at the first read or decode that must not happen."""
 
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
 
+import eval as evaluate
+import train
 from data import Collate, WordTokenizer, eval_transform
 from fixtures import image_bytes, write_tar
 from sources import stream
@@ -163,3 +167,89 @@ def test_a_memory_error_decoding_an_image_is_a_counted_skip(tmp_path, monkeypatc
     monkeypatch.setattr(stream, "load_image", load_image)
     ds = WebDataset([path], eval_transform(8), shuffle_buffer=0)
     assert [s["caption"] for s in ds] == ["a red car a", "a red car c"] and ds.skipped == {"out_of_memory": 1}
+
+
+# ----------------------------------------------------------------------------- 18. benchmark files
+
+
+def bench_fails(bench, argv, needle: str) -> str:
+    return one_line_exit(lambda: evaluate.main(["--ckpt", bench["ckpt"], *argv, "--workers", "0"]), needle)
+
+
+def test_benchmark_json_nested_100k_deep_stops_with_one_line(bench):
+    swap = os.path.join(bench["sc"], "swap_att.json")
+    open(swap, "w").write(DEEP)
+    bench_fails(bench, ["--bench", "sugarcrepe", "--data-dir", bench["sc"]], f"{swap} nests its values too deep")
+    open(bench["ann"], "w").write(DEEP)
+    coco = os.path.dirname(bench["ann"])
+    argv = ["--bench", "retrieval", "--data-dir", coco, "--ann", bench["ann"]]
+    bench_fails(bench, argv, f"{bench['ann']} nests its values too deep")
+
+
+def test_a_concepts_file_nested_100k_deep_is_refused_naming_the_flag_and_line(tmp_path, capsys):
+    folder = os.path.dirname(shard(tmp_path / "shards", pairs(["a"])))
+    concepts = tmp_path / "concepts.jsonl"
+    concepts.write_text('{"shard": "00000.tar", "concepts": %s}\n' % DEEP)
+    with pytest.raises(SystemExit) as err:
+        train.get_args(["--data", "cc3m", "--data-dir", folder, "--concepts", str(concepts)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.value.code == 2 and f"error: --concepts: {concepts}, line 1: not a record" in last, last
+
+
+def outside(tmp_path, folder: str, kind: str) -> str:
+    """The name of a real picture outside `folder`: its absolute path, or a path climbing out with '..'."""
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(image_bytes(3))
+    return str(secret) if kind == "absolute" else os.path.relpath(secret, folder)
+
+
+def name_first_image(path: str, name: str) -> None:
+    """SugarCrepe's file `path` with its record '1' naming the image `name`."""
+    records = json.load(open(path))
+    records["1"]["filename"] = name
+    json.dump(records, open(path, "w"))
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot"])
+def test_a_benchmark_image_outside_its_folder_is_refused_not_scored(bench, tmp_path, kind):
+    val2017, path = os.path.join(bench["sc"], "val2017"), os.path.join(bench["sc"], "add_att.json")
+    name = outside(tmp_path, val2017, kind)
+    assert os.path.isfile(os.path.join(val2017, name))  # what the code before the fix scored
+    name_first_image(path, name)
+    bench_fails(bench, ["--bench", "sugarcrepe", "--data-dir", bench["sc"]], f"record '1' of {path} names the image")
+    coco = os.path.dirname(bench["ann"])
+    records = json.load(open(bench["ann"]))
+    records[2]["image"] = outside(tmp_path, coco, kind)
+    json.dump(records, open(bench["ann"], "w"))
+    argv = ["--bench", "retrieval", "--data-dir", coco, "--ann", bench["ann"]]
+    bench_fails(bench, argv, f"record 2 of {bench['ann']} names the image")
+
+
+# ----------------------------------------------------------------------------- the scripts themselves
+
+
+def script(*argv: str) -> tuple[int, str]:
+    """Run a script of the repository as a user would: (exit code, stderr)."""
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stderr
+
+
+def test_the_scripts_end_with_one_line_and_a_nonzero_exit(bench, tmp_path):
+    """eval.py --bench and train.py --data cc3m --concepts, run as processes: the last line of stderr is the
+    error, and nothing else is printed (no traceback, no warning)."""
+    val2017, path = os.path.join(bench["sc"], "val2017"), os.path.join(bench["sc"], "add_att.json")
+    name = outside(tmp_path, val2017, "dotdot")
+    name_first_image(path, name)
+    code, err = script(
+        "eval.py", "--ckpt", bench["ckpt"], "--bench", "sugarcrepe", "--data-dir", bench["sc"], "--workers", "0"
+    )
+    expected = (
+        f"error: --bench sugarcrepe: record '1' of {path} names the image {name!r}, which is not inside {val2017}"
+    )
+    assert code == 1 and err.splitlines() == [expected], err
+    folder = os.path.dirname(shard(tmp_path / "shards", pairs(["a"])))
+    concepts = tmp_path / "concepts.jsonl"
+    concepts.write_text('{"shard": "00000.tar", "concepts": %s}\n' % DEEP)
+    code, err = script("train.py", "--data", "cc3m", "--data-dir", folder, "--concepts", str(concepts))
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"train.py: error: --concepts: {concepts}, line 1: not a record"), err
