@@ -6,8 +6,8 @@
 Every sample that cannot be used is skipped and counted by reason (SKIP_REASONS), never fatal: a missing or
 corrupt image, an empty or non-UTF-8 caption, a caption NLTK fails to cut into phrases (concepts.ConceptError),
 a shard that cannot be read to its end (cut mid-member or at a member header), a member name given twice or a
-GNU sparse member (sources/shards.py `shard_groups`), a member or an image whose reading or decoding raised
-MemoryError. A sample kept but not as it came is counted too
+GNU sparse member (sources/shards.py `shard_groups`), an image of more than data.MAX_PIXELS pixels, a member or
+an image whose reading or decoding raised MemoryError. A sample kept but not as it came is counted too
 (NOTED_REASONS): a caption cut to concepts.MAX_CAPTION_CHARS before its phrases were taken, phrases in a
 --concepts file computed from another caption (its digest differs), extracted afresh instead, phrases cut to
 MAX_PHRASES.
@@ -24,7 +24,7 @@ import tarfile
 import torch
 
 from concepts import MAX_CAPTION_CHARS, ConceptError, extract_concepts
-from data import load_image
+from data import TooManyPixels, load_image
 from run.devices import rank_and_world
 from sources.concepts_file import caption_digest, concepts_index, shard_concepts
 from sources.shards import IMAGE_EXTS, sample_caption, sample_meta, shard_groups
@@ -38,6 +38,7 @@ SKIP_REASONS = (
     "concepts_failed",
     "repeated_name",
     "sparse_member",
+    "too_many_pixels",
     "out_of_memory",
 )
 
@@ -170,6 +171,8 @@ class WebDataset(torch.utils.data.IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int.from_bytes(digest, "little") >> 1)
                 image = self.transform(load_image(group[image_ext]))
+        except TooManyPixels:
+            return self._skip("too_many_pixels")
         except OSError:  # data.load_image's way of saying "corrupt"
             return self._skip("corrupt_image")
         named = meta.get(self.concept_key) if self.concept_key else None

@@ -4,13 +4,17 @@ nested 100,000 deep, benchmark image names outside the image folder, and a 169-m
 fixture is made here, in the real formats; nothing large is allocated, even by the code before the fixes: spies
 fail a test at the first read or decode that must not happen."""
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
+import zlib
 
 import pytest
+from PIL import ImageFile
 
 import eval as evaluate
 import train
@@ -223,6 +227,55 @@ def test_a_benchmark_image_outside_its_folder_is_refused_not_scored(bench, tmp_p
     json.dump(records, open(bench["ann"], "w"))
     argv = ["--bench", "retrieval", "--data-dir", coco, "--ann", bench["ann"]]
     bench_fails(bench, argv, f"record 2 of {bench['ann']} names the image")
+
+
+# ----------------------------------------------------------------------------- 20. a 169-megapixel PNG
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    """A whole, valid 13,000 x 13,000 grey PNG (169 million black pixels) of 164 KB: under twice PIL's
+    Image.MAX_IMAGE_PIXELS, so PIL only warns; decoded to RGB it is 507 MB."""
+    side, row, deflate = 13_000, bytes(13_001), zlib.compressobj(9)  # each row: filter byte 0, then the pixels
+    idat = b"".join([deflate.compress(row * 1000) for _ in range(side // 1000)] + [deflate.flush()])
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))  # 8-bit grey
+    return b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def no_big_decode(monkeypatch):
+    """Decoding an image of over 100 million pixels fails the test at once, before it costs memory."""
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        if self.size[0] * self.size[1] > 100_000_000:
+            pytest.fail(f"an image of {self.size[0]} x {self.size[1]} pixels was decoded")
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_a_169_megapixel_png_is_skipped_in_training_before_decoding(tmp_path, bomb, no_big_decode):
+    from PIL import Image
+
+    with pytest.warns(Image.DecompressionBombWarning), Image.open(io.BytesIO(bomb)) as img:
+        assert img.size == (13_000, 13_000) and len(bomb) < 200_000  # PIL opens it: it passes PIL's own check
+    members = pairs(["a"]) + [("b", "png", bomb), ("b", "txt", b"a black square")] + pairs(["c"])
+    ds = WebDataset([shard(tmp_path, members)], eval_transform(8), shuffle_buffer=0)
+    assert [s["caption"] for s in ds] == ["a red car a", "a red car c"] and ds.skipped == {"too_many_pixels": 1}
+
+
+def test_a_169_megapixel_png_stops_eval_with_one_line_before_decoding(bench, tmp_path, bomb, no_big_decode):
+    image = os.path.join(bench["sc"], "val2017", "000000000285.jpg")  # a benchmark image, a PNG inside
+    open(image, "wb").write(bomb)
+    sc = ["--bench", "sugarcrepe", "--data-dir", bench["sc"]]
+    bench_fails(bench, sc, f"sugarcrepe images: {image}: 13000 x 13000 pixels, over the 33,554,432 read here")
+    show = ["--show", image, "--concepts", "a dog", "--out", str(tmp_path / "a.png")]
+    one_line_exit(lambda: evaluate.main(["--ckpt", bench["ckpt"], *show]), f"--show {image}: 13000 x 13000 pixels")
 
 
 # ----------------------------------------------------------------------------- the scripts themselves
