@@ -27,6 +27,7 @@ Dimension legend: B images, C=3 channels, S image side, T caption tokens, K conc
 import functools
 import io
 import re
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -166,13 +167,31 @@ def train_transform(size: int, normalise: str = "symmetric") -> T.Compose:
     return T.Compose([crop, functools.partial(image_to_tensor, normalise=normalise)])
 
 
+# Pixels an image may declare: 128 times the largest input a released model reads (SigLIP's 512 x 512), 33.5
+# million, so a 24-megapixel camera photo passes and no image decodes to more than 96 MiB of RGB. PIL's own
+# check (Image.MAX_IMAGE_PIXELS) only warns below 179 million: a PNG of 169 million black pixels is 164 KB.
+MAX_PIXELS = 128 * 512 * 512
+
+
+class TooManyPixels(OSError):
+    """An image whose header declares more than MAX_PIXELS pixels: refused before any pixel is decoded."""
+
+
 def load_image(source: str | bytes) -> Image.Image:
     """A path or an encoded image's bytes -> PIL RGB, decoded now: a truncated or corrupt image raises OSError
-    here (naming the file, for a path)."""
+    here (naming the file, for a path), one of more than MAX_PIXELS pixels TooManyPixels (its size is read
+    from the header, before decoding)."""
+    name = "" if isinstance(source, bytes) else f"{source}: "
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's ways of saying "corrupt"
-        if isinstance(source, bytes):
-            raise OSError(f"cannot decode the image ({err})") from None
-        raise OSError(f"{source}: cannot decode the image ({err})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is the stricter bound
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with img:
+            width, height = img.size
+            if width * height <= MAX_PIXELS:
+                return img.convert("RGB")
+    except Image.DecompressionBombError as err:  # over twice PIL's own bound: PIL refuses it as it opens
+        raise TooManyPixels(f"{name}{err}") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's ways of saying "corrupt"
+        raise OSError(f"{name}cannot decode the image ({err})") from None
+    raise TooManyPixels(f"{name}{width} x {height} pixels, over the {MAX_PIXELS:,} read here (data.MAX_PIXELS)")

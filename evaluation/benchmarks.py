@@ -14,7 +14,8 @@ zero-shot and COCO / Flickr30k retrieval. The file formats are those of the offi
   retrieval     the Karpathy test split, a JSON list of {image, caption: [...]}: image->text (a hit if any
                 of the image's captions is in the top K) and text->image R@1, R@5, R@10
 A file that is missing or not in the format stops with a message naming what was expected and where to
-get it; a benchmark is never scored on part of its images. With eval.py --download, `fetch_benchmark` gets
+get it, as does one naming an image outside the image folder (absolute, or climbing out with '..'); a
+benchmark is never scored on part of its images. With eval.py --download, `fetch_benchmark` gets
 the official files into released/download.py's cache first (CIFAR through torchvision's own download; ImageNet,
 which needs a licence, never).
 
@@ -160,6 +161,16 @@ def read_json_file(path: str, bench: str):
         )
     except ValueError as err:  # empty, truncated, not JSON, not UTF-8
         fail(f"--bench {bench}: {path} is not valid JSON ({err}){download.refetch_hint(path)}.\n{LAYOUT[bench]}")
+    except RecursionError:  # json's reader recurses once per level: '[' * 100_000 exhausts the stack limit
+        fail(f"--bench {bench}: {path} nests its values too deep to be a {bench} file{download.refetch_hint(path)}")
+
+
+def image_path(folder: str, name: str, bench: str, where: str) -> str:
+    """folder/name, or a one-line error if the name is absolute or climbs out of the folder with '..': a
+    benchmark's files name images inside its image folder, and a file elsewhere must not be read and scored."""
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+        fail(f"--bench {bench}: {where} names the image {name!r}, which is not inside {folder}")
+    return os.path.join(folder, name)
 
 
 def check_images(paths: list[str], bench: str) -> None:
@@ -195,7 +206,7 @@ def load_sugarcrepe(data_dir: str, images: str, bench: str = "sugarcrepe") -> di
             if not all(isinstance(t, str) and t.strip() for t in texts):  # a record is scored whole, or not at all
                 needs = ", ".join(["filename", *fields])
                 fail(f"--bench {bench}: record {key!r} of {path} needs non-empty {needs}.\n{LAYOUT[bench]}")
-            files[name].append((os.path.join(images, texts[0]), *texts[1:]))
+            files[name].append((image_path(images, texts[0], bench, f"record {key!r} of {path}"), *texts[1:]))
     check_images([ex[0] for exs in files.values() for ex in exs], bench)
     return files
 
@@ -283,7 +294,7 @@ def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch
         captions = [r["caption"]] if isinstance(r["caption"], str) else r["caption"]
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
             fail(f"--bench retrieval: record {i} of {ann} ({r['image']}) needs a non-empty list of captions")
-        paths.append(os.path.join(data_dir, r["image"]))
+        paths.append(image_path(data_dir, r["image"], "retrieval", f"record {i} of {ann}"))
         texts += captions
         text_image += [i] * len(captions)
     check_images(paths, "retrieval")

@@ -59,7 +59,7 @@ def concepts_lines(path: str):
                 ok = isinstance(record["shard"], str) and isinstance(table, dict) and isinstance(digests, dict)
                 ok = ok and all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in table.values())
                 ok = ok and all(isinstance(d, str) for d in digests.values())
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: nested too deep
                 ok = False
             if not ok:
                 raise ValueError(f"{path}, line {number}: not a record of sources/precompute.py (shard, concepts)")

@@ -7,7 +7,8 @@ sample's JSON (`--concept-key nounphrases`). Shards are plain tar files read wit
 package): members grouped by key, <key>.jpg|jpeg|png|webp, <key>.txt, optional <key>.json.
 
   expand_shards         a folder, a glob or a brace range -> the shard paths
-  shard_groups          the samples of a shard, member by member (a tar cut short is an error, not an end)
+  shard_groups          the samples of a shard, member by member (a tar cut short is an error, not an end; a
+                        name given twice or a sparse member marks its sample unusable, unread)
   shard_captions        (key, caption) of every usable sample, images not read
   shard_sizes           samples per shard (img2dataset's _stats.json, sizes.json, or counted and cached)
   caption_word_counts   the word vocabulary of a from-scratch run, counted once and cached
@@ -73,13 +74,29 @@ def expand_shards(spec: str) -> list[str]:
     return sorted(set(paths))
 
 
+class Sample(dict):
+    """{extension: bytes, or None where not read} of one sample; .problem: why it cannot be used (one of
+    sources/stream.py's SKIP_REASONS), or None."""
+
+    problem: str | None = None
+
+
 def shard_groups(path: str, read=None):
-    """Yield (key, {extension: bytes}) for each sample of a tar shard, in order. Members sharing a key (the
-    member's path up to the first dot of its file name) are consecutive in a webdataset shard. Extensions
-    outside `read` (None: all) appear with the value None: present but not read, so that passes over the
-    captions only seek past the images."""
+    """Yield (key, Sample {extension: bytes}) for each sample of a tar shard, in order. Members sharing a key
+    (the member's path up to the first dot of its file name) are consecutive in a webdataset shard.
+    Extensions outside `read` (None: all) appear with the value None: present but not read, so that passes
+    over the captions only seek past the images.
+
+    A member is read only if the file holds it: a member claiming bytes past the end of the file is a shard
+    cut short (tarfile.ReadError, before anything is read). A sample comes with .problem set, the rest of it
+    unread, when a member of it is GNU sparse ('sparse_member': its holes are zeros the file does not hold,
+    so a 10 KB member can declare 3 GiB; webdataset writers never make one), when a name repeats
+    ('repeated_name': an extension twice in a sample, or a key that came before in the shard; tar keeps
+    both copies and a reader would silently take one), or when reading a member raised MemoryError
+    ('out_of_memory')."""
+    size = os.path.getsize(path)
     with tarfile.open(path) as tar:
-        key, group = None, {}
+        key, group, seen = None, Sample(), set()
         for member in tar:
             folder, name = posixpath.split(member.name)
             stem, dot, ext = name.partition(".")
@@ -88,12 +105,23 @@ def shard_groups(path: str, read=None):
             if posixpath.join(folder, stem) != key:
                 if key is not None:
                     yield key, group
-                key, group = posixpath.join(folder, stem), {}
+                key, group = posixpath.join(folder, stem), Sample()
+                group.problem = "repeated_name" if key in seen else None
+                seen.add(key)
             ext = ext.lower()
-            group[ext] = tar.extractfile(member).read() if read is None or ext in read else None
+            if not member.issparse() and member.offset_data + member.size > size:
+                raise tarfile.ReadError(f"{path}: {member.name} claims {member.size} bytes past the end of the file")
+            if group.problem is None and (member.issparse() or ext in group):
+                group.problem = "sparse_member" if member.issparse() else "repeated_name"
+            group[ext] = None
+            if group.problem is None and (read is None or ext in read):
+                try:
+                    group[ext] = tar.extractfile(member).read()
+                except MemoryError:
+                    group.problem = "out_of_memory"
         # tarfile ends quietly at a header cut short, as if the archive ended there; a whole archive ends with
         # two zero blocks (1,024 bytes) after its last member
-        if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
+        if size - tar.offset < 2 * tarfile.BLOCKSIZE:
             raise tarfile.ReadError(f"{path} ends inside a member header (a download cut short)")
         if key is not None:
             yield key, group
@@ -103,7 +131,7 @@ def sample_meta(group: dict) -> dict:
     """The sample's <key>.json as a dict ({} if absent or unreadable)."""
     try:
         meta = json.loads(group["json"]) if group.get("json") else {}
-    except ValueError:  # also UnicodeDecodeError
+    except (ValueError, RecursionError):  # also UnicodeDecodeError; RecursionError: nested too deep
         return {}
     return meta if isinstance(meta, dict) else {}
 
@@ -126,6 +154,8 @@ def sample_caption(group: dict, meta: dict, caption_key: str | None) -> str | No
 def shard_captions(path: str, caption_key: str | None = None):
     """Yield (key, caption) of the samples of a shard that have an image and a caption; images are not read."""
     for key, group in shard_groups(path, read={"txt", "json"}):
+        if group.problem:
+            continue
         caption = sample_caption(group, sample_meta(group), caption_key)
         if caption and any(e in group for e in IMAGE_EXTS):
             yield key, caption
@@ -141,26 +171,41 @@ def cache_dir(shards: list[str], fallback: str) -> str:
     return fallback
 
 
+def read_dict(path: str) -> dict:
+    """The JSON object in `path`, or {} if it is missing, unreadable or not an object."""
+    found = read_json(path)
+    return found if isinstance(found, dict) else {}
+
+
+def is_count(x, shard: str) -> bool:
+    """Whether x can be the number of samples of this shard: a whole number (not a bool, not Infinity), at
+    most one per 512-byte tar header the file holds."""
+    return type(x) is int and 0 <= x <= os.path.getsize(shard) // tarfile.BLOCKSIZE
+
+
 def shard_sizes(shards: list[str], cache: str) -> list[int]:
     """Samples per shard, for the progress bar and the schedule: img2dataset's <shard>_stats.json
     ('successes'), else a sizes.json beside the shards ({"00000.tar": n, ...}), else counted once from the
-    tar headers and cached in cache/c2lip-sizes.json. Counts include samples that will later be skipped."""
+    tar headers and cached in cache/c2lip-sizes.json. A value that cannot be a count (Infinity, a string, more
+    samples than the file has headers) is passed over. Counts include samples that will later be skipped."""
     cache_path = os.path.join(cache, "c2lip-sizes.json")
-    cached, sizes_json, sizes, todo = read_json(cache_path) or {}, {}, {}, []
+    cached, sizes_json, sizes, todo = read_dict(cache_path), {}, {}, []
     for shard in shards:
-        stats = read_json(os.path.splitext(shard)[0] + "_stats.json") or {}
         folder = os.path.dirname(shard)
         if folder not in sizes_json:
-            sizes_json[folder] = read_json(os.path.join(folder, "sizes.json")) or {}
+            sizes_json[folder] = read_dict(os.path.join(folder, "sizes.json"))
         entry = cached.get(os.path.abspath(shard))  # [file bytes, samples]: a rewritten shard is recounted
-        if isinstance(stats.get("successes"), int):
-            sizes[shard] = stats["successes"]
-        elif os.path.basename(shard) in sizes_json[folder]:
-            sizes[shard] = int(sizes_json[folder][os.path.basename(shard)])
-        elif entry and entry[0] == os.path.getsize(shard):
-            sizes[shard] = entry[1]
-        else:
+        fresh = isinstance(entry, list) and len(entry) == 2 and entry[0] == os.path.getsize(shard)
+        found = [
+            read_dict(os.path.splitext(shard)[0] + "_stats.json").get("successes"),
+            sizes_json[folder].get(os.path.basename(shard)),
+            entry[1] if fresh else None,
+        ]
+        n = next((n for n in found if is_count(n, shard)), None)
+        if n is None:
             todo.append(shard)
+        else:
+            sizes[shard] = n
     for shard in tqdm(todo, desc="counting samples", unit="shard", disable=not todo):
         try:
             sizes[shard] = sum(any(e in g for e in IMAGE_EXTS) for _, g in shard_groups(shard, read=()))

@@ -5,9 +5,12 @@
 
 Every sample that cannot be used is skipped and counted by reason (SKIP_REASONS), never fatal: a missing or
 corrupt image, an empty or non-UTF-8 caption, a caption NLTK fails to cut into phrases (concepts.ConceptError),
-a shard that cannot be read to its end (cut mid-member or at a member header). A sample kept but not as it
-came is counted too (NOTED_REASONS): a caption cut to concepts.MAX_CAPTION_CHARS before its phrases were taken,
-phrases in a --concepts file computed from another caption (its digest differs), extracted afresh instead.
+a shard that cannot be read to its end (cut mid-member or at a member header), a member name given twice or a
+GNU sparse member (sources/shards.py `shard_groups`), an image of more than data.MAX_PIXELS pixels, a member or
+an image whose reading or decoding raised MemoryError. A sample kept but not as it came is counted too
+(NOTED_REASONS): a caption cut to concepts.MAX_CAPTION_CHARS before its phrases were taken, phrases in a
+--concepts file computed from another caption (its digest differs), extracted afresh instead, phrases cut to
+MAX_PHRASES.
 
 Dimension legend: C=3 channels, S image side.
 """
@@ -21,14 +24,31 @@ import tarfile
 import torch
 
 from concepts import MAX_CAPTION_CHARS, ConceptError, extract_concepts
-from data import load_image
+from data import TooManyPixels, load_image
 from run.devices import rank_and_world
 from sources.concepts_file import caption_digest, concepts_index, shard_concepts
 from sources.shards import IMAGE_EXTS, sample_caption, sample_meta, shard_groups
 
-SKIP_REASONS = ("missing_image", "empty_caption", "corrupt_image", "corrupt_shard", "bad_encoding", "concepts_failed")
+SKIP_REASONS = (
+    "missing_image",
+    "empty_caption",
+    "corrupt_image",
+    "corrupt_shard",
+    "bad_encoding",
+    "concepts_failed",
+    "repeated_name",
+    "sparse_member",
+    "too_many_pixels",
+    "out_of_memory",
+)
 
-NOTED_REASONS = ("caption_cut", "stale_concepts")  # samples kept, but not as they came
+NOTED_REASONS = ("caption_cut", "stale_concepts", "phrases_cut")  # samples kept, but not as they came
+
+# Phrases kept of one sample, its first ones: 8 times the paper's mean (K ~ 3,000 phrases over 768 images). A
+# <key>.json naming 1,000,000 made Collate tokenize them all, and the batch's K with them. Cut, not skipped: the
+# image and caption are good and, as for a caption over MAX_CAPTION_CHARS, the phrases of the caption's start
+# are kept; counted as phrases_cut.
+MAX_PHRASES = 32
 
 
 def reader_index() -> tuple[int, int]:
@@ -65,11 +85,11 @@ class WebDataset(torch.utils.data.IterableDataset):
     from a file written by `python -m sources.precompute --out FILE` when the file's digest of the caption is
     this caption's (`caption_digest`), else extracted here (concepts.py).
 
-    A missing image, an empty caption, a corrupt image, a caption NLTK fails on or an unreadable shard is
-    skipped and counted, never fatal; .noted counts the samples kept but changed (NOTED_REASONS). The counts
-    live in shared memory that DataLoader workers inherit, so .skipped, read in the main process, holds every
-    reader's counts (since this object was made: each pass counts its bad samples again). Set .epoch before
-    each pass: it seeds the shuffles.
+    A sample of SKIP_REASONS (a missing or corrupt image, an empty caption, a caption NLTK fails on, an
+    unreadable shard, ...) is skipped and counted, never fatal; .noted counts the samples kept but changed
+    (NOTED_REASONS). The counts live in shared memory that DataLoader workers inherit, so .skipped, read in the
+    main process, holds every reader's counts (since this object was made: each pass counts its bad samples
+    again). Set .epoch before each pass: it seeds the shuffles.
     """
 
     def __init__(
@@ -132,6 +152,8 @@ class WebDataset(torch.utils.data.IterableDataset):
                 self._skip("corrupt_shard")
 
     def _sample(self, key: str, group: dict, precomputed: tuple | None) -> dict | None:
+        if group.problem:  # a name twice, a sparse member, a MemoryError (sources/shards.py)
+            return self._skip(group.problem)
         image_ext = next((e for e in IMAGE_EXTS if e in group), None)
         if image_ext is None:
             return self._skip("missing_image")
@@ -149,6 +171,8 @@ class WebDataset(torch.utils.data.IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int.from_bytes(digest, "little") >> 1)
                 image = self.transform(load_image(group[image_ext]))
+        except TooManyPixels:
+            return self._skip("too_many_pixels")
         except OSError:  # data.load_image's way of saying "corrupt"
             return self._skip("corrupt_image")
         named = meta.get(self.concept_key) if self.concept_key else None
@@ -167,7 +191,9 @@ class WebDataset(torch.utils.data.IterableDataset):
                 return self._skip("concepts_failed")
             if len(caption) > MAX_CAPTION_CHARS:
                 self._note("caption_cut")
-        return {"image": image, "caption": caption, "phrases": list(phrases)}
+        if len(phrases) > MAX_PHRASES:
+            self._note("phrases_cut")
+        return {"image": image, "caption": caption, "phrases": list(phrases[:MAX_PHRASES])}
 
     def __iter__(self):
         reader, readers = reader_index()
@@ -179,7 +205,10 @@ class WebDataset(torch.utils.data.IterableDataset):
             groups = self._groups(order, readers, reader)
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{reader}")
         for key, group, precomputed in shuffled(groups, self.shuffle_buffer, rng):
-            sample = self._sample(key, group, precomputed)
+            try:
+                sample = self._sample(key, group, precomputed)
+            except MemoryError:  # decoding its image, or parsing its JSON, needed more than the process could get
+                sample = self._skip("out_of_memory")
             if sample is not None:
                 yield sample
 
