@@ -14,7 +14,8 @@ There are no parameters: the phrase is the query and the patches are both keys a
 Two forms of the same computation:
   cross_modal_pool   materialises v (K, B, D): the readable definition, used for pictures and tests.
   pooled_similarity  gives s (K, B) without ever building v, which at the paper's global batch
-                     (K ~ 3,000 phrases, B = 768 images, N = 196 patches, D = 768) would take 7 GB in fp32.
+                     (B = 768 images, N = 196 patches, D = 768) and, say, 4 phrases an image (K ~ 3,000)
+                     would take 7 GB in fp32.
                      With w_ik = sum_j a_ijk u_ij and G_i = U_i U_i^T the (N, N) Gram matrix of image i:
                          w_ik . c_k = sum_j a_ijk (u_ij . c_k)        (the attention logits, reused)
                          |w_ik|^2   = a_ik^T G_i a_ik

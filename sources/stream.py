@@ -44,7 +44,7 @@ SKIP_REASONS = (
 
 NOTED_REASONS = ("caption_cut", "stale_concepts", "phrases_cut")  # samples kept, but not as they came
 
-# Phrases kept of one sample, its first ones: 8 times the paper's mean (K ~ 3,000 phrases over 768 images). A
+# Phrases kept of one sample, its first ones: six times the most a shapes-world caption names (5, --world dense). A
 # <key>.json naming 1,000,000 made Collate tokenize them all, and the batch's K with them. Cut, not skipped: the
 # image and caption are good and, as for a caption over MAX_CAPTION_CHARS, the phrases of the caption's start
 # are kept; counted as phrases_cut.
