@@ -94,10 +94,9 @@ def rename(state: dict, top: dict, towers: dict, ignored: set, what: str) -> tup
     unmapped = [k for k in state if k not in names and k not in ignored]
     wrong = [k for k in names if k in state and not isinstance(state[k], torch.Tensor)]
     if missing or unmapped or wrong or not all(blocks.values()):
-        raise ValueError(
-            f"not a {what} that this model can hold: missing keys ({len(missing)}): {some(missing)}; keys with no "
-            f"place in our model ({len(unmapped)}): {some(unmapped)}; not tensors ({len(wrong)}): {some(wrong)}"
-        )
+        found = {"missing keys": missing, "keys with no place in our model": unmapped, "not tensors": wrong}
+        found = "; ".join(f"{kind} ({len(keys)}): {some(keys)}" for kind, keys in found.items() if keys)
+        raise ValueError(f"not a {what} that this model can hold: {found or 'a tower without blocks'}")
     if sum(state[k].numel() for k in names) > held_elements(state[k] for k in names):
         raise ValueError(f"not a {what} that this model can hold: its tensors share bytes (views of one storage)")
     return names, [len(held) for held in blocks.values()]

@@ -57,8 +57,9 @@ def read_tokenizer(kind, path: str, context_length: int):
     except FileNotFoundError:
         raise
     except Exception as err:
+        why = f": {' '.join(str(err).split())[:200]}" if isinstance(err, ValueError) else ""  # our reader's own line
         raise ValueError(
-            f"{path} is not a tokenizer file {kind.__name__} can read ({type(err).__name__}){refetch_hint(path)}"
+            f"{path} is not a tokenizer file {kind.__name__} can read ({type(err).__name__}{why}){refetch_hint(path)}"
         ) from None
 
 
