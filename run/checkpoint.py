@@ -20,7 +20,7 @@ import torch
 
 from model import CLIP, CLIPConfig
 from released.convert import some
-from released.files import held_elements
+from released.files import check_views, held_elements
 from released.tokenizers import tokenizer_from_state_dict
 
 try:
@@ -80,8 +80,8 @@ def previous(path: str) -> str:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint of ours, read with weights_only=True. ValueError with one line saying what is wrong:
-    not a file, not a torch file, not a checkpoint of this repository, or a config or tokenizer that does
-    not fit (checkpoint_parts)."""
+    not a file, not a torch file, not a checkpoint of this repository, a tensor that repeats its bytes
+    (check_views), or a config or tokenizer that does not fit (checkpoint_parts)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
     try:
@@ -91,6 +91,7 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(state, dict) or not {"model", "config", "tokenizer", "step"} <= set(state):
         raise ValueError(f"{path} is a torch file but not a checkpoint of train.py (no model, config, tokenizer, step)")
     try:
+        check_views(state)  # the optimizer's tensors too: a view that repeats its bytes fails the first step
         checkpoint_parts(state)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None

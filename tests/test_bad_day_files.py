@@ -152,6 +152,18 @@ def test_a_view_that_repeats_its_storage_is_refused(tmp_path, monkeypatch):
         read_state_dict(str(tmp_path / "state.pt"))
 
 
+def test_resume_refuses_optimizer_state_that_repeats_its_bytes(tmp_path):
+    """--resume read a checkpoint without looking at its views: an Adam moment of zero strides failed the first
+    step with a traceback (an in-place update of a tensor whose elements share one memory location)."""
+    run(["--steps", "1"], tmp_path)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    moment = state["optimizer"]["state"][0]["exp_avg"]
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(1).expand(moment.shape)
+    torch.save(state, tmp_path / "ckpt.pt")
+    message = one_line_exit(lambda: run(["--steps", "2", "--resume"], tmp_path))
+    assert message.startswith(f"error: --resume: {tmp_path}/ckpt.pt: a ") and "its bytes repeated" in message
+
+
 # ----------------------------------------------------------------------------- a config its tensors cannot fill
 
 
