@@ -22,7 +22,8 @@ micro-batches one at a time (run/scale.py `accumulated_step`); a baseline or a s
 `loss_of` (baselines/objectives.py). --init starts from released weights (run/start.py).
 
 Departures (docs/departures.md lists each, with the authors' line): the defaults train a tiny model from
-scratch on the shapes world at lr 5e-4 (the paper fine-tunes SigLIP ViT-B/16 on CC3M at 1e-5); CLIP_DEFAULT
+scratch on the shapes world at lr 5e-4 (the paper fine-tunes SigLIP ViT-B/16 on CC3M at 1e-5), with the gradient
+clipped at norm 1 (the authors clip nothing; without the clip this run's loss does not leave its start);
 the warm-up is 5% of the run unless --warmup 50; bf16 is autocast over float32 weights (the authors cast the
 model to bf16); an epoch is one pass over the shards (theirs draws shards with replacement).
 """

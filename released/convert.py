@@ -4,13 +4,20 @@ and open_clip's SigLIP ViT-B/16 (ViT-B-16-SigLIP, the paper's backbone).
 None of OpenAI's, open_clip's or timm's code runs here: their tensors are renamed onto our modules, and the
 config is read off the shapes (`convert_openai_state_dict`, `convert_siglip_state_dict`), with the settings
 the shapes cannot tell (activation, head width, SigLIP's eps and pooling) as arguments or constants.
+Blocks are counted from the ones a file holds, never read off an index (a key numbered 10^8 would ask for
+1.2e9 names), and the tensors renamed may not share bytes: each is copied at most once (to float32), not
+once per name. A refusal is a ValueError in one line.
 Reading the files is released/files.py's concern; turning one into a checkpoint, released/weights.py's.
 """
 
+import itertools
 import math
 import re
 
+import torch
+
 from model import SIGLIP_TEXT, SIGLIP_VISION, CLIPConfig, TextConfig, VisionConfig
+from released.files import held_elements
 
 TOP_NAMES = {  # theirs -> ours, outside the residual blocks
     "visual.conv1.weight": "visual.patchify.weight",
@@ -55,29 +62,44 @@ TOWERS = {
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 
 
+def some(names: list[str], shown: int = 5) -> str:
+    """The first `shown` of names, each cut to 80 characters, and how many more: a bounded, one-line list."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n)[:80] for n in names[:shown]) + more
+
+
 def rename(state: dict, top: dict, towers: dict, ignored: set, what: str) -> tuple[dict[str, str], list[int]]:
     """(theirs -> ours for every tensor our model holds, the number of blocks of each tower). `top` names the
     tensors outside the blocks ("logit_bias" is optional), `towers` maps each tower's block prefix to ours
-    and the names inside a block. Raises ValueError listing every expected key that is missing and every
-    key that has no place in our model (`ignored` ones aside)."""
-    layers = {tower: 0 for tower in towers}
+    and the names inside a block. Raises ValueError, in one line, naming the blocks a tower lacks (blocks
+    0 to n - 1 must all be there: a name's index alone never makes names for the blocks below it), the
+    expected keys that are missing and the keys that have no place in our model (`ignored` ones aside)."""
+    blocks = {tower: set() for tower in towers}
     for key in state:
         for tower in towers:
-            if m := re.match(re.escape(tower) + r"\.(\d+)\.", key):
-                layers[tower] = max(layers[tower], int(m.group(1)) + 1)
+            if m := re.match(re.escape(tower) + r"\.([0-9]{1,9})\.", key):
+                blocks[tower].add(int(m.group(1)))
+    for tower, held in blocks.items():
+        if len(held) <= max(held, default=-1):  # a gap: counted from the blocks the file holds, not its indices
+            absent = list(itertools.islice((i for i in itertools.count() if i not in held), 3))
+            raise ValueError(
+                f"not a {what} that this model can hold: {tower} has {len(held)} blocks numbered up to "
+                f"{max(held)}, not block(s) {', '.join(map(str, absent))}"
+            )
     names = {k: v for k, v in top.items() if k != "logit_bias" or k in state}
     for tower, (ours, block_names) in towers.items():
-        for i in range(layers[tower]):
+        for i in range(len(blocks[tower])):
             names.update({f"{tower}.{i}.{a}": f"{ours}.{i}.{b}" for a, b in block_names.items()})
     missing = [k for k in names if k not in state]
     unmapped = [k for k in state if k not in names and k not in ignored]
-    if missing or unmapped or not all(layers.values()):
-        raise ValueError(
-            f"not a {what} that this model can hold:\n"
-            f"  missing keys ({len(missing)}): {missing}\n"
-            f"  keys with no place in our model ({len(unmapped)}): {unmapped}"
-        )
-    return names, list(layers.values())
+    wrong = [k for k in names if k in state and not isinstance(state[k], torch.Tensor)]
+    if missing or unmapped or wrong or not all(blocks.values()):
+        found = {"missing keys": missing, "keys with no place in our model": unmapped, "not tensors": wrong}
+        found = "; ".join(f"{kind} ({len(keys)}): {some(keys)}" for kind, keys in found.items() if keys)
+        raise ValueError(f"not a {what} that this model can hold: {found or 'a tower without blocks'}")
+    if sum(state[k].numel() for k in names) > held_elements(state[k] for k in names):
+        raise ValueError(f"not a {what} that this model can hold: its tensors share bytes (views of one storage)")
+    return names, [len(held) for held in blocks.values()]
 
 
 def config_of(state: dict, vision: dict, text: dict, embed_dim: int, activation: str, head_width: int) -> CLIPConfig:

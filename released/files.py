@@ -13,6 +13,9 @@ stored (torch never compresses tensors or pickles; a deflated member inflates to
 the file and apart (two names over one payload are read twice); a TorchScript storage is read to its declared
 numel x itemsize only; a safetensors header is checked as the safetensors library checks it (at most 100 MB,
 tensors covering the data exactly, in order, shapes matching byte counts) and may not name a tensor twice.
+Nor can a view cost more than its storage: a tensor may not view more elements than its storage holds (zero
+strides would let 2 bytes stand for a tensor of any size, made real when converted), and a TorchScript module
+tree may not reach one module twice (shared modules would name 2^40 tensors in 40 levels of a small pickle).
 A refusal is a WeightFileError (a ValueError) whose message is one line.
 
 Paper map: none (the paper fine-tunes pretrained weights; this is how they get in).
@@ -38,6 +41,39 @@ class WeightFileError(ValueError):
 
 def _is_count(x) -> bool:
     return type(x) is int and x >= 0  # JSON's true and pickle's True are not counts, though a bool is an int
+
+
+def storage_elements(t: torch.Tensor) -> int:
+    """The elements of t's dtype that the storage under t holds."""
+    return t.untyped_storage().nbytes() // t.element_size()
+
+
+def held_elements(tensors) -> int:
+    """The elements the storages under `tensors` hold, each storage counted once however many views it has:
+    what a model built from them can fill without repeating bytes."""
+    held = {}
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        held[key] = max(held.get(key, 0), storage_elements(t))
+    return sum(held.values())
+
+
+def check_views(obj) -> None:
+    """Refuses (WeightFileError) any tensor in obj (nested dicts, lists and tuples, each walked once) that views
+    more elements than its storage holds: zero strides let a few bytes stand for a tensor of any size, and a
+    copy (.float(), load_state_dict) makes it real."""
+    seen, stack = set(), [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor) and x.numel() > storage_elements(x):
+            raise WeightFileError(
+                f"a {tuple(x.shape)} tensor views {x.numel():,} elements of a storage of {storage_elements(x):,}: "
+                "its bytes repeated (zero strides), more than the file holds"
+            )
+        stack.extend(x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ())
 
 
 # ----------------------------------------------------------------------------- zips: every byte in the file once
@@ -129,6 +165,11 @@ class _ScriptObject:
 
 
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    if math.prod(size) > storage.numel():  # a view that repeats its storage's bytes (zero strides)
+        raise WeightFileError(
+            f"data.pkl views {math.prod(size):,} elements of a storage of {storage.numel():,}: its bytes repeated "
+            "(zero strides), more than the file holds"
+        )
     return storage.as_strided(size, stride, offset)  # a view: as_strided refuses one that leaves the storage
 
 
@@ -200,12 +241,20 @@ def is_torchscript(path: str) -> bool:
         return False  # read_state_dict says what is wrong with it
 
 
-def _module_tensors(obj: _ScriptObject, prefix: str):
+def _module_tensors(obj: _ScriptObject, prefix: str, seen: set):
+    """(name, tensor) of every tensor attribute of the module tree under obj. Each module is walked once: one
+    reached a second time (shared by two parents, or its own ancestor) is refused, since each path to it
+    would name its tensors again (2^n names from n levels of two references to one module)."""
+    if id(obj) in seen:
+        raise WeightFileError(
+            f"data.pkl reaches the module {prefix[:-1][:120]} by a second path: not a tree of modules"
+        )
+    seen.add(id(obj))
     for name, value in obj.state.items():
         if isinstance(value, torch.Tensor):
             yield prefix + name, value
         elif isinstance(value, _ScriptObject):
-            yield from _module_tensors(value, prefix + name + ".")
+            yield from _module_tensors(value, prefix + name + ".", seen)
 
 
 def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -228,7 +277,7 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
             top = _WeightsUnpickler(archive, root).load()
             if not isinstance(top, _ScriptObject):
                 raise WeightFileError(f"data.pkl holds a {type(top).__name__}, not a module")
-            return dict(_module_tensors(top, ""))
+            return dict(_module_tensors(top, "", set()))
     except WeightFileError:
         raise
     except Exception as err:  # a damaged zip, a pickle that is not a module tree, a view outside its storage
@@ -346,7 +395,7 @@ def read_state_dict(path: str) -> dict:
     whatever torch.save wrote (a state dict, open_clip's {"state_dict": ...}, a checkpoint of ours), loaded
     with weights_only=True: a downloaded file may hold tensors and plain data, not code. A torch.save zip's
     members are checked first (check_zip_members): torch.load would inflate a compressed one, or read one
-    payload once for every name pointing at it."""
+    payload once for every name pointing at it; what it returns, after (check_views)."""
     if is_torchscript(path):
         return read_torchscript_state_dict(path)
     if is_safetensors(path):
@@ -358,4 +407,6 @@ def read_state_dict(path: str) -> dict:
         except zipfile.BadZipFile as err:
             raise WeightFileError(f"a damaged zip ({err})") from None
         check_zip_members(path, members)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    check_views(state)
+    return state

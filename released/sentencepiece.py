@@ -21,6 +21,13 @@ is reproduced here is `sentencepiece.SentencePieceProcessor(model_file=...).enco
 Not supported, each refused when the file asks for it rather than tokenized differently (T5's vocabulary
 uses none of them): byte fallback (BYTE pieces), user-defined pieces, BPE/word/char models, sampling.
 
+Checked when a model is read, so that a damaged or crafted file fails there, in one line, and never costs more
+than its size: integers of at most 10 bytes (protobuf's own limit), every length inside its message (a
+truncated file is caught at the first one that runs past the end), both settings messages present (written
+after the pieces: a file cut between two fields lacks them), pieces of at most 512 characters (the longest
+SentencePiece's trainer makes; a longer one costs that much per character of every text), a character map
+whose every rule points at a replacement inside it; a rule never ends inside a character.
+
 Dimension legend: none (lists of ids).
 """
 
@@ -30,6 +37,8 @@ import struct
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 UNIGRAM = 1
 UNK_PENALTY = 10.0  # an unknown character scores this much below the least likely piece
+MAX_VARINT = 10  # bytes: protobuf's longest integer
+MAX_PIECE = 512  # characters: SentencePiece's trainer refuses a longer max_sentencepiece_length
 SPACE = "▁"
 _F32 = struct.Struct("<f")
 
@@ -43,32 +52,33 @@ def f32(x: float) -> float:
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    """Protobuf's base-128 integer at buf[i:] -> (value, index after it)."""
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+    """Protobuf's base-128 integer at buf[i:] -> (value, index after it). At most 10 bytes, as protobuf reads
+    it (a 64-bit value): a longer run of continuation bytes is damage, not a number to build bit by bit."""
+    value = 0
+    for k, byte in enumerate(buf[i : i + MAX_VARINT]):
+        value |= (byte & 0x7F) << 7 * k
         if byte < 0x80:
-            return value, i
+            return value, i + k + 1
+    raise ValueError(f"the integer at byte {i} runs past {MAX_VARINT} bytes or the end of its message: a damaged file")
 
 
 def read_fields(buf: bytes) -> dict[int, list]:
     """One protobuf message -> {field number: [values in order]}: varints as int, 32-bit fields as float
     (every 32-bit field of these messages is a float), length-delimited ones as bytes (strings and nested
-    messages, decoded by the caller, which knows the schema)."""
+    messages, decoded by the caller, which knows the schema). A field must fit in the message: protobuf's
+    format has no end marker, so a truncated file is caught by the first length that runs past its end."""
     fields, i = {}, 0
     while i < len(buf):
         key, i = _varint(buf, i)
         number, wire = key >> 3, key & 7
         if wire == 0:
             value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 2:
-            length, i = _varint(buf, i)
+        elif wire in (1, 2, 5):
+            length, i = (8, i) if wire == 1 else (4, i) if wire == 5 else _varint(buf, i)
+            if length > len(buf) - i:
+                raise ValueError(f"field {number} claims {length:,} bytes, {len(buf) - i:,} are left: a truncated file")
             value, i = buf[i : i + length], i + length
-        elif wire == 5:
-            value, i = _F32.unpack_from(buf, i)[0], i + 4
+            value = _F32.unpack(value)[0] if wire == 5 else value
         else:
             raise ValueError(f"protobuf wire type {wire} (field {number}) is not used by SentencePiece models")
         fields.setdefault(number, []).append(value)
@@ -83,9 +93,13 @@ def read_model(data: bytes) -> dict:
     24 treat_whitespace_as_suffix = false, 47 eos_piece = "</s>"}, 3 normalizer_spec {2 precompiled_charsmap,
     3 add_dummy_prefix = true, 4 remove_extra_whitespaces = true, 5 escape_whitespaces = true}."""
     model = read_fields(data)
+    if 2 not in model or 3 not in model:  # written after the pieces: a file cut between two fields lacks them
+        raise ValueError("no trainer or normaliser settings (every SentencePiece model has both): a truncated file")
     pieces = [read_fields(raw) for raw in model.get(1, [])]
-    trainer = read_fields(model.get(2, [b""])[-1])
-    normalizer = read_fields(model.get(3, [b""])[-1])
+    trainer = read_fields(model[2][-1])
+    normalizer = read_fields(model[3][-1])
+    if not all(1 in p and type(p.get(2, [0.0])[-1]) is float and type(p.get(3, [1])[-1]) is int for p in pieces):
+        raise ValueError("a piece without its string, or with a score or type of another kind: a damaged file")
 
     def last(fields: dict, number: int, default):
         return fields[number][-1] if number in fields else default
@@ -121,17 +135,39 @@ def _offset(unit: int) -> int:
     return (unit >> 10) << ((unit & 0x200) >> 6)
 
 
+def read_charsmap(charsmap: bytes) -> tuple[tuple[int, ...], bytes]:
+    """A precompiled character map, [trie size: uint32][trie: uint32 units][replacements, each ending in \\0],
+    -> (units, replacements), checked now rather than at the first text that reaches a damaged part: every
+    node with a rule (a leaf, see Normalizer.rule) points inside the trie at a UTF-8 replacement that ends."""
+    size = struct.unpack_from("<I", charsmap)[0] if len(charsmap) >= 4 else -1
+    if size < 0 or size % 4 or size > len(charsmap) - 4:
+        raise ValueError(f"a character map of {len(charsmap):,} bytes whose trie claims {size:,}: a damaged file")
+    units, strings = struct.unpack_from(f"<{size // 4}I", charsmap, 4), charsmap[4 + size :]
+    for i, unit in enumerate(units):
+        if unit >> 31 or not _has_leaf(unit):  # a leaf's value, or a node without a rule
+            continue
+        value = units[i ^ _offset(unit)] & 0x7FFFFFFF if i ^ _offset(unit) < len(units) else len(strings)
+        end = strings.find(b"\0", value)
+        if value >= len(strings) or end < 0 or not _is_utf8(strings[value:end]):
+            raise ValueError(f"rule {i} of the character map points outside it: a damaged file")
+    return units, strings
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class Normalizer:
     """SentencePiece's normaliser: the character map's rewrites, spaces trimmed and collapsed, a space in
     front (add_dummy_prefix), spaces written as "▁"."""
 
     def __init__(self, spec: dict):
         self.spec = spec
-        self.units, self.strings = (), b""
-        if spec["charsmap"]:  # [trie size: uint32][trie: uint32 units][replacements, each ending in \0]
-            (size,) = struct.unpack_from("<I", spec["charsmap"])
-            self.units = struct.unpack_from(f"<{size // 4}I", spec["charsmap"], 4)
-            self.strings = spec["charsmap"][4 + size :]
+        self.units, self.strings = read_charsmap(spec["charsmap"]) if spec["charsmap"] else ((), b"")
 
     def rule(self, data: bytes, start: int) -> tuple[bytes, int]:
         """(replacement, bytes consumed) at data[start:]: the longest rule that matches, else one character
@@ -145,7 +181,7 @@ class Normalizer:
                     break
                 unit = self.units[node]
                 node ^= _offset(unit)
-                if _has_leaf(unit):
+                if _has_leaf(unit) and (i + 1 == len(data) or data[i + 1] & 0xC0 != 0x80):  # whole characters
                     value = self.units[node] & 0x7FFFFFFF
                     consumed, replacement = i + 1 - start, self.strings[value : self.strings.index(b"\0", value)]
         if consumed:
@@ -201,6 +237,8 @@ class UnigramModel:
         self.ids = {p: i for i, (p, t) in enumerate(zip(spec["pieces"], types)) if t == NORMAL}
         self.scores = spec["scores"]
         self.longest = max(map(len, self.ids), default=1)
+        if self.longest > MAX_PIECE:  # each character of a text is matched against pieces up to this long
+            raise ValueError(f"a piece of {self.longest:,} characters; SentencePiece makes none over {MAX_PIECE}")
         self.unk_score = f32(min(self.scores[i] for i in self.ids.values()) - UNK_PENALTY)
 
     def __len__(self) -> int:

@@ -57,8 +57,9 @@ def read_tokenizer(kind, path: str, context_length: int):
     except FileNotFoundError:
         raise
     except Exception as err:
+        why = f": {' '.join(str(err).split())[:200]}" if isinstance(err, ValueError) else ""  # our reader's own line
         raise ValueError(
-            f"{path} is not a tokenizer file {kind.__name__} can read ({type(err).__name__}){refetch_hint(path)}"
+            f"{path} is not a tokenizer file {kind.__name__} can read ({type(err).__name__}{why}){refetch_hint(path)}"
         ) from None
 
 
@@ -94,14 +95,20 @@ def load_weights(path: str, bpe=None, activation: str = "quick_gelu", spm=None, 
     if "model" in state or "config" in state:  # ours (checkpoint_parts says what it lacks), not a state dict
         return state
     state = state.get("state_dict", state)
-    if is_siglip(state):
-        cfg, state = convert_siglip_state_dict(state)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError("holds no state dict (tensors by name)")
+    siglip = is_siglip(state)
+    try:
+        cfg, state = convert_siglip_state_dict(state) if siglip else convert_openai_state_dict(state, activation)
+    except (IndexError, RuntimeError, TypeError, AttributeError) as err:  # a tensor of another rank or kind
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"holds tensors this model cannot take ({type(err).__name__}: {detail})") from None
+    if siglip:
         tokenizer = read_tokenizer(SigLIPTokenizer, siglip_spm(spm, path, name, cache), cfg.text.context_length)
         if len(tokenizer) > cfg.text.vocab_size:  # T5's 32,000 pieces, 32,000 rows in ViT-B-16-SigLIP
             raise ValueError(f"the tokenizer has {len(tokenizer)} pieces, the weights embed {cfg.text.vocab_size}")
         cfg.text.pad_id = tokenizer.pad_id
     else:
-        cfg, state = convert_openai_state_dict(state, activation)
         tokenizer = read_tokenizer(BPETokenizer, clip_bpe(bpe, cache), cfg.text.context_length)
     return {"config": asdict(cfg), "model": state, "tokenizer": tokenizer.state_dict(), "converted_from": name}
 
@@ -158,8 +165,10 @@ def load_model(path: str, device: torch.device, **options):
         cfg, tokenizer = checkpoint_parts(ckpt)
         model = CLIP(cfg)  # the study's concept logit pair (--concept-logits own) is read in training only
         model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("concept_logit_")})
+        if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
+            raise ValueError("the weights hold NaN or inf values (a diverged run?); refusing to score them")
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no tokenizer; other weights; offline
-        sys.exit(f"error: {path}: {err}{previous_hint(path, '--ckpt')}")
-    if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
-        sys.exit(f"error: {path}: the weights hold NaN or inf values (a diverged run?); refusing to score them")
+        sys.exit(f"error: {path}: {' '.join(str(err).split())}{previous_hint(path, '--ckpt')}")
+    except (MemoryError, SystemError) as err:  # what no check above foresaw: still one line
+        sys.exit(f"error: {path}: reading or building it ran out of memory ({type(err).__name__})")
     return model.to(device).eval(), tokenizer, ckpt

@@ -6,9 +6,10 @@ optimizer, config, step, tokenizer and seed), keeps the checkpoint before it as 
 appends a JSON record to OUT/log.jsonl every --log-every steps. Every file is written to a temporary
 name and then renamed, so an interrupted write never leaves a half file where a whole one was; a
 checkpoint is only ever written from finite weights (train.py checks them), and it is read back with
-torch.load(weights_only=True): tensors and plain data, never code. A checkpoint that cannot be used is
-refused in one line, which names ckpt-prev.pt and its step when that one can be read; a full disk stops
-the run with both files as they were. Continuing a run is run/resume.py's concern.
+torch.load(weights_only=True): tensors and plain data, never code, and its config must fit its tensors
+before any module is built (config_fits). A checkpoint that cannot be used is refused in one line, which
+names ckpt-prev.pt and its step when that one can be read; a full disk stops the run with both files as
+they were. Continuing a run is run/resume.py's concern.
 """
 
 import contextlib
@@ -18,7 +19,9 @@ import os
 import torch
 
 from baselines.objectives import concept_scale_bias
-from model import CLIPConfig
+from model import CLIP, CLIPConfig
+from released.convert import some
+from released.files import check_views, held_elements
 from released.tokenizers import tokenizer_from_state_dict
 
 try:
@@ -78,8 +81,8 @@ def previous(path: str) -> str:
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint of ours, read with weights_only=True. ValueError with one line saying what is wrong:
-    not a file, not a torch file, not a checkpoint of this repository, or a config or tokenizer that does
-    not fit (checkpoint_parts)."""
+    not a file, not a torch file, not a checkpoint of this repository, a tensor that repeats its bytes
+    (check_views), or a config or tokenizer that does not fit (checkpoint_parts)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
     try:
@@ -89,6 +92,7 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(state, dict) or not {"model", "config", "tokenizer", "step"} <= set(state):
         raise ValueError(f"{path} is a torch file but not a checkpoint of train.py (no model, config, tokenizer, step)")
     try:
+        check_views(state)  # the optimizer's tensors too: a view that repeats its bytes fails the first step
         checkpoint_parts(state)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
@@ -110,6 +114,7 @@ def checkpoint_parts(state: dict) -> tuple[CLIPConfig, object]:
         raise ValueError(f"its config has no {err}: not a checkpoint train.py wrote (vision, text, ...)") from None
     except (TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"its config is not model.py's, not a checkpoint train.py wrote ({err})") from None
+    config_fits(cfg, state["model"])
     tokenizer = tokenizer_from_state_dict(state["tokenizer"])
     if len(tokenizer) > cfg.text.vocab_size or tokenizer.context_length > cfg.text.context_length:
         raise ValueError(
@@ -117,6 +122,63 @@ def checkpoint_parts(state: dict) -> tuple[CLIPConfig, object]:
             f"model ({cfg.text.vocab_size} tokens, a context of {cfg.text.context_length})"
         )
     return cfg, tokenizer
+
+
+SIZES = {
+    "vision": ("image_size", "patch_size", "width", "heads"),
+    "text": ("vocab_size", "context_length", "width", "heads"),
+}
+
+
+def least_parameters(cfg: CLIPConfig) -> int:
+    """At least the parameters CLIP(cfg) holds, by arithmetic (nothing is built): each block's attention and
+    MLP (12 W^2 + 13 W with its LayerNorms), the patch and token embeddings, the positions, the projection."""
+    v, t = cfg.vision, cfg.text
+    block = lambda width: 12 * width * width + 13 * width  # noqa: E731
+    vision = v.layers * block(v.width) + (3 * v.patch_size**2 + (v.image_size // v.patch_size) ** 2) * v.width
+    return vision + t.layers * block(t.width) + (t.vocab_size + t.context_length + cfg.embed_dim) * t.width
+
+
+def check_sizes(cfg: CLIPConfig) -> None:
+    """Sizes that are positive integers (layers: not negative), heads that divide the width, patches the image."""
+    for tower, names in SIZES.items():
+        sub = getattr(cfg, tower)
+        for name in (*names, "layers"):
+            if type(getattr(sub, name)) is not int or getattr(sub, name) < (name != "layers"):
+                raise ValueError(f"its config's {tower}.{name} is {getattr(sub, name)!r}, not a count")
+        if sub.width % sub.heads or (tower == "vision" and sub.image_size % sub.patch_size):
+            raise ValueError(f"its config's {tower} width or image size does not divide into its heads or patches")
+    if type(cfg.embed_dim) is not int or cfg.embed_dim < 1:
+        raise ValueError(f"its config's embed_dim is {cfg.embed_dim!r}, not a count")
+
+
+def config_fits(cfg: CLIPConfig, model: dict) -> None:
+    """Refuses, in one line and before any module is built, a config its checkpoint's tensors cannot fill: bad
+    sizes (check_sizes), more parameters (least_parameters) than the tensors' storages hold or more blocks
+    than the tensors could be named for (12 each), then any tensor missing, left over or of another shape
+    than the model, built on the meta device (no memory), expects. A 1.9 KB file asking for 10^7 blocks
+    is refused here, not by the allocator."""
+    check_sizes(cfg)
+    tensors = [t for t in model.values() if isinstance(t, torch.Tensor)]
+    need, held, blocks = least_parameters(cfg), held_elements(tensors), cfg.vision.layers + cfg.text.layers
+    if need > held or 12 * blocks > len(tensors):
+        raise ValueError(
+            f"its config ({blocks} blocks, widths {cfg.vision.width} and {cfg.text.width}) needs at least {need:,} "
+            f"parameters in {12 * blocks:,} tensors, its model holds {held:,} in {len(tensors):,}"
+        )
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in CLIP(cfg).state_dict().items()}
+    except (TypeError, ValueError, RuntimeError) as err:  # a setting model.py does not know
+        raise ValueError(f"its config is not model.py's ({type(err).__name__}: {err})") from None
+    shape = lambda k: tuple(getattr(model[k], "shape", ("not a tensor",)))  # noqa: E731
+    study = lambda k: k.startswith("concept_logit_")  # noqa: E731  the study's pair (baselines/objectives.py)
+    missing, extra = [k for k in expected if k not in model], [k for k in model if k not in expected and not study(k)]
+    what = [f"{len(missing)} missing ({some(missing)})"] * bool(missing)
+    what += [f"{len(extra)} unexpected ({some(extra)})"] * bool(extra)
+    what += [f"{k} is {shape(k)}, the config makes {v}" for k, v in expected.items() if k in model and shape(k) != v]
+    if what:
+        raise ValueError(f"its model's tensors do not fit its config: {'; '.join(what[:4])}")
 
 
 def previous_hint(path: str, flag: str) -> str:

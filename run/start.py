@@ -70,11 +70,16 @@ def init_model(args, device) -> tuple[CLIP, CLIPConfig, object, bool]:
     elif not has_bias:
         init["logit_bias"] = torch.tensor(-10.0 if args.init_bias == "auto" else float(args.init_bias))
     cfg = replace(cfg, init_logit_bias=init["logit_bias"].item() if "logit_bias" in init else None)
-    model = model_class(args)(cfg).to(device)
-    # The concept losses' own (t, b) is a choice of this run: kept from the weights when both have one,
-    # else started fresh (or dropped).
-    fresh = {k: v for k, v in model.state_dict().items() if k.startswith("concept_logit_")}
-    model.load_state_dict(fresh | {k: v for k, v in init.items() if not k.startswith("concept_logit_") or k in fresh})
+    try:
+        model = model_class(args)(cfg).to(device)
+        # The concept losses' own (t, b) is a choice of this run: kept from the weights when both have one,
+        # else started fresh (or dropped).
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("concept_logit_")}
+        model.load_state_dict(
+            fresh | {k: v for k, v in init.items() if not k.startswith("concept_logit_") or k in fresh}
+        )
+    except (ValueError, RuntimeError, MemoryError, SystemError) as err:  # checkpoint_parts foresaw none of these
+        sys.exit(f"error: --init {args.init}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
     return model, cfg, tokenizer, args.method != "clip" and not has_bias and args.init_bias == "auto"
 
 
