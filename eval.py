@@ -37,8 +37,9 @@ from data import image_to_tensor
 from evaluation import benchmarks
 from evaluation.flags import add_benchmark_flags, check_benchmark_args
 from evaluation.shapes_benchmark import ShapesBenchmark, checkpoint_world, evaluate_shapes
-from released.weights import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
-from run.checkpoint import write_json
+from released.disk import write_json
+from released.weights import WEIGHT_NAMES, add_weight_flags, weight_options
+from run.checkpoint import load_model
 from run.devices import add_device_flag, pick_device
 from run.flags import HelpFormatter
 from run.pictures import attention_maps, attention_picture, show_image

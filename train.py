@@ -240,8 +240,10 @@ def prepare(args, rank: int, world_size: int, device) -> Run:
         truncate_log(log_path, start)  # the steps after the checkpoint are replayed: logged once, not twice
     batch = args.batch_size * world_size * args.accum_freq  # the global batch of a step
     plan = shard_plan(args.data_dir, args.out, batch) if args.data == "cc3m" else None  # epochs of shards
-    if plan and args.epochs is not None:
-        args.steps = max(1, round(args.epochs * plan.steps_per_epoch))
+    if plan:
+        log0(plan)  # its shards, samples and steps per epoch
+        if args.epochs is not None:
+            args.steps = max(1, round(args.epochs * plan.steps_per_epoch))
 
     # model, then data: micro-batches in the layout every loss reads (data.Collate)
     model, cfg, tokenizer, unfitted_bias = start_model(args, resume, plan, device)  # run/start.py

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from released.disk import atomic_write
 from released.transfer import CHUNK, DownloadError, discard, download
-from run.checkpoint import atomic_write
 
 try:
     import fcntl  # POSIX; on Windows concurrent downloads are not serialised

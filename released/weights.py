@@ -1,30 +1,24 @@
-"""Any weights file (or a released model's name) as a checkpoint in this repository's format, and as a model.
+"""Any weights file (or a released model's name) as a checkpoint in this repository's format.
 
   load_weights   a checkpoint of ours, OpenAI's CLIP release, an open_clip CLIP or SigLIP state dict, or a
                  name of released/download.WEIGHTS -> {"config", "model", "tokenizer"}, with the tokenizer the
                  weights were trained with (released/tokenizers.py)
-  load_model     the same as a model in eval mode, for eval.py and the study; one line for anything wrong
 
 The paper fine-tunes pretrained weights; none of OpenAI's, open_clip's or timm's code runs here. Files are
 read without executing anything (released/files.py) and renamed onto model.py's modules
 (released/convert.py). A release named instead of a file is downloaded once into a cache folder and checked
 there (released/download.py), as is CLIP's BPE vocabulary when none is at hand. Starting a training run
-from them (train.py --init) is run/start.py's.
+from them (train.py --init) is run/start.py's, evaluating them run/checkpoint.py's `load_model`.
 """
 
 import argparse
 import os
-import sys
 from dataclasses import asdict
 
-import torch
-
-from model import CLIP
 from released.convert import convert_openai_state_dict, convert_siglip_state_dict, is_siglip
 from released.download import WEIGHTS, add_cache_flag, fetch, refetch_hint, resolve_weights
 from released.files import WeightFileError, read_state_dict
 from released.tokenizers import BPETokenizer, SigLIPTokenizer, find_bpe_vocab, find_spm_model
-from run.checkpoint import checkpoint_parts, previous_hint
 
 
 def clip_bpe(bpe: str | None = None, cache: str | None = None) -> str:
@@ -148,27 +142,3 @@ def weight_options(args) -> dict:
 
 # for --init / --ckpt help: the names released/download.py can fetch
 WEIGHT_NAMES = f"or a released model by name, downloaded once and checked: {', '.join(WEIGHTS)}"
-
-
-def load_model(path: str, device: torch.device, **options):
-    """(model in eval mode, its tokenizer, the checkpoint in our format) of any file load_weights reads, or of a
-    name of download.WEIGHTS (options: load_weights' keyword arguments); exits with a message the user can act
-    on when the file is missing, cannot be downloaded or is not weights this model can hold."""
-    if not os.path.exists(path) and path not in WEIGHTS:
-        sys.exit(
-            f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
-            f" (or pass released weights: OpenAI's ViT-B-16.pt, open_clip's SigLIP open_clip_model.safetensors, or a"
-            f" name: {', '.join(WEIGHTS)}){previous_hint(path, '--ckpt')}"
-        )
-    try:
-        ckpt = load_weights(path, **options)
-        cfg, tokenizer = checkpoint_parts(ckpt)
-        model = CLIP(cfg)  # the study's concept logit pair (--concept-logits own) is read in training only
-        model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("concept_logit_")})
-        if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
-            raise ValueError("the weights hold NaN or inf values (a diverged run?); refusing to score them")
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no tokenizer; other weights; offline
-        sys.exit(f"error: {path}: {' '.join(str(err).split())}{previous_hint(path, '--ckpt')}")
-    except (MemoryError, SystemError) as err:  # what no check above foresaw: still one line
-        sys.exit(f"error: {path}: reading or building it ran out of memory ({type(err).__name__})")
-    return model.to(device).eval(), tokenizer, ckpt

@@ -1,10 +1,10 @@
-"""The files a training run leaves, written so that a run is never lost: atomic writes, the checkpoint,
-its log, and a lock on the run's folder.
+"""The files a training run leaves, written so that a run is never lost: the checkpoint, its log, and a lock on
+the run's folder; and any checkpoint or released weights as a model to evaluate (`load_model`).
 
 Not part of the paper. A run writes OUT/ckpt.pt (the unwrapped, uncompiled model's state_dict with the
 optimizer, config, step, tokenizer and seed), keeps the checkpoint before it as OUT/ckpt-prev.pt, and
 appends a JSON record to OUT/log.jsonl every --log-every steps. Every file is written to a temporary
-name and then renamed, so an interrupted write never leaves a half file where a whole one was; a
+name and then renamed (released/disk.py), so an interrupted write never leaves a half file where a whole one was; a
 checkpoint is only ever written from finite weights (train.py checks them), and it is read back with
 torch.load(weights_only=True): tensors and plain data, never code, and its config must fit its tensors
 before any module is built (config_fits). A checkpoint that cannot be used is refused in one line, which
@@ -15,48 +15,23 @@ they were. Continuing a run is run/resume.py's concern.
 import contextlib
 import json
 import os
+import sys
 
 import torch
 
 from baselines.objectives import concept_scale_bias
 from model import CLIP, CLIPConfig
 from released.convert import some
+from released.disk import atomic_write
+from released.download import WEIGHTS
 from released.files import check_views, held_elements
 from released.tokenizers import tokenizer_from_state_dict
+from released.weights import load_weights
 
 try:
     import fcntl  # POSIX; on Windows the lock below is skipped
 except ImportError:
     fcntl = None
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w"):
-    """with atomic_write(path) as f: ...  writes to a temporary file renamed to `path` when the block ends
-    without an exception; readers see the old file or the new one, never a part. The temporary name holds
-    the process id, so two writers never share one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path: str, obj, indent: int | None = None) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=indent)
-
-
-def read_json(path: str):
-    """The JSON in `path`, or None if it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep for json
-        return None
 
 
 def save_checkpoint(path: str, **state) -> None:
@@ -263,3 +238,27 @@ def locked(folder: str):
         finally:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_model(path: str, device: torch.device, **options):
+    """(model in eval mode, its tokenizer, the checkpoint in our format) of any file load_weights reads, or of a
+    name of download.WEIGHTS (options: load_weights' keyword arguments); exits with a message the user can act
+    on when the file is missing, cannot be downloaded or is not weights this model can hold."""
+    if not os.path.exists(path) and path not in WEIGHTS:
+        sys.exit(
+            f"error: no checkpoint at {path}. Train one first: python train.py --out {os.path.dirname(path) or '.'}"
+            f" (or pass released weights: OpenAI's ViT-B-16.pt, open_clip's SigLIP open_clip_model.safetensors, or a"
+            f" name: {', '.join(WEIGHTS)}){previous_hint(path, '--ckpt')}"
+        )
+    try:
+        ckpt = load_weights(path, **options)
+        cfg, tokenizer = checkpoint_parts(ckpt)
+        model = CLIP(cfg)  # the study's concept logit pair (--concept-logits own) is read in training only
+        model.load_state_dict({k: v for k, v in ckpt["model"].items() if not k.startswith("concept_logit_")})
+        if not all(p.isfinite().all() for p in model.parameters()):  # a diverged run: every score would be noise
+            raise ValueError("the weights hold NaN or inf values (a diverged run?); refusing to score them")
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:  # no tokenizer; other weights; offline
+        sys.exit(f"error: {path}: {' '.join(str(err).split())}{previous_hint(path, '--ckpt')}")
+    except (MemoryError, SystemError) as err:  # what no check above foresaw: still one line
+        sys.exit(f"error: {path}: reading or building it ran out of memory ({type(err).__name__})")
+    return model.to(device).eval(), tokenizer, ckpt

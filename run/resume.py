@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-from run.checkpoint import atomic_write, load_checkpoint, previous, previous_hint, read_log, saved_steps
+from released.disk import atomic_write
+from run.checkpoint import load_checkpoint, previous, previous_hint, read_log, saved_steps
 from run.devices import log0
 
 # Flags a resumed run may change; any other must equal the checkpoint's, or the run would silently become

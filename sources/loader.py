@@ -47,6 +47,6 @@ def training_batches(args, size: int, normalise: str, collate, start: int, rank:
         return dataset, torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loading)
     # shards: an epoch is steps_per_epoch steps of K micro-batches each (sources/shards.shard_plan)
     transform, files = train_transform(size, normalise), (args.caption_key, args.concept_key, args.concepts)
-    dataset = WebDataset(plan.paths, transform, *files, args.shuffle_buffer, args.seed)
+    dataset = WebDataset(plan.paths, transform, *files, args.shuffle_buffer, args.seed, rank, world_size)
     loader = torch.utils.data.DataLoader(dataset, args.batch_size, **loading)
     return dataset, endless(loader, dataset, first_epoch=start // plan.steps_per_epoch)

@@ -31,8 +31,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from data import WordTokenizer
-from run.checkpoint import read_json, write_json
-from run.devices import log0
+from released.disk import read_json, write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the first one present is the sample's image
 
@@ -242,6 +241,10 @@ class ShardPlan(NamedTuple):
     paths: list[str]
     cache: str  # the folder of the cached sample counts and vocabulary
     steps_per_epoch: int
+    samples: int
+
+    def __str__(self) -> str:
+        return f"{len(self.paths)} shards, {self.samples} samples: {self.steps_per_epoch} steps per epoch"
 
 
 def shard_plan(spec: str, fallback_cache: str, global_batch: int) -> ShardPlan:
@@ -250,5 +253,4 @@ def shard_plan(spec: str, fallback_cache: str, global_batch: int) -> ShardPlan:
     cache = cache_dir(shards, fallback_cache)
     samples = sum(shard_sizes(shards, cache))
     steps_per_epoch = max(1, math.ceil(samples / global_batch))
-    log0(f"{len(shards)} shards, {samples} samples: {steps_per_epoch} steps per epoch")
-    return ShardPlan(shards, cache, steps_per_epoch)
+    return ShardPlan(shards, cache, steps_per_epoch, samples)

@@ -25,7 +25,6 @@ import torch
 
 from concepts import MAX_CAPTION_CHARS, ConceptError, extract_concepts
 from data import TooManyPixels, load_image
-from run.devices import rank_and_world
 from sources.concepts_file import caption_digest, concepts_index, shard_concepts
 from sources.shards import IMAGE_EXTS, sample_caption, sample_meta, shard_groups
 
@@ -51,9 +50,8 @@ NOTED_REASONS = ("caption_cut", "stale_concepts", "phrases_cut")  # samples kept
 MAX_PHRASES = 32
 
 
-def reader_index() -> tuple[int, int]:
-    """(this reader, number of readers): every DataLoader worker of every distributed rank is a reader."""
-    rank, ranks = rank_and_world()
+def reader_index(rank: int = 0, ranks: int = 1) -> tuple[int, int]:
+    """(this reader, number of readers): every DataLoader worker of every one of `ranks` processes is a reader."""
     info = torch.utils.data.get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * workers + worker, ranks * workers
@@ -101,9 +99,12 @@ class WebDataset(torch.utils.data.IterableDataset):
         concepts_file: str | None = None,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        rank: int = 0,
+        ranks: int = 1,
     ):
         self.shards, self.transform, self.caption_key, self.concept_key = shards, transform, caption_key, concept_key
         self.concepts_file, self.shuffle_buffer, self.seed, self.epoch = concepts_file, shuffle_buffer, seed, 0
+        self.rank, self.ranks = rank, ranks  # this process among torchrun's (it reads its own shards)
         self.concepts_index = concepts_index(concepts_file) if concepts_file else {}
         self._skips = multiprocessing.Array("q", len(SKIP_REASONS))  # shared with the DataLoader workers
         self._notes = multiprocessing.Array("q", len(NOTED_REASONS))
@@ -196,7 +197,7 @@ class WebDataset(torch.utils.data.IterableDataset):
         return {"image": image, "caption": caption, "phrases": list(phrases[:MAX_PHRASES])}
 
     def __iter__(self):
-        reader, readers = reader_index()
+        reader, readers = reader_index(self.rank, self.ranks)
         order = list(self.shards)
         random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(order)  # the same permutation in every reader
         if len(order) >= readers:

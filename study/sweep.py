@@ -46,8 +46,8 @@ import torch
 
 from evaluation.metrics import cos, embed_texts
 from evaluation.shapes_benchmark import BENCH_SEED, ShapesBenchmark, evaluate_shapes
-from released.weights import load_model
-from run.checkpoint import read_log, write_json
+from released.disk import write_json
+from run.checkpoint import load_model, read_log
 from sources.shapes import WORLDS, ShapesWorld
 from study.studies import STUDIES, Study
 

@@ -20,7 +20,7 @@ from fixtures import (
     write_sugarcrepe,
     write_sugarcrepe_pp,
 )
-from released.weights import load_model
+from run.checkpoint import load_model
 from sources.shapes import ShapesWorld
 
 

@@ -9,7 +9,7 @@ import torch
 import eval as evaluate
 import train
 from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes, false_swap, heldout_negatives, negatives
-from released.weights import load_model
+from run.checkpoint import load_model
 from sources.shapes import HOLDOUT_COMBOS, WORLDS, ShapesWorld
 
 DENSE = ShapesWorld(image_size=16, **WORLDS["dense"])

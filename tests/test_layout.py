@@ -83,6 +83,18 @@ def test_no_import_cycle_and_no_script_imports_another():
         assert not imported & SCRIPTS, (name, imported & SCRIPTS)
 
 
+def test_imports_between_folders_run_one_way():
+    """The folders form layers: what one folder imports from another, the other never imports back, through any
+    chain of folders (sources/ and released/ below run/, evaluation/ below run/, study/ and bench/ on top)."""
+    folder = lambda name: name.split(".")[0] if "." in name else "root"  # noqa: E731
+    edges = {(folder(a), folder(b)) for a, imported in project_graph().items() for b in imported}
+    edges = {(a, b) for a, b in edges if a != b and "root" not in (a, b)}
+    reach = {a: {b for x, b in edges if x == a} for a, _ in edges}
+    for _ in range(len(FOLDERS)):  # the transitive closure
+        reach = {a: seen | {c for b in seen for c in reach.get(b, ())} for a, seen in reach.items()}
+    assert not [a for a, seen in reach.items() if a in seen], {a: sorted(s) for a, s in reach.items() if a in s}
+
+
 def test_no_run_time_imports_of_test_only_packages():
     for name, path in modules().items():
         if not name.startswith("bench."):  # the speed benchmarks compare with open_clip when it is installed

@@ -12,7 +12,7 @@ from evaluation import shapes_benchmark
 from evaluation.shapes_benchmark import CATEGORIES, ShapesBenchmark
 from fixtures import write_checkpoint
 from pool import pooled_similarity
-from released.weights import load_model
+from run.checkpoint import load_model
 from sources.shapes import ShapesWorld
 
 

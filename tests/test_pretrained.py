@@ -20,7 +20,7 @@ from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes
 from model import CLIP
 from released.convert import convert_openai_state_dict
 from released.files import read_torchscript_state_dict
-from released.weights import load_model
+from run.checkpoint import load_model
 from run.start import balanced_bias
 from sources.shapes import ShapesWorld
 

@@ -39,7 +39,7 @@ from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes
 from losses import c2lip_loss, owner_labels, sig_loss, xac_loss
 from model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from pool import pooled_similarity
-from released.weights import load_model
+from run.checkpoint import load_model
 from sources.shapes import ShapesWorld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,7 @@ from fixtures import spm_model_bytes
 from model import CLIP, PRESETS, AttentionPool
 from released.convert import convert_siglip_state_dict
 from released.files import read_safetensors, read_state_dict
-from released.weights import load_model
+from run.checkpoint import load_model
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from evaluation.metrics import embed_texts
 from evaluation.shapes_benchmark import ShapesBenchmark
-from released.weights import load_model
+from run.checkpoint import load_model
 from sources.shapes import ShapesWorld
 from study import sweep
 

@@ -14,8 +14,7 @@ from baselines.objectives import ConceptLogitsCLIP
 from data import Collate
 from evaluation.shapes_benchmark import ShapesBenchmark, evaluate_shapes
 from fixtures import batch_loss, crash_after_first_checkpoint, step_args
-from released.weights import load_model
-from run.checkpoint import checkpoint_parts
+from run.checkpoint import checkpoint_parts, load_model
 from sources.shapes import ShapesDataset, ShapesWorld
 
 FAST = ["--batch-size", "8", "--workers", "0", "--log-every", "1"]

@@ -81,7 +81,7 @@ def test_readers_split_shards_or_samples_without_overlap(cc3m, monkeypatch):
     for readers in (2, 3):  # 2 readers: a shard each; 3 readers > 2 shards: every third sample
         seen = []
         for reader in range(readers):
-            monkeypatch.setattr(stream, "reader_index", lambda r=reader, n=readers: (r, n))
+            monkeypatch.setattr(stream, "reader_index", lambda *_, r=reader, n=readers: (r, n))
             seen += [s["caption"] for s in WebDataset(shards, eval_transform(8), shuffle_buffer=0)]
         assert sorted(seen) == sorted(GOOD_CAPTIONS), readers
 
