@@ -5,17 +5,21 @@
   truncate_log   a resumed run replays the steps after its checkpoint: they are logged once, not twice
   Stop           Ctrl-C (SIGINT) or a scheduler's SIGTERM stops the loop after the current step; it saves and
                  prints the command that resumes (resume_command); under torchrun the ranks agree on the step
+  ignore_signals DataLoader workers leave those signals to the main process, but end when it exits
   skip_or_stop   a step whose loss or gradient is not finite is skipped, up to --max-nonfinite in a row
 
 Not part of the paper. docs/failures.md lists what each case does, with its test.
 """
 
+import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import shlex
 import signal
 import sys
+import threading
 
 import torch
 
@@ -34,19 +38,27 @@ RESUMABLE_CHANGES = set(
 def resume_state(args, ckpt_path: str, log_path: str) -> dict | None:
     """The checkpoint to continue from (--resume), or None to start afresh. Refuses, in one line each, to
     overwrite a run by accident, to read a file that is not a checkpoint, and to continue a run with other
-    flags or past its end."""
-    held = [f for f in (ckpt_path, previous(ckpt_path), log_path) if os.path.exists(f)]
+    flags or past its end. A folder with no checkpoint holds no run, whatever its log says (a run that failed
+    before its first checkpoint leaves one): it starts afresh, its log replaced."""
+    saved = [f for f in (ckpt_path, previous(ckpt_path)) if os.path.exists(f)]
+    if not saved:
+        if os.path.exists(log_path):
+            if os.path.getsize(log_path):
+                log0(f"{args.out} holds no checkpoint, so no run: its {os.path.basename(log_path)} is replaced")
+            with contextlib.suppress(FileNotFoundError):  # under torchrun every rank removes it
+                os.remove(log_path)
+        if args.resume:
+            log0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
+        return None
     if not args.resume:
-        if held and not args.overwrite:
-            files = ", ".join(map(os.path.basename, held))
+        if not args.overwrite:
+            files = ", ".join(os.path.basename(f) for f in [*saved, log_path] if os.path.exists(f))
             sys.exit(f"error: {args.out} holds a run ({files}): --resume continues it, --overwrite replaces it")
-        for f in held:
-            os.remove(f)
+        for f in [*saved, log_path]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
         return None
-    path = next((f for f in (ckpt_path, previous(ckpt_path)) if os.path.exists(f)), None)
-    if path is None:
-        log0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
-        return None
+    path = saved[0]
     try:
         state = load_checkpoint(path)
     except ValueError as err:
@@ -120,9 +132,27 @@ class Stop:
 
 
 def ignore_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT and SIGTERM to the main process, which stops cleanly."""
+    """DataLoader workers leave Ctrl-C and a scheduler's SIGTERM to the main process, which stops cleanly, but
+    obey a SIGTERM from the main process itself: Python's multiprocessing sends one to every worker as the main
+    process exits and then waits for them, so a worker that ignored it would hang the exit of a run that failed.
+    Only sigwaitinfo says who sent a signal: SIGTERM is blocked in the worker (a thread it starts later inherits
+    the mask) and one thread waits for it. Where sigwaitinfo is missing (macOS, Windows) SIGTERM ends a worker
+    whoever sends it, so a scheduler's SIGTERM to every process may stop a run without its clean save."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.signal(signal.SIGTERM, lambda *_: None)  # not SIG_IGN: an ignored signal is dropped, never waited for
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = multiprocessing.parent_process().pid  # the main process, whichever start method made the worker
+    threading.Thread(target=end_on_sigterm_from, args=(parent,), daemon=True).start()
+
+
+def end_on_sigterm_from(parent: int) -> None:
+    """In a worker: wait for a SIGTERM that `parent` sends, then end at once. The exit status is 0 because
+    the main process asked for it (torch's SIGCHLD handler would raise on a worker killed by a signal)."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def skip_or_stop(args, step: int, in_a_row: int, ckpt_path: str) -> None:
