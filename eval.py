@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from data import image_to_tensor
 from evaluation import benchmarks
+from evaluation.report import write_report
 from evaluation.shapes_benchmark import BENCH_SEED, ShapesBenchmark, checkpoint_world, evaluate_shapes
 from released.weights import WEIGHT_NAMES, add_weight_flags, load_model, weight_options
 from run.checkpoint import write_json
@@ -91,6 +92,13 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes that decode benchmark images")
     add_device_flag(p)
     p.add_argument("--json", default=None, help="also write the results, with counts, to this JSON file")
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="PATH",
+        help="also write one HTML page (evaluation/report.py): the table as charts, the runs' loss curves, the "
+        "first checkpoint's failures with their images, and where each phrase looks",
+    )
     add_weight_flags(p)
     p.add_argument(
         "--score",
@@ -228,13 +236,14 @@ def run(args) -> dict | str:
         return show_attention(args, device)
     data = read_benchmarks(args)
     results, shapes, shapes_key = {}, None, None
+    records = {path: {} for path in args.ckpt} if args.report else {}  # --report: every pair's scores
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
         model, tokenizer, ckpt = load_model(path, device, **weight_options(args))
         size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
         results[path] = {}
         for bench in args.bench:
             if bench != "shapes":
-                results[path] |= SCORERS[bench](model, tokenizer, data[bench], args, device)
+                results[path] |= SCORERS[bench](model, tokenizer, data[bench], args, device, records.get(path))
                 continue
             key = (size, normalise, checkpoint_world(ckpt))  # a benchmark fits the models of one key
             if key != shapes_key:
@@ -242,12 +251,15 @@ def run(args) -> dict | str:
                 shapes, shapes_key = ShapesBenchmark(world, args.n, args.bench_seed, normalise=normalise), key
             for score in dict.fromkeys(args.score):
                 tau = checkpoint_tau(args, ckpt)
-                results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau)
+                kept = records.get(path)
+                results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau, kept)
     print(markdown_table(results))
     if args.json:
         record = {"bench": args.bench, "data": args.dirs, "n": args.n, "bench_seed": args.bench_seed}
         write_json(args.json, record | {"results": results}, indent=1)
         print(f"wrote {args.json}")
+    if args.report:
+        print(f"wrote {write_report(args.report, args, results, records, data, device)}")
     return results
 
 

@@ -254,6 +254,7 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 sys.exit(f"error: step {step}: the weights are no longer finite; {ckpt_path} keeps the last good ones")
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=asdict(cfg), step=step)
             state |= dict(args=vars(args), tokenizer=tokenizer.state_dict(), seed=args.seed, nonfinite=nonfinite)
+            state["command"] = command  # the run's command line, for eval.py --report
             save_checkpoint(ckpt_path, **state)
             plot_losses(log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
