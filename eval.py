@@ -43,6 +43,7 @@ from run.checkpoint import load_model
 from run.devices import add_device_flag, pick_device
 from run.flags import HelpFormatter
 from run.pictures import attention_maps, attention_picture, show_image
+from run.report import write_report
 from sources.shapes import WORLDS, ShapesWorld
 
 
@@ -53,6 +54,13 @@ def get_args(argv=None) -> argparse.Namespace:
     add_benchmark_flags(p)  # evaluation/flags.py: --bench, each benchmark's files, --n, --score, ...
     add_device_flag(p)
     p.add_argument("--json", default=None, help="also write the results, with counts, to this JSON file")
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="PATH",
+        help="also write one HTML page (run/report.py): the table as charts, the runs' loss curves, the "
+        "first checkpoint's failures with their images, and where each phrase looks",
+    )
     add_weight_flags(p)
     show = p.add_argument_group("--show: where each phrase looks, instead of benchmarks").add_argument
     image = "a shapes test scene index of --bench-seed, or an image file: the pooling weights over the patches"
@@ -139,13 +147,14 @@ def run(args) -> dict | str:
         return show_attention(args, device)
     data = read_benchmarks(args)
     results, shapes, shapes_key = {}, None, None
+    records = {path: {} for path in args.ckpt} if args.report else {}  # --report: every pair's scores
     for path in tqdm(args.ckpt, desc="checkpoints", disable=len(args.ckpt) == 1):
         model, tokenizer, ckpt = load_model(path, device, **weight_options(args))
         size, normalise = model.cfg.vision.image_size, model.cfg.vision.normalise
         results[path] = {}
         for bench in args.bench:
             if bench != "shapes":
-                results[path] |= SCORERS[bench](model, tokenizer, data[bench], args, device)
+                results[path] |= SCORERS[bench](model, tokenizer, data[bench], args, device, records.get(path))
                 continue
             key = (size, normalise, checkpoint_world(ckpt))  # a benchmark fits the models of one key
             if key != shapes_key:
@@ -153,12 +162,15 @@ def run(args) -> dict | str:
                 shapes, shapes_key = ShapesBenchmark(world, args.n, args.bench_seed, normalise=normalise), key
             for score in dict.fromkeys(args.score):
                 tau = checkpoint_tau(args, ckpt)
-                results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau)
+                kept = records.get(path)
+                results[path] |= evaluate_shapes(model, tokenizer, shapes, device, args.batch_size, score, tau, kept)
     print(markdown_table(results))
     if args.json:
         record = {"bench": args.bench, "data": args.dirs, "n": args.n, "bench_seed": args.bench_seed}
         write_json(args.json, record | {"results": results}, indent=1)
         print(f"wrote {args.json}")
+    if args.report:
+        print(f"wrote {write_report(args.report, args, results, records, data, device)}")
     return results
 
 

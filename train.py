@@ -299,28 +299,29 @@ def train(args, rank: int, world_size: int, device, stop: Stop, command: str) ->
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if stop.requested():  # Ctrl-C or SIGTERM: save, say how to resume, exit 128 + the signal
-                save(run, args, rank, i + 1)
+                save(run, args, rank, i + 1, command)
                 stop.exit(i + 1, run.ckpt_path, command)
             if (i + 1) % args.ckpt_every == 0:
-                save(run, args, rank, i + 1)
+                save(run, args, rank, i + 1, command)
     bar.close()
     if run.plan and (summary := run.dataset.summary()):
         log0(summary)  # the samples skipped or changed, by reason
-    save(run, args, rank, args.steps)
+    save(run, args, rank, args.steps, command)
     files = f"{run.ckpt_path}, {run.log_path} and {os.path.join(args.out, 'loss.png')}"  # weights, log, its curve
     log0(f"wrote {files} after {time.time() - t0:.0f}s; evaluate with: python eval.py --ckpt {run.ckpt_path}")
     return run.ckpt_path
 
 
-def save(run: Run, args, rank: int, step: int) -> None:
-    """The checkpoint of `step` (rank 0 writes it: every rank holds the same weights), and the loss picture."""
+def save(run: Run, args, rank: int, step: int, command: str) -> None:
+    """The checkpoint of `step` (rank 0 writes it: every rank holds the same weights), with the run's command line
+    (for eval.py --report), and the loss picture."""
     if rank != 0:
         return
     if not all(p.isfinite().all() for p in run.model.parameters()):
         sys.exit(f"error: step {step}: the weights are no longer finite; {run.ckpt_path} keeps the last good ones")
     state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), config=asdict(run.cfg), step=step)
     state |= dict(args=vars(args), tokenizer=run.tokenizer.state_dict(), seed=args.seed, nonfinite=run.nonfinite)
-    save_checkpoint(run.ckpt_path, **state)
+    save_checkpoint(run.ckpt_path, **state, command=command)
     plot_losses(run.log_path, os.path.join(args.out, "loss.png"))  # the log so far (every record is flushed)
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from data import eval_transform, load_image
 from evaluation.metrics import (
+    PairScores,
     cos,
     embed_texts,
     fraction,
@@ -302,16 +303,23 @@ def load_retrieval(data_dir: str, ann: str) -> tuple[list[str], list[str], torch
 
 
 # ----------------------------------------------------------------------------- the real benchmarks: scores
+# Each scorer takes `records` (eval.py --report); SugarCrepe's pairs fill it, the others have nothing to add.
 
 
-def evaluate_sugarcrepe(model: CLIP, tokenizer, files: dict, args, device) -> dict:
+def evaluate_sugarcrepe(model: CLIP, tokenizer, files: dict, args, device, records: dict | None = None) -> dict:
+    """Accuracy per file, per group and their mean. `records`, when given, receives each file's examples with
+    their scores ({metric: PairScores}, for eval.py --report)."""
     per_file = {}
     for name, (image, (pos, neg)) in embed_examples(model, tokenizer, files, args, device, "sugarcrepe").items():
-        per_file[name] = fraction(pairwise_correct(cos(image, pos), cos(image, neg)))
+        pos_score, neg_score = cos(image, pos), cos(image, neg)  # (M,), (M,)
+        per_file[name] = fraction(pairwise_correct(pos_score, neg_score))
+        if records is not None:
+            paths, true, negative = (list(t) for t in zip(*files[name]))
+            records[f"sugarcrepe/{name}"] = PairScores(paths, true, negative, pos_score, neg_score)
     return {f"sugarcrepe/{k}": v for k, v in (per_file | group_means(per_file, SUGARCREPE)).items()}
 
 
-def evaluate_sugarcrepe_pp(model: CLIP, tokenizer, files: dict, args, device) -> dict:
+def evaluate_sugarcrepe_pp(model: CLIP, tokenizer, files: dict, args, device, records: dict | None = None) -> dict:
     itt, tot = {}, {}
     for name, (image, (p1, p2, neg)) in embed_examples(model, tokenizer, files, args, device, "sugarcrepe++").items():
         itt[name] = fraction(itt_correct(cos(image, p1), cos(image, p2), cos(image, neg)))
@@ -322,7 +330,7 @@ def evaluate_sugarcrepe_pp(model: CLIP, tokenizer, files: dict, args, device) ->
     return results
 
 
-def evaluate_zeroshot(model: CLIP, tokenizer, data: tuple, args, device) -> dict:
+def evaluate_zeroshot(model: CLIP, tokenizer, data: tuple, args, device, records: dict | None = None) -> dict:
     dataset, names, templates = data
     dataset.transform = eval_transform(*preprocessing(model))
     image_emb, labels = embed_image_dataset(model, dataset, args, device, "zeroshot images")  # (B, D), (B,)
@@ -334,7 +342,7 @@ def evaluate_zeroshot(model: CLIP, tokenizer, data: tuple, args, device) -> dict
     return {f"zeroshot/top{k}": {"accuracy": v, "count": len(labels)} for k, v in accuracy.items()}
 
 
-def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device) -> dict:
+def evaluate_retrieval(model: CLIP, tokenizer, data: tuple, args, device, records: dict | None = None) -> dict:
     paths, texts, text_image = data
     images = ImageFiles(paths, eval_transform(*preprocessing(model)))
     image_emb = embed_image_dataset(model, images, args, device, "retrieval images")[0]  # (B, D)

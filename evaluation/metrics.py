@@ -16,6 +16,8 @@ Dimension legend: M benchmark examples, B images, X texts, C classes, P prompt t
 D joint embedding width.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -96,6 +98,23 @@ def group_means(per_file: dict[str, dict], groups: dict[str, list[str]]) -> dict
 
 def fraction(correct: torch.Tensor) -> dict:
     return {"accuracy": correct.float().mean().item(), "count": len(correct)}
+
+
+@dataclass
+class PairScores:
+    """Every example of one category of pairs (an image, its true caption, a negative), as it was scored:
+    what eval.py --report shows of the failures. `correct` is the rule the accuracy counts."""
+
+    images: list  # per example: a scene index of `source` (the shapes benchmark), or an image file
+    true: list[str]
+    negative: list[str]
+    pos: torch.Tensor  # (M,) score of the true caption
+    neg: torch.Tensor  # (M,) score of the negative
+    source: object = None  # the ShapesBenchmark the scene indices index; None for image files
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return pairwise_correct(self.pos, self.neg)  # (M,) bool
 
 
 # ----------------------------------------------------------------------------- embedding in batches

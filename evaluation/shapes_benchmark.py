@@ -46,6 +46,7 @@ import torch
 from concepts import article
 from data import WordTokenizer, image_to_tensor
 from evaluation.metrics import (
+    PairScores,
     cos,
     embed_image_tokens,
     embed_images,
@@ -178,6 +179,7 @@ class ShapesBenchmark:
     ):
         rng, held_rng, holdout = random.Random(seed), random.Random(f"heldout:{seed}"), set(map(tuple, holdout))
         self.normalise = normalise  # the pixel normalisation of the models this benchmark can score
+        self.world = world  # renders scene i as the model saw it (eval.py --report's pictures)
         self.scenes = [world.scene(seed, "test", i) for i in range(n)]
         self.images = torch.stack([image_to_tensor(world.render(s), normalise) for s in self.scenes])  # (B, C, S, S)
         self.captions = [world.caption(s) for s in self.scenes]
@@ -217,12 +219,15 @@ def evaluate_shapes(
     batch_size: int = 256,
     score: str = "plain",
     tau: float = 1.0,
+    records: dict | None = None,
 ) -> dict:
     """Every category, retrieval and zero-shot on the shapes benchmark. score="plain" (the paper's, the
     default): cos(x_i, y) of the global image embedding, inference unchanged. score="pooled" (a diagnostic,
     not the paper's): every image-text score, in every metric, becomes
-    v . y with v the image's patches pooled by that text (pool.py at `tau`); metrics are named pooled/..."""
+    v . y with v the image's patches pooled by that text (pool.py at `tau`); metrics are named pooled/...
+    `records`, when given, receives each category's examples with their scores ({metric: PairScores})."""
     pooled = score == "pooled"
+    prefix = "pooled/" if pooled else ""
     if pooled:
         image_emb, patch_emb = embed_image_tokens(model, bench.images, batch_size, device)  # (B, D), (B, N, D)
     else:
@@ -242,7 +247,11 @@ def evaluate_shapes(
         idx = torch.tensor([p[0] for p in pairs])
         pos = embed_texts(model, tokenizer, [p[1] for p in pairs], batch_size, device)
         neg = embed_texts(model, tokenizer, [p[2] for p in pairs], batch_size, device)
-        results[cat] = fraction(pairwise_correct(paired(idx, pos), paired(idx, neg)))
+        pos_score, neg_score = paired(idx, pos), paired(idx, neg)  # (M,), (M,)
+        results[cat] = fraction(pairwise_correct(pos_score, neg_score))
+        if records is not None:  # eval.py --report: which examples were wrong, and by how much
+            scenes, true, negative = (list(column) for column in zip(*pairs))
+            records[prefix + cat] = PairScores(scenes, true, negative, pos_score, neg_score, bench)
     caption_emb = embed_texts(model, tokenizer, bench.captions, batch_size, device)  # (B, D)
     sim = table(image_emb, patch_emb, caption_emb)  # (B, B): image i, caption j
     for metric, value in retrieval_recall(sim, torch.arange(len(sim)), ks=(1, 5)).items():
@@ -257,7 +266,7 @@ def evaluate_shapes(
         logits = table(embed_images(model, bench.single_images, batch_size, device), None, classifier)  # (B, C)
     for k, value in topk_accuracy(logits, bench.labels, (1, 5)).items():
         results[f"zeroshot-top{k}"] = {"accuracy": value, "count": len(logits)}
-    return {f"pooled/{k}" if pooled else k: v for k, v in results.items()}
+    return {prefix + k: v for k, v in results.items()}
 
 
 def checkpoint_world(ckpt: dict) -> str:

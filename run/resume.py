@@ -5,21 +5,19 @@
   truncate_log   a resumed run replays the steps after its checkpoint: they are logged once, not twice
   Stop           Ctrl-C (SIGINT) or a scheduler's SIGTERM stops the loop after the current step; it saves and
                  prints the command that resumes (resume_command); under torchrun the ranks agree on the step
-  ignore_signals DataLoader workers leave those signals to the main process, but end when it exits
   skip_or_stop   a step whose loss or gradient is not finite is skipped, up to --max-nonfinite in a row
 
-Not part of the paper. docs/failures.md lists what each case does, with its test.
+DataLoader workers leave those signals to the main process (sources/loader.py `ignore_signals`). Not part of
+the paper. docs/failures.md lists what each case does, with its test.
 """
 
 import contextlib
 import errno
 import json
-import multiprocessing
 import os
 import shlex
 import signal
 import sys
-import threading
 
 import torch
 
@@ -129,30 +127,6 @@ class Stop:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self.signal = int(flag) or None
         return self.signal is not None
-
-
-def ignore_signals(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C and a scheduler's SIGTERM to the main process, which stops cleanly, but
-    obey a SIGTERM from the main process itself: Python's multiprocessing sends one to every worker as the main
-    process exits and then waits for them, so a worker that ignored it would hang the exit of a run that failed.
-    Only sigwaitinfo says who sent a signal: SIGTERM is blocked in the worker (a thread it starts later inherits
-    the mask) and one thread waits for it. Where sigwaitinfo is missing (macOS, Windows) SIGTERM ends a worker
-    whoever sends it, so a scheduler's SIGTERM to every process may stop a run without its clean save."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    signal.signal(signal.SIGTERM, lambda *_: None)  # not SIG_IGN: an ignored signal is dropped, never waited for
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    parent = multiprocessing.parent_process().pid  # the main process, whichever start method made the worker
-    threading.Thread(target=end_on_sigterm_from, args=(parent,), daemon=True).start()
-
-
-def end_on_sigterm_from(parent: int) -> None:
-    """In a worker: wait for a SIGTERM that `parent` sends, then end at once. The exit status is 0 because
-    the main process asked for it (torch's SIGCHLD handler would raise on a worker killed by a signal)."""
-    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-        pass
-    os._exit(0)
 
 
 def skip_or_stop(args, step: int, in_a_row: int, ckpt_path: str) -> None:

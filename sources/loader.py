@@ -6,20 +6,24 @@ shapes world or from tar shards.
                      its own scenes or shards, and the batches made in DataLoader workers (data.Collate)
   check_tagger       NLTK's tagger found (or downloaded) before any worker starts, else one line
   one_line_errors    an exception in a worker stops the run in one line, not a traceback
+  ignore_signals     workers leave Ctrl-C and SIGTERM to the main process, but end when it exits
 
 Resuming replays the batches an uninterrupted run would have seen: at any step in the shapes world (a scene
 is a pure function of its index), at an epoch boundary for shards (sources/stream.py says why).
 """
 
 import itertools
+import multiprocessing
+import os
 import re
+import signal
 import sys
+import threading
 
 import torch
 
 from concepts import tagger
 from data import WordTokenizer, train_transform
-from run.resume import ignore_signals
 from sources.shapes import HOLDOUT_COMBOS, WORLDS, ShapesDataset, ShapesWorld, StepBatches
 from sources.shards import caption_word_counts
 from sources.stream import WebDataset, endless
@@ -105,3 +109,27 @@ def one_line_errors(batches):
             # a new line first: the progress bar's line has none yet (as for Stop.exit)
             sys.exit(f"\nerror: DataLoader worker {found[1]}: {exception} (--workers 0 shows the traceback)")
         yield batch
+
+
+def ignore_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and a scheduler's SIGTERM to the main process, which stops cleanly, but
+    obey a SIGTERM from the main process itself: Python's multiprocessing sends one to every worker as the main
+    process exits and then waits for them, so a worker that ignored it would hang the exit of a run that failed.
+    Only sigwaitinfo says who sent a signal: SIGTERM is blocked in the worker (a thread it starts later inherits
+    the mask) and one thread waits for it. Where sigwaitinfo is missing (macOS, Windows) SIGTERM ends a worker
+    whoever sends it, so a scheduler's SIGTERM to every process may stop a run without its clean save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.signal(signal.SIGTERM, lambda *_: None)  # not SIG_IGN: an ignored signal is dropped, never waited for
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    parent = multiprocessing.parent_process().pid  # the main process, whichever start method made the worker
+    threading.Thread(target=end_on_sigterm_from, args=(parent,), daemon=True).start()
+
+
+def end_on_sigterm_from(parent: int) -> None:
+    """In a worker: wait for a SIGTERM that `parent` sends, then end at once. The exit status is 0 because
+    the main process asked for it (torch's SIGCHLD handler would raise on a worker killed by a signal)."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)

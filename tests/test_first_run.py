@@ -16,7 +16,7 @@ import torch
 import concepts
 import train
 from run.checkpoint import read_log
-from run.resume import ignore_signals
+from sources.loader import ignore_signals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--steps", "2", "--batch-size", "4", "--log-every", "1"]

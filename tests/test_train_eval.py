@@ -25,6 +25,7 @@ def test_train_writes_checkpoint_and_log(tmp_path, method):
     ckpt = train.main(["--method", method, "--steps", "3", "--out", str(tmp_path), *FAST])
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 3 and state["args"]["method"] == method and state["tokenizer"]["vocab"][0] == "<pad>"
+    assert state["command"] == f"python train.py --method {method} --steps 3 --out {tmp_path} " + " ".join(FAST)
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3]
     # t after one step at lr 5e-4 (warm-up): still CLIP's 1/0.07 for its softmax loss, SigLIP's 10 for the others
