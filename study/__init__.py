@@ -2,4 +2,5 @@
 
 sweep.py     python -m study.sweep: trains what is missing, resumes what was interrupted, prints the tables
 studies.py   the studies it runs: their protocols, rows and columns (docs/study.md, docs/mechanism.md)
+compare.py   python -m study.compare: the README's first comparison, its commands run and its table written
 """
