@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from run.checkpoint import read_json, write_json
+from released.disk import read_json, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train.py is
 COMMANDS = [

@@ -18,7 +18,7 @@ from PIL import Image
 
 import eval as evaluate
 from fixtures import write_checkpoint, write_sugarcrepe
-from released.weights import load_model
+from run.checkpoint import load_model
 from run.figures import SERIES
 from run.report import ATTENTION, FAILURES
 
