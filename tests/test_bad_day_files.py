@@ -203,6 +203,22 @@ CONFIG_CASES = [  # (spoil, what the line says)
 ]
 
 
+def patch_model_builds(monkeypatch, replacement) -> None:
+    """Every CLIP(cfg) that eval.py (run/checkpoint.py load_model) and --init (run/start.py, through
+    baselines/objectives.py model_class) build is `replacement`, but for the config check's own build on the
+    meta device, which costs no memory."""
+    from baselines import objectives
+    from run import checkpoint
+
+    def build(*args, **kwargs):
+        if torch.get_default_device().type == "meta":
+            return CLIP(*args, **kwargs)
+        return replacement(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "CLIP", build)
+    monkeypatch.setattr(objectives, "CLIP", build)
+
+
 @pytest.mark.parametrize("spoil,needle", CONFIG_CASES)
 def test_a_checkpoint_its_config_does_not_fit_stops_eval_init_and_resume_in_one_line(
     tmp_path, monkeypatch, spoil, needle
@@ -211,11 +227,7 @@ def test_a_checkpoint_its_config_does_not_fit_stops_eval_init_and_resume_in_one_
     allocator gave up; a tensor of another shape, a multi-line load_state_dict error (eval) or a traceback
     (--init, --resume); a character map that ends nowhere, an error at the first caption that met it."""
     path = spoiled_checkpoint(tmp_path, spoil)
-    from released import weights
-    from run import start
-
-    monkeypatch.setattr(weights, "CLIP", never("building the model"))
-    monkeypatch.setattr(start, "CLIP", never("building the model"))
+    patch_model_builds(monkeypatch, never("building the model"))
     assert needle in one_line_exit(lambda: evaluate.main(["--ckpt", path, "--n", "5"]))
     message = one_line_exit(lambda: run(["--init", path, "--steps", "1"], tmp_path / "new"))
     assert message.startswith(f"error: --init {path}: ") and needle in message
@@ -267,17 +279,13 @@ def test_crafted_weight_files_stop_eval_and_init_in_one_line(tmp_path):
 
 def test_running_out_of_memory_while_building_is_one_line(tmp_path, monkeypatch):
     """What no check foresaw (MemoryError, SystemError from deep inside torch) still ends in one line."""
-    from released import weights
-    from run import start
-
     path = write_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
     for error in (MemoryError, SystemError):
 
         def fail(*args, error=error):
             raise error("out of memory")
 
-        monkeypatch.setattr(weights, "CLIP", fail)
-        monkeypatch.setattr(start, "CLIP", fail)
+        patch_model_builds(monkeypatch, fail)
         message = one_line_exit(lambda: evaluate.main(["--ckpt", path, "--n", "5"]))
         assert error.__name__ in message
         message = one_line_exit(lambda: run(["--init", path, "--steps", "1"], tmp_path / "new"))
