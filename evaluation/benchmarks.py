@@ -47,7 +47,7 @@ from evaluation.metrics import (
 )
 from model import CLIP
 from released import download
-from released.files import DuplicateKey, unique_keys
+from released.disk import DuplicateKey, unique_keys
 
 SUGARCREPE = {
     "add": ["add_att", "add_obj"],

@@ -3,8 +3,7 @@ safetensors. released/convert.py renames what they hold onto model.py's modules.
 
   read_state_dict        any supported file -> its dict (a state dict, or a checkpoint of ours or open_clip's)
   read_torchscript_state_dict   OpenAI's CLIP release, a TorchScript zip, unpickled with an allow-list
-  read_safetensors       a .safetensors file (open_clip's hub repositories ship them): a JSON header and
-                         raw little-endian buffers, read with a few dozen lines instead of the safetensors package
+  (a .safetensors file is released/safetensors_reader.py's)
 
 What is checked, and why: a downloaded file may be crafted. Nothing in it runs: a pickle naming anything off
 the allow-list (module.name) is refused, never handed to torch.jit.load, whose TorchScript __setstate__ can
@@ -21,26 +20,19 @@ A refusal is a WeightFileError (a ValueError) whose message is one line.
 Paper map: none (the paper fine-tunes pretrained weights; this is how they get in).
 """
 
-import json
 import math
 import os
 import pickle
 import struct
-import sys
 import zipfile
 from collections import OrderedDict
 
 import torch
 
+from released.disk import WeightFileError, is_count
+from released.safetensors_reader import is_safetensors, read_safetensors
+
 CHUNK = 1 << 20  # bytes read at a time into a storage's buffer: the transient copy stays this small
-
-
-class WeightFileError(ValueError):
-    """A weights file these readers refuse; the message is one line saying what was wrong with it."""
-
-
-def _is_count(x) -> bool:
-    return type(x) is int and x >= 0  # JSON's true and pickle's True are not counts, though a bool is an int
 
 
 def storage_elements(t: torch.Tensor) -> int:
@@ -220,7 +212,7 @@ class _WeightsUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         # ("storage", type, key, device, numel), the type being a name find_class returned
         kind = pid[1] if isinstance(pid, tuple) and len(pid) == 5 and isinstance(pid[1], str) else None
-        if kind not in STORAGE_DTYPES or pid[0] != "storage" or not isinstance(pid[2], str) or not _is_count(pid[4]):
+        if kind not in STORAGE_DTYPES or pid[0] != "storage" or not isinstance(pid[2], str) or not is_count(pid[4]):
             raise WeightFileError(f"data.pkl refers to {str(pid)[:80]}, not to a storage of plain numbers")
         _, storage_type, key, _, numel = pid
         if key not in self.storages:
@@ -287,109 +279,6 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-# ----------------------------------------------------------------------------- safetensors
-# A safetensors file: 8 bytes, the header's length as a little-endian unsigned 64-bit integer; the header,
-# JSON, {name: {"dtype", "shape", "data_offsets": [begin, end]}} (and an optional "__metadata__" of strings);
-# then the tensors' raw bytes, row-major and little-endian, offsets counted from the end of the header.
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit
-
-
-def is_safetensors(path: str) -> bool:
-    """A safetensors file opens with its header's length, then the header's first character, "{"."""
-    with open(path, "rb") as f:
-        start = f.read(9)
-    return len(start) == 9 and start[8:] == b"{" and struct.unpack("<Q", start[:8])[0] > 1
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-def unique_keys(pairs: list[tuple]) -> dict:
-    """json's object_pairs_hook: an object, refused (DuplicateKey) if a key repeats. json itself keeps the last
-    value, which would let a safetensors header name a tensor twice, or drop a SugarCrepe record unseen."""
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise DuplicateKey(key)
-        obj[key] = value
-    return obj
-
-
-def safetensors_layout(header: dict, data_bytes: int) -> list[tuple[int, int, str, torch.dtype, list[int]]]:
-    """(begin, end, name, dtype, shape) of every tensor in a safetensors header, in file order, checked as
-    the safetensors library checks them: offsets two non-negative integers, shapes lists of non-negative
-    integers whose product x the dtype's size is the tensor's byte count, tensors one after another from
-    byte 0 that cover the `data_bytes` after the header exactly (no gap, no overlap, nothing left over), and
-    "__metadata__" strings to strings. Raises WeightFileError naming the first tensor that fails."""
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise WeightFileError("__metadata__ must map strings to strings")
-    tensors = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise WeightFileError(f"{name}: needs dtype, shape and data_offsets")
-        kind, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(kind, str) or kind not in SAFETENSORS_DTYPES:
-            raise WeightFileError(f"{name} has dtype {kind}, which this reader does not know")
-        if not isinstance(shape, list) or not all(map(_is_count, shape)):
-            raise WeightFileError(f"{name} has shape {json.dumps(shape)}: not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-            raise WeightFileError(f"{name} has data_offsets {json.dumps(offsets)}: not two non-negative integers")
-        (begin, end), dtype = offsets, SAFETENSORS_DTYPES[kind]
-        if end - begin != dtype.itemsize * math.prod(shape):  # an end before its begin is refused here too
-            raise WeightFileError(f"{name} spans bytes {begin} to {end}, not the size of a {kind} {shape}")
-        tensors.append((begin, end, name, dtype, shape))
-    tensors.sort(key=lambda t: t[:2])
-    position = 0
-    for begin, end, name, _, _ in tensors:
-        if begin != position:
-            raise WeightFileError(f"{name} starts at byte {begin} of the data, not {position}: a gap or an overlap")
-        position = end
-    if position != data_bytes:
-        raise WeightFileError(f"the tensors cover {position} bytes, the file holds {data_bytes} after its header")
-    return tensors
-
-
-def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file, each read into a buffer of its own (one copy in memory, of bytes
-    that each belong to one tensor). Raises WeightFileError for a header safetensors_layout refuses."""
-    if sys.byteorder != "little":
-        raise WeightFileError("reading safetensors (little-endian) needs a little-endian machine")
-    tensors = {}
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        (length,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-        if length > min(MAX_HEADER, size - 8):
-            raise WeightFileError(f"a header of {length:,} bytes: more than the file holds or {MAX_HEADER:,}")
-        try:
-            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=unique_keys)
-        except DuplicateKey as err:
-            raise WeightFileError(f"the header names {err.args[0]!r} twice") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise WeightFileError(f"the header is not JSON ({err})") from None
-        if not isinstance(header, dict):
-            raise WeightFileError(f"the header is a JSON {type(header).__name__}, not an object")
-        for begin, end, name, dtype, shape in safetensors_layout(header, size - 8 - length):
-            raw = bytearray(end - begin)  # read straight into it: the tensors follow one another
-            if f.readinto(raw) != len(raw):
-                raise WeightFileError(f"{name}: the file ends early")
-            tensors[name] = (torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)).reshape(shape)
-    return tensors
-
-
 def read_state_dict(path: str) -> dict:
     """The dict a weights file holds: a TorchScript archive's tensors, a safetensors file's tensors, or
     whatever torch.save wrote (a state dict, open_clip's {"state_dict": ...}, a checkpoint of ours), loaded
@@ -399,7 +288,7 @@ def read_state_dict(path: str) -> dict:
     if is_torchscript(path):
         return read_torchscript_state_dict(path)
     if is_safetensors(path):
-        return read_safetensors(path)
+        return read_safetensors(path)  # released/safetensors_reader.py
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:

@@ -9,7 +9,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {"model", "pool", "losses", "concepts", "data", "train", "eval"}  # the root: the files read beside the paper
 CORE = {"model", "pool", "losses", "concepts"}  # the method itself: they import nothing of the machinery
 FOLDERS = ["baselines", "bench", "evaluation", "released", "run", "sources", "study"]
-SCRIPTS = {"train", "eval", "study.sweep", "study.compare", "sources.precompute"}  # (a module with a small CLI may be imported)
+SCRIPTS = {
+    "train",
+    "eval",
+    "study.sweep",
+    "study.compare",
+    "sources.precompute",
+}  # (a module with a small CLI may be imported)
 TEST_ONLY = {
     "open_clip",
     "ftfy",

@@ -23,7 +23,8 @@ from data import eval_transform
 from fixtures import spm_model_bytes
 from model import CLIP, PRESETS, AttentionPool
 from released.convert import convert_siglip_state_dict
-from released.files import read_safetensors, read_state_dict
+from released.files import read_state_dict
+from released.safetensors_reader import read_safetensors
 from run.checkpoint import load_model
 
 open_clip = pytest.importorskip("open_clip")

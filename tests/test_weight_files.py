@@ -15,7 +15,8 @@ import torch
 
 import eval as evaluate
 import train
-from released.files import MAX_HEADER, STORAGE_DTYPES, read_safetensors, read_state_dict, read_torchscript_state_dict
+from released.files import STORAGE_DTYPES, read_state_dict, read_torchscript_state_dict
+from released.safetensors_reader import MAX_HEADER, read_safetensors
 
 
 def never(what: str):
