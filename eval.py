@@ -170,6 +170,7 @@ def run(args) -> dict | str:
         write_json(args.json, record | {"results": results}, indent=1)
         print(f"wrote {args.json}")
     if args.report:
+        del model  # the page loads each checkpoint again, one at a time: not beside this one
         print(f"wrote {write_report(args.report, args, results, records, data, device)}")
     return results
 

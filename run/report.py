@@ -68,12 +68,14 @@ def write_report(path: str, args, results: dict, records: dict, data: dict, devi
         attention(records[first] if drawn else {}, drawn, phrases, runs),
     ]
     page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>eval.py report</title><style>{STYLE}</style>"
+    folder = os.path.dirname(path) or "."
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         with atomic_write(path) as f:
             f.write(page + "</head><body>" + "\n".join(body) + "</body></html>\n")
     except OSError as err:  # after the evaluation: its table is printed, and --json written, already
-        sys.exit(f"error: --report {path}: {err.strerror or err}")
+        why = f"{folder} is a file, not a folder" if os.path.isfile(folder) else err.strerror or str(err)
+        sys.exit(f"error: --report {path}: cannot write the page ({why})")
     return path
 
 
@@ -159,7 +161,7 @@ def bench_of(metric: str) -> str:
     return head if head in REAL else "shapes (pooled)" if head == "pooled" else "shapes"
 
 
-def chance(metric: str, row: dict, data: dict) -> float | None:
+def chance(metric: str, row: dict, data: dict) -> float:
     """The accuracy of random scores: 1/2 for a pair, 1/3 for SugarCrepe++'s triples, k/C for top-k of C
     classes, and for retrieval the chance that k of the candidates, drawn at random, hold a right one."""
     name, prefix = metric.split("/")[-1], metric[: len(metric) - len(metric.split("/")[-1])]
@@ -203,7 +205,7 @@ def comparison(results: dict, records: dict, data: dict) -> str:
             rows.append(f"<tr><td>{escape(m)}</td><td class='num'>{first[m]['count']}</td>{cells}</tr>")
         values = [[results[n][m]["accuracy"] for n in names] for m in metrics]
         chances = [chance(m, first, data) for m in metrics]
-        chart = bar_chart([m.split("/")[-1] for m in metrics], names, values, chances)
+        chart = bar_chart([m.split("/", 1)[-1] for m in metrics], names, values, chances)  # less the benchmark
         out.append(f"<h3>{escape(bench)}</h3><div class='pair'><table class='comparison'><tr><th>metric</th><th>n</th>")
         out.append(f"{head}</tr>" + "".join(rows) + f"</table>{chart}</div>")
     return "\n".join(out)
