@@ -1,7 +1,7 @@
 """download.py against a local HTTP server that the tests start on the loopback address (no internet): a fetch
 with its bar, a cache hit that makes no request, a digest mismatch refused, an interrupted transfer resumed
 with Range and If-Range, the offline message, zip extraction; then a named weights file through
-weights.load_model and eval.py --download on SugarCrepe's and SugarCrepe++'s formats. The server misbehaves
+run/checkpoint.load_model and eval.py --download on SugarCrepe's and SugarCrepe++'s formats. The server misbehaves
 on purpose in test_download_trust.py."""
 
 import email.utils
@@ -30,6 +30,7 @@ from fixtures import (
 from released import download
 from released import weights as releases
 from released.download import DownloadError, Remote
+from run.checkpoint import load_model
 
 CPU = torch.device("cpu")
 FAST = ["--workers", "0", "--batch-size", "4"]
@@ -244,11 +245,11 @@ def test_named_weights_resolve_through_load_model(server, monkeypatch, tmp_path,
     ckpt = write_checkpoint(str(tmp_path / "src" / "ckpt.pt"))
     serve(server, monkeypatch, "openai/ViT-B-16", open(ckpt, "rb").read())
     cache = str(tmp_path / "cache")
-    model, tokenizer, state = releases.load_model("openai/ViT-B-16", CPU, cache=cache)
-    reference, _, _ = releases.load_model(ckpt, CPU)
+    model, tokenizer, state = load_model("openai/ViT-B-16", CPU, cache=cache)
+    reference, _, _ = load_model(ckpt, CPU)
     assert all(a.equal(b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     assert os.path.exists(os.path.join(cache, "openai", "ViT-B-16.pt"))
-    releases.load_model("openai/ViT-B-16", CPU, cache=cache)
+    load_model("openai/ViT-B-16", CPU, cache=cache)
     assert len(server.log) == 1
     assert train.get_args(["--init", "openai/ViT-B-16"]).init == "openai/ViT-B-16"
     with pytest.raises(SystemExit):
@@ -258,7 +259,7 @@ def test_named_weights_resolve_through_load_model(server, monkeypatch, tmp_path,
     monkeypatch.setitem(download.WEIGHTS, "openai/ViT-B-16", Remote(closed_port_url(), None, "test"))
     monkeypatch.setitem(download.FILES, "openai/ViT-B-16", download.WEIGHTS["openai/ViT-B-16"])
     with pytest.raises(SystemExit) as err:
-        releases.load_model("openai/ViT-B-16", CPU, cache=str(tmp_path / "empty"))
+        load_model("openai/ViT-B-16", CPU, cache=str(tmp_path / "empty"))
     assert str(err.value.code).startswith("error: openai/ViT-B-16: could not reach http://127.0.0.1:")
     assert "\n" not in str(err.value.code)
 

@@ -22,6 +22,7 @@ from released import download
 from released import weights as releases
 from released.download import DownloadError, Remote
 from released.tokenizers import find_spm_model
+from run.checkpoint import load_model
 from test_download import payload, serve, validator, zipped
 
 CPU = torch.device("cpu")
@@ -128,7 +129,7 @@ def test_cached_weights_and_tokenizers_that_do_not_parse_name_themselves_to_dele
     cache = str(tmp_path / "cache")
     serve(server, monkeypatch, "openai/ViT-B-16", b"\x80\x02 not a pickle, not a zip" * 100, pinned=False)
     with pytest.raises(SystemExit) as err:
-        releases.load_model("openai/ViT-B-16", CPU, cache=cache)
+        load_model("openai/ViT-B-16", CPU, cache=cache)
     message = str(err.value.code)
     assert message.startswith("error: openai/ViT-B-16: not a weights file") and "\n" not in message
     assert (
@@ -147,7 +148,7 @@ def test_cached_weights_and_tokenizers_that_do_not_parse_name_themselves_to_dele
     monkeypatch.setattr(releases, "find_bpe_vocab", not_installed)
     serve(server, monkeypatch, "openai/bpe_simple_vocab_16e6", b"#version: 0.2 but not gzip\n", pinned=False)
     with pytest.raises(SystemExit) as err:
-        releases.load_model(weights, CPU, cache=cache)
+        load_model(weights, CPU, cache=cache)
     bpe = os.path.join(cache, "openai", "bpe_simple_vocab_16e6.txt.gz")
     assert f"{bpe} is the cached download of openai/bpe_simple_vocab_16e6: delete it" in str(err.value.code)
 
