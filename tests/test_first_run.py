@@ -85,7 +85,7 @@ def test_an_error_in_a_worker_ends_the_run_with_one_line(tmp_path):
 
 def test_an_error_in_the_main_process_while_workers_run_ends_the_process(tmp_path):
     # Python's exit sends SIGTERM to every worker and waits for them: workers that ignored it hung here forever
-    failing = "import train\ndef failing(*a):\n    raise RuntimeError('a bug')\ntrain.step_loss = failing"
+    failing = "import train\ndef failing(*a):\n    raise RuntimeError('a bug')\ntrain.loss_of = failing"
     code, lines = train_in_subprocess(failing, [*FLAGS, "--workers", "2", "--out", str(tmp_path)])
     assert code == 1 and "RuntimeError: a bug" in lines, lines[-20:]
 

@@ -91,9 +91,9 @@ def full_disk_at(monkeypatch, module, opened: str, call: int) -> dict:
 
 
 def test_a_full_disk_while_saving_keeps_both_checkpoints_and_says_which_step_each_holds(tmp_path, monkeypatch):
-    from run import checkpoint
+    from released import disk  # atomic_write opens the temporary file there
 
-    before = full_disk_at(monkeypatch, checkpoint, "ckpt.pt.tmp", 3)  # the third checkpoint, at step 3
+    before = full_disk_at(monkeypatch, disk, "ckpt.pt.tmp", 3)  # the third checkpoint, at step 3
     message = exits_with(lambda: run(["--steps", "4", "--ckpt-every", "1", "--overwrite"], tmp_path), "No space left")
     assert f"{tmp_path}/ckpt.pt holds step 2, {tmp_path}/ckpt-prev.pt holds step 1" in message, message
     assert message.endswith("--resume") and "--overwrite" not in message
