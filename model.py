@@ -242,11 +242,16 @@ class VisionTransformer(nn.Module):
         else:
             self.head = AttentionPool(cfg.width, cfg.heads, cfg.activation, cfg.eps)
 
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, S, S) -> (B, N, W): each P x P patch, row by row and left to right, through one linear
+        map of its C P P pixels (the convolution's weights) plus its bias, if it has one."""
+        x = self.patchify(images)  # (B, W, S/P, S/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, W)
+
     def forward(self, images: torch.Tensor, patches: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images (B, C, S, S) -> (image embedding (B, D), patch embeddings (B, N, D)), not normalised.
         patches=False may skip the patch embeddings (None) where they cost compute (the MAP head)."""
-        x = self.patchify(images)  # (B, W, S/P, S/P)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, W)
+        x = self.embed_patches(images)  # (B, N, W)
         if self.pooling == "cls":
             token = self.class_token.expand(x.shape[0], 1, -1).to(x.dtype)  # (B, 1, W)
             x = torch.cat([token, x], dim=1)  # (B, 1 + N, W)
