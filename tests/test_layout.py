@@ -8,13 +8,14 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {"model", "pool", "losses", "concepts", "data", "train", "eval"}  # the root: the files read beside the paper
 CORE = {"model", "pool", "losses", "concepts"}  # the method itself: they import nothing of the machinery
-FOLDERS = ["baselines", "bench", "evaluation", "released", "run", "sources", "study"]
+FOLDERS = ["baselines", "bench", "evaluation", "exercises", "released", "run", "sources", "study"]
 SCRIPTS = {
     "train",
     "eval",
     "study.sweep",
     "study.compare",
     "sources.precompute",
+    "exercises.measure",
 }  # (a module with a small CLI may be imported)
 TEST_ONLY = {
     "open_clip",
