@@ -162,6 +162,15 @@ def test_the_copies_that_measuring_leaves_in_runs_are_never_collected_as_tests(t
     assert "test_never" not in done.stdout
 
 
+def test_a_blank_is_not_measured_and_the_error_says_why(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        measure_module.main(["03-owner-labels.blank", "--results", str(tmp_path / "r.json")])
+    assert "03-owner-labels.blank is a blank to fill in, not a change to measure" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        measure_module.main(["--results", str(tmp_path / "r.json")])
+    assert "name an exercise, or pass --table" in capsys.readouterr().err
+
+
 def test_one_measured_seed_end_to_end(tree, tmp_path):
     """measure() as main() calls it, on a short run: train.py, eval.py, the log's last terms and the scores."""
     code = patched_copy("04-no-npc", str(tmp_path / "code"))
