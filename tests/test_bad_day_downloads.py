@@ -10,7 +10,6 @@ import dataclasses
 import errno
 import gzip
 import hashlib
-import http.server
 import io
 import os
 import threading
@@ -51,24 +50,9 @@ class Crafted(test_download.Handler):
                 server.sent[self.path] = server.sent.get(self.path, 0) + len(block)
 
 
-@contextlib.contextmanager
 def running():
-    """A server on 127.0.0.1 (a free port) in a thread, as test_download's fixture starts one, with Crafted."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Crafted)
-    httpd.daemon_threads = True
-    httpd.files, httpd.log, httpd.cut, httpd.ranges, httpd.if_range = {}, [], {}, True, True
-    httpd.validator, httpd.length, httpd.content_type = "etag", "content-length", "application/octet-stream"
-    httpd.crafted, httpd.asked, httpd.sent, httpd.release = {}, [], {}, threading.Event()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield httpd
-    finally:
-        httpd.release.set()  # a handler that waits on purpose stops waiting
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    """test_download's server with Crafted as its handler, and what Crafted reads."""
+    return test_download.running(Crafted, crafted={}, asked=[], sent={}, release=threading.Event())
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ with Range and If-Range, the offline message, zip extraction; then a named weigh
 run/checkpoint.load_model and eval.py --download on SugarCrepe's and SugarCrepe++'s formats. The server misbehaves
 on purpose in test_download_trust.py."""
 
+import contextlib
 import email.utils
 import hashlib
 import http.server
@@ -92,22 +93,34 @@ def validator(server, body: bytes) -> str | None:
     return None
 
 
-@pytest.fixture
-def server():
-    """A server on 127.0.0.1 (a free port) in a thread, stopped when the test ends."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+@contextlib.contextmanager
+def running(handler=Handler, **extra):
+    """A server on 127.0.0.1 (a free port) in a thread, with the settings Handler reads and `extra` (what a
+    subclass reads), stopped when the block ends; an Event `release` in `extra` is set first."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     httpd.files, httpd.log, httpd.cut, httpd.ranges, httpd.if_range = {}, [], {}, True, True
     httpd.validator, httpd.length, httpd.content_type = "etag", "content-length", "application/octet-stream"
+    for name, value in extra.items():
+        setattr(httpd, name, value)
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield httpd
     finally:
+        if "release" in extra:
+            extra["release"].set()  # a handler that waits on purpose stops waiting
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def server():
+    """A server on 127.0.0.1 (a free port) in a thread, stopped when the test ends."""
+    with running() as httpd:
+        yield httpd
 
 
 def serve(server, monkeypatch, name: str, body: bytes, pinned: bool = True, url_path: str | None = None) -> bytes:
