@@ -6,8 +6,8 @@
 
 Each run is the README's `python train.py --seed S` then `python eval.py` (the shapes benchmark), in
 runs/exercises/<name>/code, a copy of this tree with the patch applied, writing runs/exercises/<name>/seed<S>.
-"unchanged" is the tree as it is. A finished run (its eval.json written) is not run again; an interrupted one
-starts afresh. The scores, the last logged loss terms and the wall times go to runs/exercises/results.json.
+"unchanged" is the tree as it is. A seed already in the results is not run again; an interrupted run starts
+afresh. The scores, the last logged loss terms and the wall times go to runs/exercises/results.json.
 
 A table's row gives the three seeds' values and their mean, for the unchanged and the changed code; a difference
 of means smaller than either side's spread (largest minus smallest seed) is marked "within noise"; the last column
@@ -110,19 +110,23 @@ def table(name: str, results: dict) -> str:
     return "\n".join(lines)
 
 
+def measured(results: dict) -> list[str]:
+    """The exercises with a table: measured, beside the unchanged code."""
+    return [name for name in BY_NAME if name in results and "unchanged" in results]
+
+
 def write_page(path: str, results: dict) -> None:
     """Put each measured exercise's table in the page, between its lines <!-- table NAME --> and <!-- end table -->."""
     with open(path) as f:
         page = f.read()
-    for name in BY_NAME:
-        if name in results and "unchanged" in results:
-            mark, end = f"<!-- table {name} -->\n", "<!-- end table -->\n"
-            if page.count(mark) != 1:
-                sys.exit(f"error: --page {path} has no line <!-- table {name} --> (or more than one)")
-            before, after = page.split(mark)
-            if end not in after:
-                sys.exit(f"error: --page {path}: the table of {name} has no <!-- end table --> line after it")
-            page = before + mark + "\n" + table(name, results) + "\n\n" + end + after.split(end, 1)[1]
+    for name in measured(results):
+        mark, end = f"<!-- table {name} -->\n", "<!-- end table -->\n"
+        if page.count(mark) != 1:
+            sys.exit(f"error: --page {path} has no line <!-- table {name} --> (or more than one)")
+        before, after = page.split(mark)
+        if end not in after:
+            sys.exit(f"error: --page {path}: the table of {name} has no <!-- end table --> line after it")
+        page = before + mark + "\n" + table(name, results) + "\n\n" + end + after.split(end, 1)[1]
     with atomic_write(path) as f:
         f.write(page)
 
@@ -137,7 +141,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     results = read_json(args.results) or {}
     if args.table:
-        for name in (n for n in BY_NAME if n in results and "unchanged" in results):
+        for name in measured(results):
             print(f"### {name}\n\n{table(name, results)}\n")
         return
     if args.page:
@@ -159,9 +163,7 @@ def main(argv=None) -> None:
             code = code or patched_copy(name, os.path.join(RUNS, name, "code"))
             out = os.path.join(RUNS, name, f"seed{seed}")
             results.setdefault(name, {})[str(seed)] = measure(code, out, seed)
-            write_json(
-                args.results, results, indent=1
-            )  # after every run: an interrupted measurement keeps what it finished
+            write_json(args.results, results, indent=1)  # after every run: an interruption keeps what finished
     if args.name != "unchanged":
         print(table(args.name, results))
 
